@@ -1,0 +1,325 @@
+"""The one config system: YAML files validated by typed pydantic models that reject unknown keys.
+
+Every stage has a config class here. `load_config(path, Cls, overrides)` reads the YAML, applies
+dotted `--set key=value` overrides, validates, and turns any problem into a one-line `SlmError`
+that names the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from slm.errors import SlmError
+
+
+class StrictModel(BaseModel):
+    """Base of every config: unknown keys are errors, never silent defaults."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+# --------------------------------------------------------------------------- data
+
+
+class CorpusConfig(StrictModel):
+    """A text corpus read through `datasets` (memory-mapped, deterministic order)."""
+
+    path: str | list[str] = Field(description="File, glob, list of files, directory, or hub dataset name.")
+    format: Literal["auto", "jsonl", "json", "parquet", "text", "arrow"] = "auto"
+    text_field: str = Field("text", description="Column holding the document text.")
+    split: str = "train"
+    max_documents: int | None = Field(None, ge=1, description="Read at most this many documents.")
+    noise_field: str | None = Field(
+        None, description="Column of [start, end) character spans tagged as noise (demo only; measured, never selected on)."
+    )
+
+
+class DemoDataConfig(StrictModel):
+    """Sizes of the embedded demo corpus (generated from `seed`, no downloads)."""
+
+    out_dir: str
+    seed: int = 1234
+    hq_documents: int = Field(4000, ge=1, description="High-quality target-domain documents for the reference model.")
+    train_documents: int = Field(6000, ge=1, description="Web-like training documents (domain mixed with noise).")
+    validation_documents: int = Field(300, ge=1)
+    questions: int = Field(200, ge=1, description="Held-out questions with exact answers (domain accuracy).")
+    retrieval_share: float = Field(0.15, ge=0, le=1, description="Share of domain documents that are long-context retrieval.")
+    noise_share: float = Field(0.4, ge=0, lt=1, description="Target share of noise characters in the training corpus.")
+    retrieval_chars: int = Field(1200, ge=200, description="Length of a retrieval document in characters.")
+    vocab_size: int = Field(2048, ge=300)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelConfig(StrictModel):
+    """A causal LM: a registered backbone built from these sizes, or an existing HF checkpoint."""
+
+    backbone: str = Field("llama", description="Registered backbone: llama, infini, megalodon, fam, beacon.")
+    init_from: str | None = Field(None, description="Continue from this Hugging Face checkpoint directory.")
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int | None = Field(None, ge=1)
+    intermediate_size: int = Field(384, ge=8)
+    max_position_embeddings: int = Field(8192, ge=16)
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = Field(
+        None, description="transformers rope parameters, e.g. {rope_type: yarn, factor: 4}."
+    )
+    tie_embeddings: bool = True
+    options: dict[str, Any] = Field(default_factory=dict, description="Backbone-specific config keys.")
+
+
+# --------------------------------------------------------------------------- training
+
+
+class OptimConfig(StrictModel):
+    """AdamW with linear warmup then cosine decay to `min_lr_ratio * lr`."""
+
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0)
+
+
+class TrainConfig(StrictModel):
+    """The training loop on DeepSpeed (shared by `reference` and `pretrain`)."""
+
+    seq_len: int = Field(256, ge=8)
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(200, ge=1)
+    zero_stage: int = Field(0, ge=0, le=3)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: fp32 on CPU, bf16 on GPU.")
+    seed: int = 0
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int = Field(4, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+
+
+class SelectionConfig(StrictModel):
+    """RHO-1 selective loss: keep the top `ratio` of valid tokens by excess loss."""
+
+    enabled: bool = True
+    mode: Literal["sequence", "batch", "global", "soft", "static"] = "batch"
+    ratio: float = Field(0.6, gt=0, le=1)
+    temperature: float = Field(1.0, gt=0, description="Only for mode=soft: width of the sigmoid around the cut.")
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class ReferenceConfig(StrictModel):
+    """`slm reference`: train the reference model on high-quality text."""
+
+    out_dir: str
+    tokenizer: str = Field(description="Tokenizer directory (AutoTokenizer.from_pretrained).")
+    corpus: CorpusConfig
+    validation: CorpusConfig | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class ScoreConfig(StrictModel):
+    """`slm score`: per-token reference loss over the training corpus, into Arrow shards."""
+
+    out_dir: str
+    reference: str = Field(description="Reference model: Hugging Face checkpoint directory.")
+    base_model: str | None = Field(None, description="Optional base model for static excess loss.")
+    tokenizer: str | None = Field(None, description="Defaults to the reference's own tokenizer.")
+    corpus: CorpusConfig
+    seq_len: int = Field(256, ge=8)
+    batch_size: int = Field(16, ge=1)
+    rows_per_shard: int = Field(512, ge=1)
+    logprob_chunk_tokens: int = Field(
+        8192, ge=1, description="Tokens per chunk of the output projection; bounds the logits tensor to chunk x vocab."
+    )
+    part: int = Field(0, ge=0)
+    parts: int = Field(1, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+    @model_validator(mode="after")
+    def _part_in_range(self):
+        if self.part >= self.parts:
+            raise ValueError(f"part={self.part} must be < parts={self.parts}")
+        return self
+
+
+class PretrainConfig(StrictModel):
+    """`slm pretrain`: train a backbone on token-score shards with the selective loss."""
+
+    out_dir: str
+    shards: str
+    tokenizer: str | None = Field(None, description="Defaults to the tokenizer directory recorded in the shards.")
+    validation: CorpusConfig | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+
+
+class EvalConfig(StrictModel):
+    """`slm eval`: held-out loss, domain accuracy, and selection quality on the demo."""
+
+    out_dir: str
+    model: str = Field(description="Hugging Face checkpoint directory to evaluate.")
+    validation: CorpusConfig | None = None
+    questions: str | None = Field(None, description="jsonl with `question` and `answer` (exact match).")
+    shards: str | None = Field(None, description="Shards with a noise column: measure selection precision/recall.")
+    selection_ratio: float = Field(0.6, gt=0, le=1)
+    seq_len: int = Field(256, ge=8)
+    batch_size: int = Field(8, ge=1)
+    max_batches: int | None = Field(None, ge=1)
+    max_new_tokens: int = Field(8, ge=1)
+
+
+class StageSpec(StrictModel):
+    """One step of a pipeline: a stage kind and its config (same keys as the stage's own YAML)."""
+
+    name: str
+    kind: Literal["demo_data", "reference", "score", "pretrain", "eval"]
+    config: dict[str, Any]
+    slurm: dict[str, Any] = Field(default_factory=dict, description="Slurm resources for `slm jobs`.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", v):
+            raise ValueError("stage names use letters, digits, '_', '-', '.'")
+        return v
+
+
+class PipelineConfig(StrictModel):
+    """`slm run`: stages in order; `${work_dir}` in any string is replaced by `work_dir`."""
+
+    name: str = "pipeline"
+    work_dir: str
+    stages: list[StageSpec]
+    slurm: dict[str, Any] = Field(default_factory=dict, description="Cluster defaults for `slm jobs`.")
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [s.name for s in self.stages]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"stage names must be unique; repeated: {sorted(dup)}")
+        return self
+
+
+STAGE_CONFIGS: dict[str, type[StrictModel]] = {
+    "demo_data": DemoDataConfig,
+    "reference": ReferenceConfig,
+    "score": ScoreConfig,
+    "pretrain": PretrainConfig,
+    "eval": EvalConfig,
+}
+
+# --------------------------------------------------------------------------- loading
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-4` -> (['train', 'lr'], 0.0003); the value is parsed as YAML."""
+    if "=" not in item:
+        raise SlmError(f"--set {item!r}: expected dotted.key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise SlmError(f"--set {item!r}: empty part in key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    out = copy.deepcopy(raw)
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = out
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+    return out
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem, joined: '<source>: key `a.b`: <what was expected>'."""
+    problems = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            got = e.get("input")
+            got_s = repr(got) if not isinstance(got, dict) else "a mapping"
+            msg = f"{e['msg']} (got {got_s})"
+        problems.append(f"key '{key}': {msg}")
+    return f"{source}: " + "; ".join(problems)
+
+
+def validate(raw: dict, cls: type[C], source: str) -> C:
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        raise SlmError(format_validation_error(e, source)) from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SlmError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SlmError(f"{path}: not valid YAML{where}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SlmError(f"{path}: expected a mapping of config keys at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def substitute(obj: Any, variables: dict[str, str]) -> Any:
+    """Replace `${name}` in every string of a nested structure."""
+    if isinstance(obj, str):
+        return re.sub(r"\$\{(\w+)\}", lambda m: str(variables.get(m.group(1), m.group(0))), obj)
+    if isinstance(obj, dict):
+        return {k: substitute(v, variables) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [substitute(v, variables) for v in obj]
+    return obj
+
+
+def load_config(path: str | Path | None, cls: type[C], overrides: list[str] | None = None, base: dict | None = None) -> C:
+    """Read `path` (or start from `base`), apply `--set` overrides, validate against `cls`."""
+    raw = read_yaml(path) if path is not None else dict(base or {})
+    raw = apply_overrides(raw, overrides)
+    source = str(path) if path is not None else "config"
+    if overrides:
+        source += " (with --set " + ", ".join(overrides) + ")"
+    return validate(raw, cls, source)
+
+
+def dump_config(cfg: BaseModel) -> dict:
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,83 @@
+"""Atomic file writes and fingerprints (sha256) of files, directories and configs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same directory, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    from slm.errors import SlmError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SlmError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise SlmError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_files(paths: list[Path], root: Path | None = None) -> str:
+    """One digest over several files: their names (relative to `root`) and contents, in sorted order."""
+    h = hashlib.sha256()
+    for p in sorted(Path(x) for x in paths):
+        name = str(p.relative_to(root)) if root else p.name
+        h.update(name.encode())
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def sha256_dir(path: str | Path, patterns: tuple[str, ...] = ("*",)) -> str:
+    path = Path(path)
+    files = {p for pat in patterns for p in path.rglob(pat) if p.is_file() and not p.name.startswith(".")}
+    return sha256_files(sorted(files), root=path)
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,88 @@
+"""Backbone registry: name -> (HF config class, HF causal-LM class), and `build_model`.
+
+Registering also registers with `AutoConfig` / `AutoModelForCausalLM`, so a checkpoint of any
+backbone loads with `AutoModelForCausalLM.from_pretrained(path)` once `slm` is imported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from slm.errors import SlmError
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    config_cls: type[PretrainedConfig]
+    model_cls: type[PreTrainedModel]
+    # maps the common ModelConfig sizes onto this backbone's HF config kwargs
+    config_kwargs: Callable[[Any, int], dict[str, Any]]
+
+
+BACKBONES: dict[str, Backbone] = {}
+
+
+def common_config_kwargs(model_cfg, vocab_size: int) -> dict[str, Any]:
+    """The Llama-style size keys that every slm backbone config accepts."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=model_cfg.hidden_size,
+        num_hidden_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_heads,
+        num_key_value_heads=model_cfg.num_kv_heads or model_cfg.num_heads,
+        intermediate_size=model_cfg.intermediate_size,
+        max_position_embeddings=model_cfg.max_position_embeddings,
+        rope_theta=model_cfg.rope_theta,
+        tie_word_embeddings=model_cfg.tie_embeddings,
+    )
+
+
+def register_backbone(name: str, config_cls, model_cls, config_kwargs=common_config_kwargs) -> None:
+    if config_cls.model_type not in _registered_model_types():
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+    BACKBONES[name] = Backbone(name, config_cls, model_cls, config_kwargs)
+
+
+def _registered_model_types() -> set[str]:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return set(CONFIG_MAPPING.keys())
+
+
+def get_backbone(name: str) -> Backbone:
+    if name not in BACKBONES:
+        raise SlmError(f"model.backbone={name!r}: unknown backbone; expected one of {sorted(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def build_config(model_cfg, vocab_size: int) -> PretrainedConfig:
+    backbone = get_backbone(model_cfg.backbone)
+    kwargs = backbone.config_kwargs(model_cfg, vocab_size)
+    kwargs.update(model_cfg.options)
+    try:
+        return backbone.config_cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise SlmError(f"model.options for backbone {model_cfg.backbone!r}: {e}") from None
+
+
+def build_model(model_cfg, vocab_size: int) -> PreTrainedModel:
+    """A fresh model from sizes, or the checkpoint in `model_cfg.init_from`."""
+    if model_cfg.init_from:
+        return load_pretrained(model_cfg.init_from)
+    config = build_config(model_cfg, vocab_size)
+    model = get_backbone(model_cfg.backbone).model_cls(config)
+    return model
+
+
+def load_pretrained(path: str, **kwargs) -> PreTrainedModel:
+    from pathlib import Path
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise SlmError(f"{path}: not a Hugging Face checkpoint directory (no config.json)")
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
