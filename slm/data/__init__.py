@@ -1,0 +1,1 @@
+"""Corpora (via `datasets`), tokenizers, packing, and the embedded demo corpus."""

@@ -1,0 +1,82 @@
+"""Packing documents into fixed `seq_len` rows, EOS after every document.
+
+Each row records where documents start inside it (`doc_starts`), so that document boundaries
+survive packing. The last row is padded with `pad_id` and its `loss_mask` is 0 on padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+
+@dataclass
+class PackedRow:
+    input_ids: list[int]
+    loss_mask: list[int]
+    doc_starts: list[int]  # positions in the row where a document begins
+    noise: list[int] | None = None
+    extras: dict = field(default_factory=dict)
+
+
+def pack_documents(
+    docs: Iterable[tuple[list[int], list[int] | None]],
+    seq_len: int,
+    eos_id: int,
+    pad_id: int,
+) -> Iterator[PackedRow]:
+    """docs: (token ids, optional per-token noise tags). Yields rows of exactly `seq_len` tokens."""
+    ids: list[int] = []
+    noise: list[int] = []
+    starts: list[int] = []
+    has_noise = None
+    for doc_ids, doc_noise in docs:
+        if has_noise is None:
+            has_noise = doc_noise is not None
+        starts.append(len(ids))
+        ids.extend(doc_ids)
+        ids.append(eos_id)
+        if has_noise:
+            noise.extend(doc_noise)
+            noise.append(0)
+        while len(ids) >= seq_len:
+            yield PackedRow(
+                input_ids=ids[:seq_len],
+                loss_mask=[1] * seq_len,
+                doc_starts=[s for s in starts if s < seq_len],
+                noise=noise[:seq_len] if has_noise else None,
+            )
+            ids, noise = ids[seq_len:], noise[seq_len:]
+            starts = [s - seq_len for s in starts if s >= seq_len]
+    if ids:
+        pad = seq_len - len(ids)
+        yield PackedRow(
+            input_ids=ids + [pad_id] * pad,
+            loss_mask=[1] * len(ids) + [0] * pad,
+            doc_starts=starts,
+            noise=(noise + [0] * pad) if has_noise else None,
+        )
+
+
+def noise_tags_from_spans(offsets: list[tuple[int, int]], spans: list[list[int]]) -> list[int]:
+    """1 for a token whose character span's midpoint lies inside a noise span, else 0."""
+    if not spans:
+        return [0] * len(offsets)
+    spans = sorted(spans)
+    tags, j = [], 0
+    for start, end in offsets:
+        mid = (start + end - 1) / 2 if end > start else start
+        while j < len(spans) and spans[j][1] <= mid:
+            j += 1
+        tags.append(int(j < len(spans) and spans[j][0] <= mid < spans[j][1]))
+    return tags
+
+
+def tokenize_documents(tokenizer, texts: list[str], noise_spans: list | None = None) -> list[tuple[list[int], list[int] | None]]:
+    """Batch-tokenise texts (no special tokens); with noise spans, tag each token."""
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=noise_spans is not None)
+    out = []
+    for i, ids in enumerate(enc["input_ids"]):
+        tags = noise_tags_from_spans(enc["offset_mapping"][i], noise_spans[i] or []) if noise_spans is not None else None
+        out.append((ids, tags))
+    return out

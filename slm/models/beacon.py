@@ -1,0 +1,280 @@
+"""`beacon`: Activation Beacon (Zhang et al. 2024, "Soaring from 4K to 400K: Extending LLM's Context with
+Activation Beacon", arXiv 2401.03462; v2 "Long Context Compression with Activation Beacon").
+
+A Llama decoder (RMSNorm, RoPE, SwiGLU; module names as in transformers' Llama) that reads its input in
+windows of `window_len` tokens (sec 2.2, sliding windows with stride = window). After a window is complete,
+k = window_len / condensing_ratio beacon tokens <bcn> (one learned embedding, sec 2.1) are appended and run
+through every layer with their own Q/K/V/O projections (sec 2.3, "beacon_param q,k,v,o"; copied from the
+regular ones at init) and the shared norms/MLP. Their keys/values are the condensed activations of the window
+(eq 1-3): the window's raw keys/values are then dropped and only the beacons' are kept as memory for the later
+windows, at most `max_beacon_windows` windows of them (oldest dropped first), so the state is bounded.
+
+Attention (sec 2.2, Fig. 2), with memory = kept beacon KV of previous windows:
+  * raw token i of the current window: memory + raw tokens 0..i of its window (causal prefix);
+  * beacon j (0-based) of the window: memory + raw tokens 0..(j+1)*ratio-1 + beacons 0..j of the window.
+    This is the paper's "stepwise expansion" assignment (its best variant, sec 2.2 / Table 5).
+Positions (RoPE) are those of the working context [memory | window raw tokens | window beacons]:
+memory i -> i, raw token i -> M + i, beacon j -> M + window_len + j (beacons appended after the window, v1).
+Keys are cached before RoPE (as the reference code does) so memory can be re-indexed when it slides.
+condensing_ratio = 0 means no condensing (the reference code's ratio 0): the window's raw KV is the memory,
+i.e. plain causal Llama attention as long as at most `max_beacon_windows` windows precede the token.
+
+State (`BeaconState`, passed as `past_key_values` / `cache`): per layer the memory KV and the raw KV of the
+incomplete current window (both pre-RoPE), plus the absolute position `pos`. Padding masks are not supported
+(`attention_mask` is accepted and ignored). Only raw tokens reach `last_hidden_state`, aligned with input_ids.
+
+Config keys of its own: window_len (64), condensing_ratio (8; 0 = none; must divide window_len),
+max_beacon_windows (512).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from slm.models.layers import RMSNorm, SwiGLU, apply_rope, init_weights, rope_cos_sin
+from slm.models.registry import register_backbone
+
+
+class BeaconConfig(PretrainedConfig):
+    model_type = "slm_beacon"
+
+    def __init__(self, vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=None, intermediate_size=128, max_position_embeddings=4096,
+                 rope_theta=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-6, initializer_range=0.02,
+                 window_len=64, condensing_ratio=8, max_beacon_windows=512, **kwargs):
+        num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        for key, val in dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                             num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+                             intermediate_size=intermediate_size, window_len=window_len,
+                             max_beacon_windows=max_beacon_windows).items():
+            if not isinstance(val, int) or val <= 0:
+                raise ValueError(f"{key}={val!r}: must be a positive integer")
+        if not isinstance(condensing_ratio, int) or condensing_ratio < 0:
+            raise ValueError(f"condensing_ratio={condensing_ratio!r}: must be an integer >= 0 (0 = no beacons)")
+        if condensing_ratio and window_len % condensing_ratio:
+            raise ValueError(f"condensing_ratio={condensing_ratio}: must divide window_len={window_len}")
+        if hidden_size % num_attention_heads or (hidden_size // num_attention_heads) % 2:
+            raise ValueError(f"num_attention_heads={num_attention_heads}: hidden_size/heads must be an even integer")
+        if num_attention_heads % num_key_value_heads:
+            raise ValueError(f"num_key_value_heads={num_key_value_heads}: must divide num_attention_heads")
+        for key, val in dict(rms_norm_eps=rms_norm_eps, rope_theta=rope_theta).items():
+            if not val > 0:
+                raise ValueError(f"{key}={val!r}: must be > 0")
+        self.vocab_size, self.hidden_size, self.num_hidden_layers = vocab_size, hidden_size, num_hidden_layers
+        self.num_attention_heads, self.num_key_value_heads = num_attention_heads, num_key_value_heads
+        self.intermediate_size, self.max_position_embeddings = intermediate_size, max_position_embeddings
+        self.rope_theta, self.rms_norm_eps, self.initializer_range = rope_theta, rms_norm_eps, initializer_range
+        self.window_len, self.condensing_ratio = window_len, condensing_ratio
+        self.max_beacon_windows = max_beacon_windows
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+
+@dataclass
+class BeaconLayerState:
+    mem_k: torch.Tensor  # [B, KVH, M, hd] kept beacon keys (pre-RoPE), M <= max_beacon_windows * k
+    mem_v: torch.Tensor
+    raw_k: torch.Tensor  # [B, KVH, n, hd] raw keys of the incomplete window, n = pos % window_len
+    raw_v: torch.Tensor
+
+
+@dataclass
+class BeaconState:
+    pos: int  # absolute position (tokens seen)
+    layers: list
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.pos
+
+
+def window_mask(n_mem: int, n_old: int, n_raw: int, n_beacons: int, ratio: int, device) -> torch.Tensor:
+    """Boolean [queries, keys] mask for one window step (True = attend). Queries: the n_raw new raw tokens
+    (window indices n_old..), then the beacons; keys: memory, the window's raw tokens, the beacons."""
+    n_win = n_old + n_raw
+    qi = torch.arange(n_old, n_win, device=device)[:, None]
+    raw_q = torch.cat([torch.ones(n_raw, n_mem, dtype=torch.bool, device=device),
+                       torch.arange(n_win, device=device)[None, :] <= qi,  # causal prefix of the window
+                       torch.zeros(n_raw, n_beacons, dtype=torch.bool, device=device)], 1)
+    if n_beacons == 0:
+        return raw_q
+    j = torch.arange(n_beacons, device=device)[:, None]
+    bcn_q = torch.cat([torch.ones(n_beacons, n_mem, dtype=torch.bool, device=device),
+                       torch.arange(n_win, device=device)[None, :] < (j + 1) * ratio,  # stepwise expansion
+                       torch.arange(n_beacons, device=device)[None, :] <= j], 1)  # previous beacons
+    return torch.cat([raw_q, bcn_q], 0)
+
+
+class BeaconAttention(nn.Module):
+    def __init__(self, config: BeaconConfig):
+        super().__init__()
+        D, self.heads, self.kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        self.hd = D // self.heads
+        for prefix in ("", "beacon_"):  # regular projections and the beacons' own (sec 2.3)
+            setattr(self, prefix + "q_proj", nn.Linear(D, self.heads * self.hd, bias=False))
+            setattr(self, prefix + "k_proj", nn.Linear(D, self.kv_heads * self.hd, bias=False))
+            setattr(self, prefix + "v_proj", nn.Linear(D, self.kv_heads * self.hd, bias=False))
+            setattr(self, prefix + "o_proj", nn.Linear(self.heads * self.hd, D, bias=False))
+
+    def _split(self, x, heads):
+        return x.view(x.shape[0], x.shape[1], heads, self.hd).transpose(1, 2)
+
+    def forward(self, x, n_raw: int, mem, raw, rope_q, rope_k, mask):
+        """x: [B, n_raw + n_beacons, D] (normed); mem/raw: (k, v) pre-RoPE caches. Returns the output and the new
+        raw and beacon (k, v), pre-RoPE."""
+        xr, xb = x[:, :n_raw], x[:, n_raw:]
+        q, k, v = (self._split(torch.cat([getattr(self, p)(xr), getattr(self, "beacon_" + p)(xb)], 1), h)
+                   for p, h in (("q_proj", self.heads), ("k_proj", self.kv_heads), ("v_proj", self.kv_heads)))
+        keys = torch.cat([mem[0], raw[0], k], 2)
+        values = torch.cat([mem[1], raw[1], v], 2)
+        q, keys = apply_rope(q, *rope_q), apply_rope(keys, *rope_k)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
+        o = o.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+        out = torch.cat([self.o_proj(o[:, :n_raw]), self.beacon_o_proj(o[:, n_raw:])], 1)
+        return out, (k[:, :, :n_raw], v[:, :, :n_raw]), (k[:, :, n_raw:], v[:, :, n_raw:])
+
+
+class BeaconDecoderLayer(nn.Module):
+    def __init__(self, config: BeaconConfig):
+        super().__init__()
+        self.self_attn = BeaconAttention(config)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, n_raw, mem, raw, rope_q, rope_k, mask):
+        a, new_raw, beacons = self.self_attn(self.input_layernorm(x), n_raw, mem, raw, rope_q, rope_k, mask)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), new_raw, beacons
+
+
+class BeaconPreTrainedModel(PreTrainedModel):
+    config_class = BeaconConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["BeaconDecoderLayer"]
+    _is_stateful = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the state is a BeaconState, never a transformers Cache
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            init_weights(module, self.config.initializer_range)
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+        elif isinstance(module, BeaconAttention):  # children first: copy the regular projections (sec 2.3)
+            for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(module, "beacon_" + p).weight.copy_(getattr(module, p).weight)
+
+
+class BeaconModel(BeaconPreTrainedModel):
+    def __init__(self, config: BeaconConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.beacon_embed_tokens = nn.Embedding(1, config.hidden_size)  # the learned <bcn> embedding
+        self.layers = nn.ModuleList(BeaconDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def _empty_state(self, batch: int, dtype, device) -> list:
+        c = self.config
+        e = torch.zeros(batch, c.num_key_value_heads, 0, c.hidden_size // c.num_attention_heads, dtype=dtype,
+                        device=device)
+        return [BeaconLayerState(e, e, e, e) for _ in self.layers]
+
+    def _window_step(self, x, states: list, n_old: int):
+        """Run the new raw tokens x [B, n, D] of the current window (n_old tokens of it already cached) through
+        all layers; if this completes the window, also its beacons, and fold the window into the memory."""
+        c, (B, n_raw, _) = self.config, x.shape
+        w, ratio = c.window_len, c.condensing_ratio
+        complete = n_old + n_raw == w
+        n_b = w // ratio if complete and ratio else 0
+        if n_b:
+            x = torch.cat([x, self.beacon_embed_tokens.weight[None].expand(B, n_b, -1)], 1)
+        M = states[0].mem_k.shape[2]
+        dev, hd = x.device, c.hidden_size // c.num_attention_heads
+        pos_raw = M + torch.arange(n_old, n_old + n_raw, device=dev)
+        pos_b = M + w + torch.arange(n_b, device=dev)
+        pos_k = torch.cat([torch.arange(M + n_old + n_raw, device=dev), pos_b])
+        rope_q = rope_cos_sin(torch.cat([pos_raw, pos_b]), hd, c.rope_theta, dtype=x.dtype)
+        rope_k = rope_cos_sin(pos_k, hd, c.rope_theta, dtype=x.dtype)
+        mask = window_mask(M, n_old, n_raw, n_b, ratio, dev)
+        new_states = []
+        for layer, s in zip(self.layers, states):
+            x, (rk, rv), (bk, bv) = layer(x, n_raw, (s.mem_k, s.mem_v), (s.raw_k, s.raw_v), rope_q, rope_k, mask)
+            rk, rv = torch.cat([s.raw_k, rk], 2), torch.cat([s.raw_v, rv], 2)
+            if not complete:
+                new_states.append(BeaconLayerState(s.mem_k, s.mem_v, rk, rv))
+                continue
+            add_k, add_v = (bk, bv) if ratio else (rk, rv)  # ratio 0: the raw activations are the memory
+            keep = c.max_beacon_windows * (n_b if ratio else w)  # drop the oldest windows beyond the cap
+            mk, mv = torch.cat([s.mem_k, add_k], 2)[:, :, -keep:], torch.cat([s.mem_v, add_v], 2)[:, :, -keep:]
+            new_states.append(BeaconLayerState(mk, mv, rk[:, :, :0], rv[:, :, :0]))
+        return x[:, :n_raw], new_states  # beacon positions never reach the output
+
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None, cache=None, **kwargs):
+        state: BeaconState | None = past_key_values if past_key_values is not None else cache
+        if use_cache is None:
+            use_cache = state is not None or not self.training
+        x = self.embed_tokens(input_ids)
+        pos = state.pos if state is not None else 0
+        layers = state.layers if state is not None else self._empty_state(x.shape[0], x.dtype, x.device)
+        w, T, start, outs = self.config.window_len, x.shape[1], 0, []
+        while start < T:  # windows are processed one after the other (sec 2.2)
+            n_old = (pos + start) % w
+            n = min(w - n_old, T - start)
+            out, layers = self._window_step(x[:, start:start + n], layers, n_old)
+            outs.append(out)
+            start += n
+        h = self.norm(torch.cat(outs, 1))
+        return BaseModelOutputWithPast(last_hidden_state=h, cache=BeaconState(pos + T, layers) if use_cache else None)
+
+
+class BeaconForCausalLM(BeaconPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: BeaconConfig):
+        super().__init__(config)
+        self.model = BeaconModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_decoder(self):
+        return self.model
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, use_cache=None,
+                cache=None, **kwargs):
+        out = self.model(input_ids, past_key_values=past_key_values if past_key_values is not None else cache,
+                         use_cache=use_cache)
+        logits = self.lm_head(out.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+
+
+register_backbone("beacon", BeaconConfig, BeaconForCausalLM)

@@ -1,0 +1,294 @@
+"""`fam`: TransformerFAM, Feedback Attention Memory (Hwang, Wang, Huo, Sim & Mengibar 2024,
+"TransformerFAM: Feedback attention is working memory", arXiv:2404.09173).
+
+A Llama-style pre-norm decoder (RMSNorm, SwiGLU, RoPE) with Block Sliding Window Attention (BSWA,
+sec. 2.1, eq. 1) plus, in every layer, `fam_len` feedback activations F (sec. 2.2, Algorithm 2):
+    Q, K, V       = QKV(PreLN(I_tau));   Q^F, K^F, V^F = QKV(PreLN(F_{tau-1}))   (same weights)
+    a_t           = Attn(q_t, [K_{tau-m:tau-1}, K^F, K_{tau,:t}]) + i_t         (block tokens)
+    O_tau         = FF(PreLN(A_tau)) + A_tau
+    AF_tau        = Attn(Q^F, [K^F, K_tau]) + F_{tau-1}                          (FAM compresses the block)
+    F_tau         = FF(PreLN(AF_tau)) + AF_tau
+The feedback is within the layer: F_tau of layer l is the FAM input of layer l at block tau+1 (sec. 1,
+"within-transformer-block feedback"); block outputs O go up to layer l+1 as usual.
+
+Choices (paper appendix B unless noted):
+- FAM init (B.1): `fam_init="prompt"` (default, the paper's choice): learned prompt embeddings of
+  `fam_len` tokens, passed through the layers with full attention among themselves; the activation at the
+  input of layer l is that layer's initial FAM F_{-1}. `fam_init="prefix"`: a learned F_{-1} per layer
+  (prefix tuning, B.4.6). The first update uses a zero residual instead of F_{-1} (B.1).
+- FAM positions (B.2.1): F_tau takes the last `fam_len` positions of block tau, i.e. as keys read at
+  block tau+1 and as queries of the update that creates it. RoPE uses absolute stream positions; the
+  prompt sits at positions -fam_len..-1. Random position offset / random state passing (B.2.2-3) are
+  training-loop techniques and are not done here (a trainer can carry the state between steps).
+- BSWA memory (sec. 2.1): `memory_blocks` previous complete blocks; the FAM update attends only to
+  F_{tau-1} and the whole current block (Alg. 2); block queries see only the latest FAM (B.4.2).
+- Incomplete blocks (streaming): tokens attend the memory blocks, F_{tau-1} and the causal prefix of
+  their block; F is updated only when a block completes.
+- num_key_value_heads is accepted and ignored (plain multi-head attention).
+
+State (`FamCache`, only via `past_key_values` / `cache`): per layer F [B, fam_len, C], the RoPE'd keys and
+values of the last `memory_blocks` complete blocks and of the incomplete block, and the absolute position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from slm.models.layers import RMSNorm, SwiGLU, apply_rope, causal_attention, init_weights, rope_cos_sin
+from slm.models.registry import register_backbone
+
+
+class FamConfig(PretrainedConfig):
+    """Llama-style sizes plus:
+    block_len (64): BSWA block size, the FAM update stride.
+    memory_blocks (1): previous blocks of keys/values each block attends to (BSWA memory segment).
+    fam_len (8): feedback memory activations per layer (0 = plain BSWA).
+    fam_init ("prompt"): "prompt" (learned prompt embeddings through the layers, paper B.1) or
+        "prefix" (a learned initial FAM per layer).
+    """
+
+    model_type = "slm_fam"
+    vocab_size: int = 32000
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    block_len: int = 64
+    memory_blocks: int = 1
+    fam_len: int = 8
+    fam_init: str = "prompt"
+
+    def __post_init__(self, **kwargs):
+        for key, low in (("vocab_size", 1), ("hidden_size", 1), ("intermediate_size", 1), ("num_hidden_layers", 1),
+                         ("num_attention_heads", 1), ("max_position_embeddings", 1), ("block_len", 1),
+                         ("memory_blocks", 0), ("fam_len", 0)):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{key}={value!r}: must be an integer >= {low}")
+        if self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError(f"hidden_size={self.hidden_size}: must split into num_attention_heads="
+                             f"{self.num_attention_heads} heads of even size (RoPE)")
+        if self.fam_init not in ("prompt", "prefix"):
+            raise ValueError(f"fam_init={self.fam_init!r}: expected 'prompt' or 'prefix'")
+        for key in ("rope_theta", "rms_norm_eps"):
+            if not isinstance(getattr(self, key), (int, float)) or getattr(self, key) <= 0:
+                raise ValueError(f"{key}={getattr(self, key)!r}: must be a positive number")
+        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range < 0:
+            raise ValueError(f"initializer_range={self.initializer_range!r}: must be >= 0")
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        super().__post_init__(**kwargs)
+
+
+@dataclass
+class FamLayerState:
+    fam: torch.Tensor  # [B, fam_len, C] F of the last complete block (initial FAM before that)
+    mem_k: torch.Tensor  # [B, H, <= memory_blocks * block_len, D] RoPE'd keys of previous blocks
+    mem_v: torch.Tensor
+    blk_k: torch.Tensor  # [B, H, < block_len, D] RoPE'd keys of the incomplete block
+    blk_v: torch.Tensor
+
+
+@dataclass
+class FamCache:
+    layers: list[FamLayerState]
+    position: int = 0  # absolute position of the next token
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for s in self.layers for t in (s.fam, s.mem_k, s.mem_v, s.blk_k, s.blk_v)]
+
+    def detach(self) -> "FamCache":
+        """Cut the autograd graph (truncated BPTT across chunks)."""
+        return FamCache([FamLayerState(*(t.detach() for t in (s.fam, s.mem_k, s.mem_v, s.blk_k, s.blk_v)))
+                         for s in self.layers], self.position)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.position
+
+
+class FamDecoderLayer(nn.Module):
+    def __init__(self, config: FamConfig):
+        super().__init__()
+        c = config.hidden_size
+        self.n_head, self.head_dim = config.num_attention_heads, c // config.num_attention_heads
+        self.block_len, self.fam_len, self.memory_blocks = config.block_len, config.fam_len, config.memory_blocks
+        self.rope_theta = config.rope_theta
+        self.input_layernorm = RMSNorm(c, config.rms_norm_eps)
+        self.q_proj = nn.Linear(c, c, bias=False)
+        self.k_proj = nn.Linear(c, c, bias=False)
+        self.v_proj = nn.Linear(c, c, bias=False)
+        self.o_proj = nn.Linear(c, c, bias=False)
+        self.post_attention_layernorm = RMSNorm(c, config.rms_norm_eps)
+        self.mlp = SwiGLU(c, config.intermediate_size)
+        if config.fam_init == "prefix":
+            self.fam_init = nn.Parameter(torch.zeros(config.fam_len, c))  # learned F_{-1} of this layer
+
+    def qkv(self, x, q_start: int, kv_start: int):
+        """Q, K, V = QKV(PreLN(x)), heads split, RoPE at positions q_start+i (Q) and kv_start+i (K)."""
+        B, T, _ = x.shape
+        h = self.input_layernorm(x)
+        q, k, v = (p(h).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        ar = torch.arange(T, device=x.device)
+        cq, sq = rope_cos_sin(ar + q_start, self.head_dim, self.rope_theta, x.dtype)
+        ck, sk = rope_cos_sin(ar + kv_start, self.head_dim, self.rope_theta, x.dtype)
+        return apply_rope(q, cq, sq), apply_rope(k, ck, sk), v
+
+    def out(self, a):  # [B, H, T, D] -> [B, T, C] through W_O
+        return self.o_proj(a.transpose(1, 2).flatten(2))
+
+    def ffn(self, a):  # O = FF(PreLN(A)) + A  (Alg. 2)
+        return a + self.mlp(self.post_attention_layernorm(a))
+
+    def prompt_forward(self, p):
+        """The FAM prompt through this layer: full attention among its tokens (paper B.1)."""
+        q, k, v = self.qkv(p, -self.fam_len, -self.fam_len)
+        return self.ffn(p + self.out(F.scaled_dot_product_attention(q, k, v)))
+
+    def forward(self, x, state: FamLayerState, pos: int):
+        B, T, _ = x.shape
+        L, nF = self.block_len, self.fam_len
+        q, k, v = self.qkv(x, pos, pos)
+        fam, mem_k, mem_v, blk_k, blk_v = state.fam, state.mem_k, state.mem_v, state.blk_k, state.blk_v
+        outs, start = [], 0
+        while start < T:  # pieces of the input that fall in one block
+            p = blk_k.shape[-2]  # tokens of the current block already seen
+            n = min(T - start, L - p)
+            piece, blk_start = slice(start, start + n), pos + start - p
+            blk_k = torch.cat([blk_k, k[:, :, piece]], dim=-2)
+            blk_v = torch.cat([blk_v, v[:, :, piece]], dim=-2)
+            # F_{tau-1}: keys at the last positions of the previous block; update queries at those of this one (B.2.1)
+            fq, fk, fv = self.qkv(fam, blk_start + L - nF, blk_start - nF)
+            # a_t = Attn(q_t, Concat(K_{tau-m:tau-1}, K^F_{tau-1}, K_{tau,:t})) -- eq. (1), Alg. 2
+            keys, vals = torch.cat([mem_k, fk, blk_k], dim=-2), torch.cat([mem_v, fv, blk_v], dim=-2)
+            outs.append(causal_attention(q[:, :, piece], keys, vals, q_offset=keys.shape[-2] - n))
+            if p + n == L:  # block complete
+                if nF:  # AF = Attn(Q^F, Concat(K^F, K_tau)) + F_{tau-1} (zero residual first, B.1); F = FF(PreLN(AF)) + AF
+                    af = self.out(F.scaled_dot_product_attention(fq, torch.cat([fk, blk_k], -2), torch.cat([fv, blk_v], -2)))
+                    fam = self.ffn(af if blk_start == 0 else af + fam)
+                drop = max(0, mem_k.shape[-2] + L - self.memory_blocks * L)  # BSWA: keep memory_blocks blocks
+                mem_k, mem_v = torch.cat([mem_k, blk_k], -2)[:, :, drop:], torch.cat([mem_v, blk_v], -2)[:, :, drop:]
+                blk_k, blk_v = blk_k[:, :, :0], blk_v[:, :, :0]
+            start += n
+        x = x + self.out(torch.cat(outs, dim=-2))  # a_t = SelfAttention(...) + i_t
+        return self.ffn(x), FamLayerState(fam, mem_k, mem_v, blk_k, blk_v)
+
+
+class FamPreTrainedModel(PreTrainedModel):
+    config_class = FamConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["FamDecoderLayer"]
+    _is_stateful = True  # state cannot be rewound (no assisted generation / beam reordering)
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        init_weights(module, std)
+        if isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, FamDecoderLayer) and hasattr(module, "fam_init"):
+            nn.init.normal_(module.fam_init, mean=0.0, std=std)
+        elif isinstance(module, FamModel):
+            nn.init.normal_(module.fam_prompt, mean=0.0, std=std)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # our state is a FamCache, returned by forward (generate passes it back)
+
+
+class FamModel(FamPreTrainedModel):
+    def __init__(self, config: FamConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(FamDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        n = config.fam_len if config.fam_init == "prompt" else 0
+        self.fam_prompt = nn.Parameter(torch.zeros(n, config.hidden_size))  # FAM prompt embeddings (B.1)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def initial_state(self, x) -> list[FamLayerState]:
+        B, H, D = x.shape[0], self.config.num_attention_heads, self.config.hidden_size // self.config.num_attention_heads
+        if self.config.fam_init == "prompt":
+            fams, p = [], self.fam_prompt[None].to(x.dtype)
+            for layer in self.layers:  # the prompt activation at layer l's input is its F_{-1}
+                fams.append(p)
+                p = layer.prompt_forward(p) if self.config.fam_len else p
+        else:
+            fams = [layer.fam_init[None].to(x.dtype) for layer in self.layers]
+        empty = x.new_zeros(B, H, 0, D)
+        return [FamLayerState(f.expand(B, -1, -1), empty, empty, empty, empty) for f in fams]
+
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None, cache=None, **kwargs):
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("fam: attention_mask with padding is not supported (the FAM would absorb pad tokens)")
+        past = cache if cache is not None else past_key_values
+        x = self.embed_tokens(input_ids)
+        pos = past.position if past is not None else 0
+        states = past.layers if past is not None else self.initial_state(x)
+        new_states = []
+        for layer, s in zip(self.layers, states):
+            x, s = layer(x, s, pos)
+            new_states.append(s)
+        state = FamCache(new_states, pos + input_ids.shape[1]) if use_cache is not False else None
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), cache=state)
+
+
+class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    loss_type = "ForCausalLM"
+
+    def __init__(self, config: FamConfig):
+        super().__init__(config)
+        self.model = FamModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_decoder(self):
+        return self.model
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, use_cache=None,
+                cache=None, logits_to_keep: int = 0, **kwargs):
+        out = self.model(input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+                         use_cache=use_cache, cache=cache)
+        h = out.last_hidden_state
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        loss = None
+        if labels is not None:  # HF convention: shift inside, -100 ignored, mean CE
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+
+
+register_backbone("fam", FamConfig, FamForCausalLM)

@@ -1,0 +1,290 @@
+"""`infini`: Infini-attention (Munkhdalai, Faruqui & Gopal 2024, "Leave No Context Behind: Efficient
+Infinite Context Transformers with Infini-attention", arXiv:2404.07143).
+
+A Llama-style pre-norm decoder (RMSNorm, SwiGLU, RoPE) whose attention layers process the stream in
+segments of `segment_len` tokens. Within a segment: causal softmax attention with RoPE (A_dot). Across
+segments: a compressive memory per head (M, z), read with sigma(Q) (eq. 3) and written with sigma(K), V
+(eq. 4 linear or eq. 5 delta), sigma = ELU + 1. The two reads are mixed by a learned gate per head (eq. 6).
+
+Choices made here (the paper leaves them open):
+- RoPE uses absolute stream positions (position offset carried in the state). Since attention only runs
+  inside a segment and RoPE is relative, this equals segment-local positions up to rounding.
+- Memory reads/writes use the pre-RoPE queries/keys (no positional encoding in the memory).
+- M and z are fp32 (float64 for a float64 model). The division of eq. 3 / eq. 5 gets `memory_eps`
+  added to its denominator so the first segment (M = 0, z = 0) reads exactly 0 instead of 0/0 = NaN.
+- Retrieve before update: segment s reads M_{s-1}; a segment is written to memory when it completes.
+- num_key_value_heads is accepted and ignored (every head has its own K/V, needed for its memory).
+
+State (`InfiniCache`, carried only through `past_key_values` / `cache`): per layer M [B,H,D,D],
+z [B,H,D] and the keys (post-RoPE and pre-RoPE) and values of the current incomplete segment
+(< segment_len tokens), plus the absolute position. Its size is bounded by the segment length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from slm.models.layers import RMSNorm, SwiGLU, apply_rope, causal_attention, init_weights, rope_cos_sin
+from slm.models.registry import register_backbone
+
+
+class InfiniConfig(PretrainedConfig):
+    """Llama-style sizes plus:
+    segment_len (64): tokens per segment (local attention span, memory write unit).
+    memory_update ("delta"): "linear" (eq. 4) or "delta" (eq. 5).
+    gate_init (0.0): initial gate logit beta of every head (sigmoid(0) = even mix of memory and local).
+    memory_eps (1e-6): added to the memory read/delta denominators sigma(.) z (guards z = 0).
+    """
+
+    model_type = "slm_infini"
+    vocab_size: int = 32000
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    segment_len: int = 64
+    memory_update: str = "delta"
+    gate_init: float = 0.0
+    memory_eps: float = 1e-6
+
+    def __post_init__(self, **kwargs):
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "max_position_embeddings", "segment_len"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{key}={value!r}: must be a positive integer")
+        if self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError(f"hidden_size={self.hidden_size}: must split into num_attention_heads="
+                             f"{self.num_attention_heads} heads of even size (RoPE)")
+        if self.memory_update not in ("linear", "delta"):
+            raise ValueError(f"memory_update={self.memory_update!r}: expected 'linear' or 'delta'")
+        for key in ("rope_theta", "rms_norm_eps", "memory_eps"):
+            if not isinstance(getattr(self, key), (int, float)) or getattr(self, key) <= 0:
+                raise ValueError(f"{key}={getattr(self, key)!r}: must be a positive number")
+        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range < 0:
+            raise ValueError(f"initializer_range={self.initializer_range!r}: must be >= 0")
+        if not isinstance(self.gate_init, (int, float)):
+            raise ValueError(f"gate_init={self.gate_init!r}: must be a number")
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        super().__post_init__(**kwargs)
+
+
+@dataclass
+class InfiniLayerState:
+    M: torch.Tensor  # [B, H, D, D] compressive memory (fp32 / fp64)
+    z: torch.Tensor  # [B, H, D] normalisation term (fp32 / fp64)
+    k: torch.Tensor  # [B, H, t, D] pre-RoPE keys of the incomplete segment (t < segment_len)
+    k_rope: torch.Tensor  # [B, H, t, D] their RoPE'd keys, for the local attention
+    v: torch.Tensor  # [B, H, t, D] their values
+
+
+@dataclass
+class InfiniCache:
+    layers: list[InfiniLayerState]
+    position: int = 0  # absolute position of the next token
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for s in self.layers for t in (s.M, s.z, s.k, s.k_rope, s.v)]
+
+    def detach(self) -> "InfiniCache":
+        """Cut the autograd graph (truncated BPTT across chunks)."""
+        return InfiniCache([InfiniLayerState(*(t.detach() for t in (s.M, s.z, s.k, s.k_rope, s.v)))
+                            for s in self.layers], self.position)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.position
+
+
+def sigma(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise ELU + 1 nonlinearity of the memory (paper sec. 2.1.2)."""
+    return F.elu(x) + 1.0
+
+
+class InfiniAttention(nn.Module):
+    def __init__(self, config: InfiniConfig):
+        super().__init__()
+        self.n_head = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.segment_len = config.segment_len
+        self.delta = config.memory_update == "delta"
+        self.eps = config.memory_eps
+        self.rope_theta = config.rope_theta
+        c = config.hidden_size
+        self.q_proj = nn.Linear(c, c, bias=False)
+        self.k_proj = nn.Linear(c, c, bias=False)
+        self.v_proj = nn.Linear(c, c, bias=False)
+        self.o_proj = nn.Linear(c, c, bias=False)
+        self.beta = nn.Parameter(torch.full((self.n_head,), float(config.gate_init)))  # gate, eq. (6)
+
+    @torch.autocast("cuda", enabled=False)  # memory math stays in M's dtype (fp32 / fp64)
+    @torch.autocast("cpu", enabled=False)
+    def retrieve(self, q, M, z):
+        """A_mem = sigma(Q) M_{s-1} / (sigma(Q) z_{s-1})  -- eq. (3); eps guards z = 0."""
+        sq = sigma(q.to(M.dtype))
+        return (sq @ M) / (sq @ z.unsqueeze(-1) + self.eps)
+
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def update(self, M, z, k, v):
+        """Write a completed segment's (pre-RoPE) keys and values into memory."""
+        sk, v = sigma(k.to(M.dtype)), v.to(M.dtype)
+        if self.delta:  # M_s = M_{s-1} + sigma(K)^T (V - sigma(K) M_{s-1} / (sigma(K) z_{s-1}))  -- eq. (5)
+            v = v - (sk @ M) / (sk @ z.unsqueeze(-1) + self.eps)
+        M = M + sk.transpose(-2, -1) @ v  # linear: M_s = M_{s-1} + sigma(K)^T V  -- eq. (4)
+        z = z + sk.sum(dim=-2)  # z_s = z_{s-1} + sum_t sigma(K_t)  -- eq. (4)
+        return M, z
+
+    def forward(self, x: torch.Tensor, state: InfiniLayerState | None, pos: int):
+        B, T, C = x.shape
+        H, D, L = self.n_head, self.head_dim, self.segment_len
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D], no PE (memory path)
+        k = self.k_proj(x).view(B, T, H, D).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)
+        cos, sin = rope_cos_sin(torch.arange(pos, pos + T, device=x.device), D, self.rope_theta, x.dtype)
+        q_rope, k_rope = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # local attention path
+        if state is None:
+            mem_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            empty = x.new_zeros(B, H, 0, D)
+            state = InfiniLayerState(x.new_zeros(B, H, D, D, dtype=mem_dtype), x.new_zeros(B, H, D, dtype=mem_dtype),
+                                     empty, empty, empty)
+        M, z, seg_k, seg_k_rope, seg_v = state.M, state.z, state.k, state.k_rope, state.v
+        gate = torch.sigmoid(self.beta).view(1, H, 1, 1)
+        outs, start = [], 0
+        while start < T:  # pieces of the input that fall in one segment
+            p = seg_k.shape[-2]  # tokens of the current segment already seen
+            n = min(T - start, L - p)
+            piece = slice(start, start + n)
+            seg_k = torch.cat([seg_k, k[:, :, piece]], dim=-2)
+            seg_k_rope = torch.cat([seg_k_rope, k_rope[:, :, piece]], dim=-2)
+            seg_v = torch.cat([seg_v, v[:, :, piece]], dim=-2)
+            # A_dot: causal softmax attention within the segment (sec. 2.1.1)
+            a_dot = causal_attention(q_rope[:, :, piece], seg_k_rope, seg_v, q_offset=p)
+            a_mem = self.retrieve(q[:, :, piece], M, z).to(x.dtype)  # reads M_{s-1}, eq. (3)
+            outs.append(gate * a_mem + (1.0 - gate) * a_dot)  # A = sig(beta) A_mem + (1 - sig(beta)) A_dot, eq. (6)
+            if p + n == L:  # segment complete: memory update, eq. (4)/(5)
+                M, z = self.update(M, z, seg_k, seg_v)
+                seg_k = seg_k_rope = seg_v = x.new_zeros(B, H, 0, D)
+            start += n
+        out = torch.cat(outs, dim=-2).transpose(1, 2).reshape(B, T, C)
+        return self.o_proj(out), InfiniLayerState(M, z, seg_k, seg_k_rope, seg_v)
+
+
+class InfiniDecoderLayer(nn.Module):
+    def __init__(self, config: InfiniConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = InfiniAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, state, pos):
+        a, state = self.self_attn(self.input_layernorm(x), state, pos)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), state
+
+
+class InfiniPreTrainedModel(PreTrainedModel):
+    config_class = InfiniConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["InfiniDecoderLayer"]
+    _is_stateful = True  # state cannot be rewound (no assisted generation / beam reordering)
+
+    def _init_weights(self, module):
+        init_weights(module, self.config.initializer_range)
+        if isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, InfiniAttention):
+            nn.init.constant_(module.beta, float(self.config.gate_init))
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # our state is an InfiniCache, returned by forward (generate passes it back)
+
+
+def _check_mask(attention_mask):
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        raise ValueError("infini: attention_mask with padding is not supported (the memory would absorb pad tokens)")
+
+
+class InfiniModel(InfiniPreTrainedModel):
+    def __init__(self, config: InfiniConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(InfiniDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None, cache=None, **kwargs):
+        _check_mask(attention_mask)
+        past = cache if cache is not None else past_key_values
+        x = self.embed_tokens(input_ids)
+        pos = past.position if past is not None else 0
+        states = []
+        for i, layer in enumerate(self.layers):
+            x, s = layer(x, past.layers[i] if past is not None else None, pos)
+            states.append(s)
+        state = InfiniCache(states, pos + input_ids.shape[1]) if use_cache is not False else None
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), cache=state)
+
+
+class InfiniForCausalLM(InfiniPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    loss_type = "ForCausalLM"
+
+    def __init__(self, config: InfiniConfig):
+        super().__init__(config)
+        self.model = InfiniModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_decoder(self):
+        return self.model
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, use_cache=None,
+                cache=None, logits_to_keep: int = 0, **kwargs):
+        out = self.model(input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+                         use_cache=use_cache, cache=cache)
+        h = out.last_hidden_state
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        loss = None
+        if labels is not None:  # HF convention: shift inside, -100 ignored, mean CE
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+
+
+register_backbone("infini", InfiniConfig, InfiniForCausalLM)

@@ -1,0 +1,141 @@
+"""Selective Language Modeling (RHO-1, Lin et al. 2024, sec. 2.2).
+
+Excess loss of token t (RHO-1 eq. 1, "score"):
+    excess_t = L_theta(x_t) - L_ref(x_t)
+The selective loss keeps the top k% of tokens by excess loss (RHO-1 eq. 2):
+    L_SLM = 1 / (N * k%) * sum_t I_k%(x_t) * L_theta(x_t)
+where I_k% is 1 for the kept tokens. Here N counts *valid* tokens only: valid excludes padding,
+masked positions and positions whose reference loss is NaN (position 0 of every row).
+
+Modes decide the pool within which the top k% is taken:
+    sequence  per row;   batch  per micro-batch (RHO-1's default);   global  across all
+    data-parallel ranks (an all-gather of the excess scores);   soft  sigmoid weights around
+    the batch's k% cut instead of a hard cut;   static  precomputed excess (base - ref loss
+    from the shards), no online term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from slm.config import SelectionConfig
+
+
+@dataclass
+class Selection:
+    loss: torch.Tensor  # the scalar to backpropagate
+    weights: torch.Tensor  # [B, T] weight of each token in the loss (0/1 for hard modes)
+    excess: torch.Tensor  # [B, T] excess loss (NaN where invalid)
+    valid: torch.Tensor  # [B, T] bool
+
+    def stats(self, ce: torch.Tensor) -> dict[str, float]:
+        """Kept fraction, mean excess and mean loss of kept and dropped tokens."""
+        kept = (self.weights > 0.5) & self.valid
+        dropped = ~kept & self.valid
+        n_valid = int(self.valid.sum())
+
+        def mean(x, m):
+            return float(x[m].mean()) if m.any() else float("nan")
+
+        return {
+            "kept_fraction": float(kept.sum()) / max(n_valid, 1),
+            "excess_kept": mean(self.excess, kept),
+            "excess_dropped": mean(self.excess, dropped),
+            "loss_kept": mean(ce.detach(), kept),
+            "loss_dropped": mean(ce.detach(), dropped),
+            "valid_tokens": n_valid,
+        }
+
+
+def valid_tokens(ce: torch.Tensor, ref_loss: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+    valid = torch.isfinite(ce) & torch.isfinite(ref_loss)
+    if loss_mask is not None:
+        valid &= loss_mask.bool()
+    return valid
+
+
+def top_k_mask(scores: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Boolean mask of the round(ratio * n_valid) highest `scores` among `valid` (last dim pooled)."""
+    k = torch.round(valid.sum(-1, keepdim=True).double() * ratio).long()  # [..., 1]
+    masked = torch.where(valid, scores, torch.full_like(scores, float("-inf")))
+    order = masked.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return (ranks < k) & valid
+
+
+def _global_top_k(excess: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Top-k over the tokens of all ranks: gather every rank's scores, rank them together."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    flat = torch.where(valid, excess, torch.full_like(excess, float("-inf"))).reshape(-1).float()
+    sizes = [torch.zeros(1, dtype=torch.long, device=flat.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([flat.numel()], device=flat.device))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.full((longest,), float("-inf"), device=flat.device)
+    padded[: flat.numel()] = flat
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    pool = torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)])
+    pool_valid = torch.isfinite(pool)
+    keep = top_k_mask(pool, pool_valid, ratio)
+    start = int(sum(s.item() for s in sizes[:rank]))
+    return keep[start : start + flat.numel()].view_as(excess)
+
+
+def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def selective_loss(
+    ce: torch.Tensor,
+    ref_loss: torch.Tensor,
+    cfg: SelectionConfig,
+    loss_mask: torch.Tensor | None = None,
+    base_loss: torch.Tensor | None = None,
+) -> Selection:
+    """RHO-1 selective loss from per-token `ce` [B, T] (with grad) and reference losses [B, T]."""
+    valid = valid_tokens(ce, ref_loss, loss_mask)
+    if cfg.mode == "static":
+        if base_loss is None:
+            raise ValueError("selection.mode=static needs a base_loss column in the shards (score with base_model)")
+        excess = base_loss - ref_loss
+        valid &= torch.isfinite(base_loss)
+    else:
+        excess = ce.detach() - ref_loss  # RHO-1 eq. 1
+    excess = torch.where(valid, excess, torch.full_like(excess, float("nan")))
+
+    if not cfg.enabled or cfg.ratio >= 1.0:
+        weights = valid.to(ce.dtype)
+    elif cfg.mode == "sequence":
+        weights = top_k_mask(excess, valid, cfg.ratio).to(ce.dtype)
+    elif cfg.mode in ("batch", "static"):
+        weights = top_k_mask(excess.reshape(-1), valid.reshape(-1), cfg.ratio).view_as(ce).to(ce.dtype)
+    elif cfg.mode == "global":
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            weights = _global_top_k(excess, valid, cfg.ratio).to(ce.dtype)
+        else:
+            weights = top_k_mask(excess.reshape(-1), valid.reshape(-1), cfg.ratio).view_as(ce).to(ce.dtype)
+    elif cfg.mode == "soft":
+        # weight_t = sigmoid((excess_t - cut) / temperature), cut = the batch's top-k% threshold
+        flat, fvalid = excess.reshape(-1), valid.reshape(-1)
+        cut = torch.quantile(flat[fvalid].float(), 1.0 - cfg.ratio) if fvalid.any() else flat.new_zeros(())
+        weights = torch.sigmoid((excess - cut) / cfg.temperature)
+        weights = torch.where(valid, weights, torch.zeros_like(weights)).to(ce.dtype)
+    else:  # pragma: no cover - the config's Literal forbids it
+        raise ValueError(f"unknown selection mode {cfg.mode!r}")
+
+    safe_ce = torch.where(valid, ce, torch.zeros_like(ce))  # NaN * 0 would poison the gradient
+    total_weight = weights.sum()
+    if cfg.enabled and cfg.mode == "global":
+        # mean over the kept tokens of *all* ranks; DeepSpeed averages gradients over ranks,
+        # so scale by world size to get exactly the global mean
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        total_weight = _all_reduce_sum(total_weight.detach()) / world
+    loss = (safe_ce * weights).sum() / total_weight.clamp_min(1e-12) if total_weight > 0 else (safe_ce * weights).sum() * 0.0
+    return Selection(loss=loss, weights=weights.detach(), excess=excess, valid=valid)

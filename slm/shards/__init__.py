@@ -1,0 +1,6 @@
+"""Token-score shards (format version 1): Arrow IPC stream files plus a manifest."""
+
+from slm.shards.format import FORMAT_VERSION, ShardMetadata  # noqa: F401
+from slm.shards.manifest import Manifest, load_manifest  # noqa: F401
+from slm.shards.reader import ShardSet  # noqa: F401
+from slm.shards.writer import ShardWriter  # noqa: F401

@@ -1,0 +1,91 @@
+"""What every stage shares: `stage.json`, skip-after-success, `--force`, fingerprints, console."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
+from rich.console import Console
+
+import slm
+from slm.config import dump_config
+from slm.errors import SlmError
+from slm.io import atomic_write_json, read_json, sha256_json
+from slm.training.distributed import rank
+
+STAGE_FILE = "stage.json"
+console = Console(stderr=True)
+
+
+def say(message: str) -> None:
+    if rank() == 0:
+        console.print(message)
+
+
+def config_fingerprint(cfg: BaseModel) -> str:
+    return sha256_json(dump_config(cfg))
+
+
+@dataclass
+class StageRun:
+    kind: str
+    cfg: BaseModel
+    out_dir: Path
+
+    @property
+    def stage_file(self) -> Path:
+        return self.out_dir / STAGE_FILE
+
+    def finished(self) -> dict | None:
+        """stage.json of a successful run of this exact config, or None; refuses another config's output."""
+        if not self.stage_file.is_file():
+            return None
+        record = read_json(self.stage_file)
+        if record.get("status") != "complete":
+            return None
+        if record.get("config_fingerprint") != config_fingerprint(self.cfg):
+            raise SlmError(
+                f"{self.out_dir}: holds a finished {self.kind} run with another config; "
+                f"use --force to redo it or choose another out_dir"
+            )
+        return record
+
+    def prepare(self, force: bool) -> dict | None:
+        """Clear the output on --force; return the finished record to skip, else None."""
+        if force and self.out_dir.exists() and rank() == 0:
+            shutil.rmtree(self.out_dir)
+        if force:
+            from slm.training.distributed import barrier
+
+            barrier()
+        done = None if force else self.finished()
+        if done is None and rank() == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        return done
+
+    def complete(self, fingerprints: dict, metrics: dict, started: float, outputs: dict) -> dict:
+        record = {
+            "kind": self.kind,
+            "status": "complete",
+            "slm_version": slm.__version__,
+            "config": dump_config(self.cfg),
+            "config_fingerprint": config_fingerprint(self.cfg),
+            "fingerprints": fingerprints,
+            "metrics": metrics,
+            "outputs": outputs,
+            "seconds": round(time.time() - started, 2),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        if rank() == 0:
+            atomic_write_json(self.stage_file, record)
+        return record
+
+
+@contextmanager
+def timed():
+    t = time.time()
+    yield lambda: time.time() - t

@@ -1,0 +1,45 @@
+"""`slm reference`: train a causal LM on high-quality text (from sizes or from a checkpoint)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from slm.config import ReferenceConfig
+from slm.data.corpus import corpus_fingerprint
+from slm.data.packed import packed_corpus
+from slm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from slm.models import build_model
+from slm.models.checks import check_vocab
+from slm.plots import plot_learning_curves
+from slm.stages.common import StageRun, config_fingerprint, say
+from slm.training.loop import Trainer, causal_lm_step
+
+
+def run(cfg: ReferenceConfig, force: bool = False, resume: bool = True, stop_after: int | None = None) -> dict:
+    out = Path(cfg.out_dir)
+    stage = StageRun("reference", cfg, out)
+    if (done := stage.prepare(force)) is not None:
+        say(f"[green]reference[/]: {out} is complete for this config; skipping (use --force to redo)")
+        return done
+    started = time.time()
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    model = build_model(cfg.model, vocab_size=len(tokenizer))
+    check_vocab(model, tokenizer, cfg.tokenizer)
+    seq_len = cfg.train.seq_len
+    train_rows = packed_corpus(cfg.corpus, tokenizer, cfg.tokenizer, seq_len, out / "data")
+    heldout = packed_corpus(cfg.validation, tokenizer, cfg.tokenizer, seq_len, out / "data") if cfg.validation else None
+    fingerprints = {
+        "config": config_fingerprint(cfg),
+        "tokenizer": tokenizer_fingerprint(cfg.tokenizer),
+        "data": corpus_fingerprint(cfg.corpus),
+    }
+    say(f"reference: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_rows)} rows of {seq_len} tokens")
+    trainer = Trainer(model, cfg.train, out, train_rows, ("input_ids", "loss_mask"), causal_lm_step, fingerprints, heldout, stop_after)
+    result = trainer.fit(resume=resume)
+    if result.step < cfg.train.max_steps:  # stopped early on purpose (tests)
+        return {"status": "stopped", "step": result.step}
+    model_dir = trainer.export(out / "model", tokenizer)
+    plot_learning_curves({"reference": result.history}, out / "learning_curve.png")
+    metrics = {"steps": result.step, "tokens_seen": result.tokens_seen, "final_heldout_loss": result.final_heldout_loss, "resumed_from": result.resumed_from}
+    return stage.complete(fingerprints, metrics, started, {"model": str(model_dir), "metrics": str(out / "metrics.jsonl")})

@@ -1,0 +1,1 @@
+"""The one training engine (DeepSpeed) used by `slm reference` and `slm pretrain`."""

@@ -1,0 +1,195 @@
+"""The training loop on DeepSpeed: shared by the reference and pretrain stages.
+
+A stage supplies the model, the training rows, an optional held-out set and a `step_loss`
+function (plain causal LM for the reference, the selective loss for pretraining). The loop owns
+everything else: DeepSpeed set-up, deterministic batches, periodic evaluation, checkpoints with
+fingerprints, resume, the non-finite guard, progress and metrics, and the Hugging Face export.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from slm.config import TrainConfig
+from slm.errors import SlmError
+from slm.token_loss import token_losses
+from slm.training import checkpoint as ckpt
+from slm.training.distributed import barrier, device, init_distributed, rank, world_size
+from slm.training.ds_config import deepspeed_config, resolve_precision
+from slm.training.loader import DeterministicLoader
+from slm.training.metrics import MetricsLog
+
+StepLoss = Callable[[torch.nn.Module, dict], "tuple[torch.Tensor, dict]"]
+
+
+def causal_lm_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Plain causal-LM loss: mean token loss over valid (unpadded) positions."""
+    ce = token_losses(model, batch["input_ids"])
+    valid = torch.isfinite(ce) & batch["loss_mask"].bool()
+    loss = torch.where(valid, ce, torch.zeros_like(ce)).sum() / valid.sum().clamp_min(1)
+    return loss, {}
+
+
+@torch.no_grad()
+def heldout_loss(model, rows, batch_size: int, max_batches: int | None, dev: torch.device) -> float:
+    """Token-weighted mean loss over the first max_batches*batch_size rows of `rows`."""
+    was_training = model.training
+    model.eval()
+    n = len(rows) if max_batches is None else min(len(rows), max_batches * batch_size)
+    total, count = 0.0, 0
+    for start in range(0, n, batch_size):
+        batch = rows.rows(range(start, min(start + batch_size, n)), ("input_ids", "loss_mask"))
+        ids = torch.from_numpy(batch["input_ids"]).long().to(dev)
+        ce = token_losses(model, ids).float()
+        valid = torch.isfinite(ce) & torch.from_numpy(batch["loss_mask"]).bool().to(dev)
+        total += float(ce[valid].sum())
+        count += int(valid.sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens_seen: int
+    resumed_from: int | None
+    final_heldout_loss: float | None
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: TrainConfig,
+        out_dir: str | Path,
+        train_rows,
+        columns: tuple[str, ...],
+        step_loss: StepLoss,
+        fingerprints: dict[str, str],
+        heldout_rows=None,
+        stop_after: int | None = None,
+    ):
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.step_loss = step_loss
+        self.fingerprints = fingerprints
+        self.heldout_rows = heldout_rows
+        self.stop_after = stop_after  # for tests: end the process as if killed after this step
+        init_distributed()
+        self.device = device()
+        torch.manual_seed(cfg.seed)
+        import deepspeed
+
+        if resolve_precision(cfg) == "fp32":
+            model = model.float()
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=deepspeed_config(cfg, world_size())
+        )
+        self.loader = DeterministicLoader(train_rows, cfg.micro_batch_size, cfg.grad_accum, rank(), world_size(), cfg.seed, columns)
+        self.metrics = MetricsLog(self.out_dir, enabled=rank() == 0)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def _client_state(self, step: int, tokens: int) -> dict:
+        return {"step": step, "tokens_seen": tokens, "data_position": step * self.loader.global_batch, "fingerprints": self.fingerprints}
+
+    def _evaluate(self) -> float | None:
+        if self.heldout_rows is None:
+            return None
+        return heldout_loss(self.model, self.heldout_rows, self.cfg.micro_batch_size, self.cfg.eval_batches, self.device)
+
+    def fit(self, resume: bool = True) -> TrainResult:
+        cfg = self.cfg
+        step, tokens, resumed_from = 0, 0, None
+        if resume:
+            client = ckpt.load_latest(self.engine, self.ckpt_dir, self.fingerprints)
+            if client is not None:
+                step, tokens, resumed_from = client["step"], client["tokens_seen"], client["step"]
+                self.metrics.truncate_after(step)
+        history: list[dict] = []
+        started = time.time()
+        bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {self.out_dir.name}", disable=rank() != 0, dynamic_ncols=True)
+        window_tokens, window_start, tokens_per_s = 0, time.time(), 0.0
+        self.engine.train()
+        while step < cfg.max_steps:
+            skipped_before = self.engine.skipped_steps
+            logs: dict[str, float] = {}
+            loss_sum = 0.0
+            for micro in self.loader.micro_batches(step):
+                micro = {k: v.to(self.device) for k, v in micro.items()}
+                micro["input_ids"] = micro["input_ids"].long()
+                loss, extra = self.step_loss(self.engine, micro)
+                if not torch.isfinite(loss.detach()):
+                    raise SlmError(
+                        f"{self.out_dir}: loss is {loss.item()} at step {step + 1} (non-finite); lower train.optim.lr or check the data; "
+                        f"resume continues from the last whole checkpoint"
+                    )
+                self.engine.backward(loss)
+                self.engine.step()
+                loss_sum += loss.item()
+                for k, v in extra.items():
+                    logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
+                window_tokens += micro["input_ids"].numel() * world_size()
+            if self.engine.skipped_steps > skipped_before:
+                raise SlmError(f"{self.out_dir}: DeepSpeed skipped optimizer step {step + 1} (overflow); lower train.optim.lr or use precision fp32")
+            step += 1
+            tokens += self.loader.global_batch * self.loader.source.seq_len
+            record = {"loss": loss_sum / cfg.grad_accum, "lr": self.engine.get_lr()[0], "tokens": tokens, **logs}
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                now = time.time()
+                tokens_per_s = record["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
+                window_tokens, window_start = 0, now
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                record["heldout_loss"] = self._evaluate()
+            self.metrics.log(step, record)
+            history.append({"step": step, **record})
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                ckpt.save_checkpoint(self.engine, self.ckpt_dir, step, self._client_state(step, tokens), cfg.keep_checkpoints)
+            if self.stop_after is not None and step >= self.stop_after:
+                break
+        bar.close()
+        self.metrics.close()
+        final = next((h["heldout_loss"] for h in reversed(history) if h.get("heldout_loss") is not None), None)
+        return TrainResult(step, tokens, resumed_from, final, time.time() - started, history)
+
+    def export(self, out: str | Path, tokenizer=None) -> Path:
+        """The trained model in Hugging Face format (with its tokenizer), gathered from ZeRO-3 shards."""
+        import deepspeed
+
+        out = Path(out)
+        params = list(self.model.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.zero_stage == 3):
+            if rank() == 0:
+                tmp = out.with_name(out.name + ".tmp")
+                if tmp.exists():
+                    import shutil
+
+                    shutil.rmtree(tmp)
+                self.model.save_pretrained(str(tmp), safe_serialization=True)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(str(tmp))
+                if out.exists():
+                    import shutil
+
+                    shutil.rmtree(out)
+                tmp.rename(out)
+        barrier()
+        return out
+
+
+def learning_curve(history: list[dict], key: str = "heldout_loss") -> list[tuple[int, float]]:
+    return [(h["tokens"], h[key]) for h in history if h.get(key) is not None and math.isfinite(h[key])]

@@ -1,0 +1,227 @@
+"""Property tests for the `megalodon` backbone (CPU, tiny sizes, float64 for equivalences)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+import slm.models.megalodon as meg
+from slm.models.megalodon import MegalodonConfig, MegalodonForCausalLM
+
+
+def tiny_config(**kw):
+    base = dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                z_dim=16, value_dim=32, cema_ndim=4, chunk_len=8, norm_num_groups=4)
+    base.update(kw)
+    return MegalodonConfig(**base)
+
+
+def make_model(seed=0, dtype=torch.float64, **kw):
+    torch.manual_seed(seed)
+    model = MegalodonForCausalLM(tiny_config(**kw)).to(dtype).eval()
+    with torch.no_grad():  # move the zero-initialised gains/offsets away from their special values
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def stream(model, ids, splits):
+    state, outs = None, []
+    start = 0
+    for n in splits:
+        out = model(ids[:, start:start + n], past_key_values=state, use_cache=True)
+        state, start = out.cache, start + n
+        outs.append(out.logits)
+    assert start == ids.shape[1]
+    return torch.cat(outs, 1), state
+
+
+@torch.no_grad()
+def test_chunked_with_state_equals_whole():
+    model = make_model()
+    ids = torch.randint(0, 61, (2, 37), generator=torch.Generator().manual_seed(1))
+    whole = model(ids).logits
+    g = torch.Generator().manual_seed(2)
+    splits_list = [[1] * 37, [8, 8, 8, 8, 5], [3, 5, 1, 7, 13, 8], [20, 1, 1, 15]]
+    for _ in range(2):
+        cuts = sorted(torch.randperm(36, generator=g)[:5].add(1).tolist())
+        splits_list.append([b - a for a, b in zip([0] + cuts, cuts + [37])])
+    for splits in splits_list:
+        got, state = stream(model, ids, splits)
+        assert state.pos == 37
+        diff = (got - whole).abs().max().item()
+        assert diff < 1e-8, (splits, diff)
+
+
+@torch.no_grad()
+def test_cema_fft_equals_recurrent_with_initial_state():
+    torch.manual_seed(0)
+    cema = meg.ComplexEMA(6, 4).double()
+    cema.reset_parameters()
+    a, q, eta = cema.coefficients(torch.float64)
+    x = torch.randn(2, 6, 29, dtype=torch.float64)
+    h0 = torch.randn(2, 6, 4, dtype=torch.complex128)
+    y_fft, h_fft = meg.cema_fft(x, a, q, eta, h0)
+    y_rec, h_rec = meg.cema_recurrent(x, a, q, eta, h0)
+    assert (y_fft - y_rec).abs().max() < 1e-10
+    assert (h_fft - h_rec).abs().max() < 1e-10
+    assert a.imag.abs().max() > 1e-3  # the phase is really non-trivial here
+
+
+@torch.no_grad()
+def test_cema_theta_zero_is_mega_damped_ema():
+    """theta = 0 (sigmoid(-inf) = 0): CEMA is MEGA's real damped EMA, h_t = alpha x_t + (1 - alpha delta) h_{t-1},
+    y_t = eta^T h_t (+ omega x_t), computed here in a plain Python loop."""
+    torch.manual_seed(0)
+    D, N, L = 3, 4, 21
+    cema = meg.ComplexEMA(D, N).double()
+    cema.reset_parameters()
+    cema.theta.fill_(-math.inf)
+    x = torch.randn(1, L, D, dtype=torch.float64)
+    alpha, delta = torch.sigmoid(cema.alpha).tolist(), torch.sigmoid(cema.delta).tolist()
+    eta = (cema.eta[..., 0] / math.sqrt(N)).tolist()
+    omega = cema.omega.tolist()
+    expected = torch.zeros(L, D, dtype=torch.float64)
+    for d in range(D):
+        h = [0.0] * N
+        for t in range(L):
+            xt = x[0, t, d].item()
+            h = [alpha[d][n] * xt + (1 - alpha[d][n] * delta[d][n]) * h[n] for n in range(N)]
+            expected[t, d] = sum(eta[d][n] * h[n] for n in range(N)) + omega[d] * xt
+    for steps in ([L], [1] * L, [5, 1, 15]):  # FFT path, recurrent path, both with carried state
+        h, ys, start = None, [], 0
+        for n in steps:
+            y, h = cema(x[:, start:start + n], h, True)
+            ys.append(y)
+            start += n
+        assert (torch.cat(ys, 1)[0] - expected).abs().max() < 1e-12
+
+
+@torch.no_grad()
+def test_chunk_attention_degenerate_and_chunked():
+    torch.manual_seed(0)
+    B, H, T, d = 2, 3, 13, 5
+    q, k, v = (torch.randn(B, H, T, d, dtype=torch.float64) for _ in range(3))
+
+    def plain(q, k, v):  # causal softmax attention, scale 1
+        s = q @ k.transpose(-1, -2)
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+        return s.softmax(-1) @ v
+
+    for chunk_len in (T, T + 5, 64):
+        assert (meg.chunk_attention(q, k, v, chunk_len) - plain(q, k, v)).abs().max() < 1e-12
+    # chunk_len < T: independent causal attention inside each chunk of 4
+    got = meg.chunk_attention(q, k, v, 4)
+    ref = torch.cat([plain(q[:, :, i:i + 4], k[:, :, i:i + 4], v[:, :, i:i + 4]) for i in range(0, T, 4)], 2)
+    assert (got - ref).abs().max() < 1e-12
+    # a cached prefix of 3 keys: the queries are positions 3.. of the same chunk grid
+    got = meg.chunk_attention(q[:, :, 3:], k, v, 4, prefix=3)
+    assert (got - ref[:, :, 3:]).abs().max() < 1e-12
+
+
+@torch.no_grad()
+def test_timestep_norm_matches_naive_cumulative_statistics():
+    torch.manual_seed(0)
+    B, T, D, G = 2, 9, 8, 2
+    x = torch.randn(B, T, D, dtype=torch.float64) * 3 + 5
+    w, b = torch.randn(D, dtype=torch.float64), torch.randn(D, dtype=torch.float64)
+    y, mean, var = meg.timestep_norm(x, 0, None, None, w, b, G, 1e-5)
+    y1, m1, v1 = meg.timestep_norm(x[:, :4], 0, None, None, w, b, G, 1e-5)
+    y2, m2, v2 = meg.timestep_norm(x[:, 4:], 4, m1, v1, w, b, G, 1e-5)
+    assert (torch.cat([y1, y2], 1) - y).abs().max() < 1e-12
+    for t in range(T):
+        seen = x[:, : t + 1].reshape(B, t + 1, G, D // G).transpose(1, 2).reshape(B, G, -1)
+        mu, sd = seen.mean(-1), seen.var(-1, unbiased=False)
+        ref = (x[:, t].view(B, G, -1) - mu[..., None]) / torch.sqrt(sd[..., None] + 1e-5)
+        assert (y[:, t] - (ref.reshape(B, D) * (1 + w) + b)).abs().max() < 1e-10
+    assert (mean - mu).abs().max() < 1e-12 and (var - sd).abs().max() < 1e-12
+
+
+@torch.no_grad()
+def test_causality():
+    model = make_model()
+    ids = torch.randint(0, 61, (1, 30), generator=torch.Generator().manual_seed(3))
+    ids2 = ids.clone()
+    ids2[0, 17] = (ids[0, 17] + 1) % 61
+    a, b = model(ids).logits, model(ids2).logits
+    assert (a[:, :17] - b[:, :17]).abs().max() < 1e-10  # FFT round-off only (the convolution mixes positions)
+    assert (a[:, 17:] - b[:, 17:]).abs().max() > 1e-6
+
+
+@torch.no_grad()
+def test_save_load_round_trip(tmp_path):
+    model = make_model(dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, MegalodonForCausalLM)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(0, 61, (2, 19))
+    assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_training_reduces_loss():
+    torch.manual_seed(0)
+    model = MegalodonForCausalLM(tiny_config()).train()
+    ids = torch.randint(0, 61, (4, 24), generator=torch.Generator().manual_seed(4))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    out = model(ids, labels=labels)
+    ref = F.cross_entropy(out.logits[:, :-1].reshape(-1, 61), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(out.loss, ref) and out.cache is None
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_bf16_forward_backward_is_finite():
+    model = MegalodonForCausalLM(tiny_config()).to(torch.bfloat16).train()
+    ids = torch.randint(0, 61, (2, 20))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.logits.dtype == torch.bfloat16
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@torch.no_grad()
+def test_bounded_state():
+    model = make_model(chunk_len=16)
+
+    def numel(state):
+        t = [state.final_mean, state.final_var]
+        for s in state.layers:
+            t += [s.norm_mean, s.norm_var, s.cema_h, s.k, s.v]
+        return sum(x.numel() for x in t)
+
+    s64 = model(torch.randint(0, 61, (1, 64)), use_cache=True).cache
+    s512 = model(torch.randint(0, 61, (1, 512)), use_cache=True).cache
+    assert s512.pos == 512 and numel(s64) == numel(s512)
+    s70 = model(torch.randint(0, 61, (1, 70)), use_cache=True).cache
+    assert s70.layers[0].k.shape[2] == 70 % 16  # only the incomplete chunk's keys are kept
+
+
+@torch.no_grad()
+def test_greedy_generate_uses_state():
+    model = make_model()
+    ids = torch.randint(0, 61, (1, 11))
+    gen = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    ref = ids
+    for _ in range(6):
+        ref = torch.cat([ref, model(ref).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(gen, ref)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="chunk_len"):
+        tiny_config(chunk_len=0)
+    with pytest.raises(ValueError, match="norm_num_groups"):
+        tiny_config(norm_num_groups=5)
+    with pytest.raises(ValueError, match="z_dim"):
+        tiny_config(z_dim=6)
