@@ -71,7 +71,7 @@ class ModelConfig(StrictModel):
     max_position_embeddings: int = Field(8192, ge=16)
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = Field(
-        None, description="transformers rope parameters, e.g. {rope_type: yarn, factor: 4}."
+        None, description="transformers rope parameters, e.g. {rope_type: yarn, factor: 4, original_max_position_embeddings: 256}."
     )
     tie_embeddings: bool = True
     options: dict[str, Any] = Field(default_factory=dict, description="Backbone-specific config keys.")
@@ -143,7 +143,9 @@ class ScoreConfig(StrictModel):
     corpus: CorpusConfig
     seq_len: int = Field(256, ge=8)
     batch_size: int = Field(16, ge=1)
-    rows_per_shard: int = Field(512, ge=1)
+    documents_per_shard: int = Field(
+        1000, ge=1, description="Documents packed into one shard: the unit of resume, of --part splits and of data-parallel ranks."
+    )
     logprob_chunk_tokens: int = Field(
         8192, ge=1, description="Tokens per chunk of the output projection; bounds the logits tensor to chunk x vocab."
     )

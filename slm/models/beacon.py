@@ -114,11 +114,13 @@ class BeaconAttention(nn.Module):
         super().__init__()
         D, self.heads, self.kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
         self.hd = D // self.heads
-        for prefix in ("", "beacon_"):  # regular projections and the beacons' own (sec 2.3)
-            setattr(self, prefix + "q_proj", nn.Linear(D, self.heads * self.hd, bias=False))
-            setattr(self, prefix + "k_proj", nn.Linear(D, self.kv_heads * self.hd, bias=False))
-            setattr(self, prefix + "v_proj", nn.Linear(D, self.kv_heads * self.hd, bias=False))
-            setattr(self, prefix + "o_proj", nn.Linear(self.heads * self.hd, D, bias=False))
+        self.q_proj = nn.Linear(D, self.heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(D, self.kv_heads * self.hd, bias=False)
+        self.v_proj = nn.Linear(D, self.kv_heads * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.hd, D, bias=False)
+        # the beacons' own projections (sec 2.3), initialised as copies of the regular ones (see _init_weights)
+        for p in ("q", "k", "v", "o"):
+            setattr(self, f"beacon_{p}_weight", nn.Parameter(torch.empty_like(getattr(self, f"{p}_proj").weight)))
 
     def _split(self, x, heads):
         return x.view(x.shape[0], x.shape[1], heads, self.hd).transpose(1, 2)
@@ -127,14 +129,17 @@ class BeaconAttention(nn.Module):
         """x: [B, n_raw + n_beacons, D] (normed); mem/raw: (k, v) pre-RoPE caches. Returns the output and the new
         raw and beacon (k, v), pre-RoPE."""
         xr, xb = x[:, :n_raw], x[:, n_raw:]
-        q, k, v = (self._split(torch.cat([getattr(self, p)(xr), getattr(self, "beacon_" + p)(xb)], 1), h)
-                   for p, h in (("q_proj", self.heads), ("k_proj", self.kv_heads), ("v_proj", self.kv_heads)))
+        q, k, v = (  # raw tokens through the regular projections, beacons through their own
+            self._split(torch.cat([getattr(self, f"{n}_proj")(xr), F.linear(xb, getattr(self, f"beacon_{n}_weight"))],
+                                  1), h)
+            for n, h in (("q", self.heads), ("k", self.kv_heads), ("v", self.kv_heads))
+        )
         keys = torch.cat([mem[0], raw[0], k], 2)
         values = torch.cat([mem[1], raw[1], v], 2)
         q, keys = apply_rope(q, *rope_q), apply_rope(keys, *rope_k)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
         o = o.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
-        out = torch.cat([self.o_proj(o[:, :n_raw]), self.beacon_o_proj(o[:, n_raw:])], 1)
+        out = torch.cat([self.o_proj(o[:, :n_raw]), F.linear(o[:, n_raw:], self.beacon_o_weight)], 1)
         return out, (k[:, :, :n_raw], v[:, :, :n_raw]), (k[:, :, n_raw:], v[:, :, n_raw:])
 
 
@@ -168,9 +173,9 @@ class BeaconPreTrainedModel(PreTrainedModel):
             init_weights(module, self.config.initializer_range)
         elif isinstance(module, RMSNorm):
             module.weight.fill_(1.0)
-        elif isinstance(module, BeaconAttention):  # children first: copy the regular projections (sec 2.3)
-            for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                getattr(module, "beacon_" + p).weight.copy_(getattr(module, p).weight)
+        elif isinstance(module, BeaconAttention):  # runs after its children: copy the regular projections
+            for p in ("q", "k", "v", "o"):
+                getattr(module, f"beacon_{p}_weight").copy_(getattr(module, f"{p}_proj").weight)
 
 
 class BeaconModel(BeaconPreTrainedModel):

@@ -179,9 +179,10 @@ class FamDecoderLayer(nn.Module):
             keys, vals = torch.cat([mem_k, fk, blk_k], dim=-2), torch.cat([mem_v, fv, blk_v], dim=-2)
             outs.append(causal_attention(q[:, :, piece], keys, vals, q_offset=keys.shape[-2] - n))
             if p + n == L:  # block complete
-                if nF:  # AF = Attn(Q^F, Concat(K^F, K_tau)) + F_{tau-1} (zero residual first, B.1); F = FF(PreLN(AF)) + AF
-                    af = self.out(F.scaled_dot_product_attention(fq, torch.cat([fk, blk_k], -2), torch.cat([fv, blk_v], -2)))
-                    fam = self.ffn(af if blk_start == 0 else af + fam)
+                if nF:  # AF = Attn(Q^F, Concat(K^F_{tau-1}, K_tau)) + F_{tau-1}; F_tau = FF(PreLN(AF)) + AF  (Alg. 2)
+                    kf, vf = torch.cat([fk, blk_k], -2), torch.cat([fv, blk_v], -2)
+                    af = self.out(F.scaled_dot_product_attention(fq, kf, vf))
+                    fam = self.ffn(af if blk_start == 0 else af + fam)  # first update: zero residual (B.1)
                 drop = max(0, mem_k.shape[-2] + L - self.memory_blocks * L)  # BSWA: keep memory_blocks blocks
                 mem_k, mem_v = torch.cat([mem_k, blk_k], -2)[:, :, drop:], torch.cat([mem_v, blk_v], -2)[:, :, drop:]
                 blk_k, blk_v = blk_k[:, :, :0], blk_v[:, :, :0]
@@ -228,7 +229,8 @@ class FamModel(FamPreTrainedModel):
         self.embed_tokens = value
 
     def initial_state(self, x) -> list[FamLayerState]:
-        B, H, D = x.shape[0], self.config.num_attention_heads, self.config.hidden_size // self.config.num_attention_heads
+        B, H = x.shape[0], self.config.num_attention_heads
+        D = self.config.hidden_size // H
         if self.config.fam_init == "prompt":
             fams, p = [], self.fam_prompt[None].to(x.dtype)
             for layer in self.layers:  # the prompt activation at layer l's input is its F_{-1}
@@ -243,6 +245,8 @@ class FamModel(FamPreTrainedModel):
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("fam: attention_mask with padding is not supported (the FAM would absorb pad tokens)")
         past = cache if cache is not None else past_key_values
+        if use_cache is None:  # return the state when streaming or evaluating, not in plain training
+            use_cache = past is not None or not self.training
         x = self.embed_tokens(input_ids)
         pos = past.position if past is not None else 0
         states = past.layers if past is not None else self.initial_state(x)
@@ -250,7 +254,7 @@ class FamModel(FamPreTrainedModel):
         for layer, s in zip(self.layers, states):
             x, s = layer(x, s, pos)
             new_states.append(s)
-        state = FamCache(new_states, pos + input_ids.shape[1]) if use_cache is not False else None
+        state = FamCache(new_states, pos + input_ids.shape[1]) if use_cache else None
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x), cache=state)
 
 

@@ -240,13 +240,15 @@ class InfiniModel(InfiniPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None, cache=None, **kwargs):
         _check_mask(attention_mask)
         past = cache if cache is not None else past_key_values
+        if use_cache is None:  # return the state when streaming or evaluating, not in plain training
+            use_cache = past is not None or not self.training
         x = self.embed_tokens(input_ids)
         pos = past.position if past is not None else 0
         states = []
         for i, layer in enumerate(self.layers):
             x, s = layer(x, past.layers[i] if past is not None else None, pos)
             states.append(s)
-        state = InfiniCache(states, pos + input_ids.shape[1]) if use_cache is not False else None
+        state = InfiniCache(states, pos + input_ids.shape[1]) if use_cache else None
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x), cache=state)
 
 

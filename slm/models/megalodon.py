@@ -271,7 +271,8 @@ class MegalodonLayer(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         prefix = pos % self.chunk_len
         if prefix:
-            assert state is not None and state.k.shape[2] == prefix, "chunk cache does not match the position"
+            if state is None or state.k.shape[2] != prefix:
+                raise ValueError("megalodon state: the cached chunk does not match the position")
             k, v = torch.cat([state.k, k], 2), torch.cat([state.v, v], 2)
         o = chunk_attention(q, k, v, self.chunk_len, prefix)
         o = o.transpose(1, 2).reshape(B, T, -1)

@@ -64,11 +64,12 @@ def _llama_copy(model):
                       intermediate_size=c.intermediate_size, rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=True,
                       attention_bias=False, mlp_bias=False, hidden_act="silu", max_position_embeddings=256,
                       rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta})
-    cfg._attn_implementation = "eager"
+    cfg._attn_implementation = "sdpa"  # the eager path runs softmax in float32
     llama = LlamaForCausalLM(cfg).to(torch.float64).eval()
     missing, unexpected = llama.load_state_dict(model.state_dict(), strict=False)
     assert not missing and all("beacon" in k for k in unexpected), (missing, unexpected)
-    # transformers computes RoPE angles in float32; use the same formula in float64 for a 1e-8 comparison
+    # transformers computes RoPE angles and RMSNorm in float32; patch in the same formulas in float64 so that
+    # the comparison can be made at 1e-8
     hd = c.hidden_size // c.num_attention_heads
     inv = 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
 
@@ -78,6 +79,12 @@ def _llama_copy(model):
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
     llama.model.rotary_emb.forward = rope64
+    def rms64(m):
+        return lambda x: m.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
+
+    for mod in llama.modules():
+        if type(mod).__name__ == "LlamaRMSNorm":
+            mod.forward = rms64(mod)
     return llama
 
 
@@ -147,9 +154,9 @@ def test_save_load_round_trip(tmp_path):
 def test_beacon_projections_start_as_copies():
     torch.manual_seed(0)
     attn = BeaconForCausalLM(tiny_config()).model.layers[1].self_attn
-    assert torch.equal(attn.beacon_k_proj.weight, attn.k_proj.weight)
-    assert torch.equal(attn.beacon_o_proj.weight, attn.o_proj.weight)
-    assert attn.beacon_q_proj.weight is not attn.q_proj.weight  # copied, not tied
+    for p in ("q", "k", "v", "o"):
+        assert torch.equal(getattr(attn, f"beacon_{p}_weight"), getattr(attn, f"{p}_proj").weight)
+        assert getattr(attn, f"beacon_{p}_weight") is not getattr(attn, f"{p}_proj").weight  # copied, not tied
 
 
 def test_training_reduces_loss():

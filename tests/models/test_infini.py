@@ -11,6 +11,15 @@ import slm.models.infini as infini
 VOCAB = 64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: intra-op threading only adds sync overhead (badly so on a shared 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_model(dtype=torch.float64, seed=0, **overrides):
     kwargs = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, segment_len=8, memory_update="delta")

@@ -9,6 +9,7 @@ report (tables, heatmaps), runner (run_ruler).
 
 from slm.evaluation.ruler.config import TASKS, CompactWording, RulerConfig, TaskOptions
 from slm.evaluation.ruler.decode import greedy_generate, stop_token_ids
+from slm.evaluation.ruler.report import summary_table
 from slm.evaluation.ruler.runner import run_ruler
 from slm.evaluation.ruler.scoring import effective_length, string_match_all, string_match_part
 from slm.evaluation.ruler.tasks import Sample, generate_sample
@@ -26,4 +27,5 @@ __all__ = [
     "stop_token_ids",
     "string_match_all",
     "string_match_part",
+    "summary_table",
 ]

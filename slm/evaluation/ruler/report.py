@@ -79,8 +79,8 @@ def plot_heatmap(task: str, task_scores: dict[str, dict], lengths: list[int], pa
     ax.set_yticks(range(len(depth_keys)), [d if d == "all" else f"{100 * float(d):.0f}%" for d in depth_keys])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
-    overall = " ".join(f"{task_scores[str(L)]['score']:.0f}" for L in lengths)
-    ax.set_title(f"{task}  (per length: {overall})", fontsize=9)
+    overall = ", ".join(f"{fmt_length(L)} {task_scores[str(L)]['score']:.0f}" for L in lengths)
+    ax.set_title(f"{task}  (mean: {overall})", fontsize=9)
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
             if not math.isnan(grid[i, j]):
@@ -108,3 +108,19 @@ def plot_average(average: dict[str, float], lengths: list[int], effective: dict,
     path = Path(path)
     _save(fig, path)
     return path
+
+
+def summary_table(results: dict) -> str:
+    """Plain-text table of a results dict: tasks x lengths, the average, the effective length."""
+    lengths = results["lengths"]
+    width = max([len("average")] + [len(t) for t in results["tasks"]])
+    head = " " * width + "".join(f"{fmt_length(L):>9}" for L in lengths)
+    lines = [head]
+    for task in results["tasks"]:
+        lines.append(f"{task:<{width}}" + "".join(f"{results['scores'][task][str(L)]['score']:9.1f}" for L in lengths))
+    lines.append(f"{'average':<{width}}" + "".join(f"{results['average'][str(L)]:9.1f}" for L in lengths))
+    eff = results["effective_length"]
+    what = f"{eff['threshold']:.1f}" + (f" (= {eff['relative_threshold']:g} x shortest)" if eff["kind"] == "relative" else "")
+    got = fmt_length(eff["length"]) if eff["length"] is not None else "none (the shortest length is already below)"
+    lines.append(f"effective length at threshold {what}: {got}")
+    return "\n".join(lines)

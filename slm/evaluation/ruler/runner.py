@@ -112,7 +112,7 @@ def run_ruler(cfg: RulerConfig, progress: bool = True) -> dict:
     """Evaluate `cfg.model` on the RULER-style tasks; write results into `cfg.out_dir`; return them."""
     from tqdm.auto import tqdm
 
-    from slm.data.tokenizer import load_tokenizer
+    from slm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
     from slm.models.registry import load_pretrained
 
     t0 = time.time()
@@ -122,19 +122,25 @@ def run_ruler(cfg: RulerConfig, progress: bool = True) -> dict:
     gen_kwargs = dict(tokenizer=tokenizer, templates=templates, options=cfg.options, depths=cfg.depths, seed=cfg.seed)
 
     # fail fast: a length too short for a task shows up before the model is loaded
-    for task in cfg.tasks:
-        for length in cfg.lengths:
-            generate_sample(task, length, 0, **gen_kwargs)
+    first = {(task, length): generate_sample(task, length, 0, **gen_kwargs) for task in cfg.tasks for length in cfg.lengths}
 
     device, dtype, precision = _resolve_device(cfg)
-    model = load_pretrained(str(model_dir), dtype=dtype).to(device).eval()
-    stops = stop_token_ids(tokenizer)
+    try:
+        model = load_pretrained(str(model_dir), dtype=dtype)
+    except SlmError:
+        raise
+    except Exception as e:  # a broken or foreign checkpoint: say which, in one line
+        raise SlmError(f"model {cfg.model!r}: could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    model = model.to(device).eval()
+    stops = set(stop_token_ids(tokenizer))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # e.g. Llama 3's <|eot_id|>
+    stops.update([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pred_path = out_dir / "predictions.jsonl"
     fingerprint = sha256_json(
-        {"format": FORMAT, "model": _model_fingerprint(model_dir), "tokenizer": str(tok_dir.resolve()),
+        {"format": FORMAT, "model": _model_fingerprint(model_dir), "tokenizer": tokenizer_fingerprint(tok_dir),
          "max_new_tokens": cfg.max_new_tokens, "template_set": cfg.template_set, "precision": precision}
     )
     previous = _load_previous(pred_path, fingerprint) if cfg.resume else {}
@@ -152,7 +158,7 @@ def run_ruler(cfg: RulerConfig, progress: bool = True) -> dict:
             for length in cfg.lengths:
                 bar.set_postfix_str(f"{task} {length}")
                 for index in range(cfg.samples_per_length):
-                    s = generate_sample(task, length, index, **gen_kwargs)
+                    s = first.pop((task, length)) if index == 0 else generate_sample(task, length, index, **gen_kwargs)
                     prompt_sha = hashlib.sha256(s.prompt.encode()).hexdigest()
                     old = previous.get((task, length, index))
                     if old is not None and old.get("prompt_sha256") == prompt_sha:

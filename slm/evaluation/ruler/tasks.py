@@ -55,6 +55,7 @@ class Rendered:
     prompt: str
     haystack_span: tuple[int, int]  # character span of the context in the prompt
     needle_spans: list[tuple[int, int]]  # character spans of the asked needles (first = at `depth`)
+    insert_spans: list[tuple[int, int]] = field(default_factory=list)  # every needle, asked or distractor
 
 
 @dataclass
@@ -79,16 +80,19 @@ class Sample:
     filler_units: int
     haystack_span: tuple[int, int]
     needle_spans: list[tuple[int, int]] = field(default_factory=list)
+    insert_spans: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def needle_depth(self) -> float | None:
-        """Where the first asked needle actually sits: the share of the rest of the haystack
-        (in characters) that comes before it; 0 = first, 1 = last."""
+        """Where the first asked needle actually sits: the share of the filler (in characters,
+        needles left out) that comes before it; 0 = first, 1 = last."""
         if not self.needle_spans:
             return None
         a, b = self.haystack_span
-        start, end = self.needle_spans[0]
-        return (start - a) / max(1, (b - a) - (end - start))
+        start = self.needle_spans[0][0]
+        inserted = sum(e - s for s, e in self.insert_spans)
+        inserted_before = sum(e - s for s, e in self.insert_spans if e <= start)
+        return (start - a - inserted_before) / max(1, (b - a) - inserted)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -119,27 +123,29 @@ def layout(
     """intro / haystack / question, with each insert (depth, text, asked?) placed before the
     unit at index round(depth * n); inserts at the same index keep their given order."""
     n = len(units)
-    slots: dict[int, list[tuple[str, bool]]] = {}
+    slots: dict[int, list[tuple[str, bool, bool]]] = {}
     for depth, text, asked in inserts:
-        slots.setdefault(min(n, max(0, round(depth * n))), []).append((text, asked))
-    pieces: list[tuple[str, bool]] = []
+        slots.setdefault(min(n, max(0, round(depth * n))), []).append((text, asked, True))
+    pieces: list[tuple[str, bool, bool]] = []  # (text, asked needle?, any needle?)
     for i in range(n + 1):
         pieces.extend(slots.get(i, []))
         if i < n:
-            pieces.append((units[i], False))
+            pieces.append((units[i], False, False))
 
     head = intro + tpl.section_sep if intro else ""
-    offset, parts, spans = len(head), [], []
-    for text, asked in pieces:
+    offset, parts, asked_spans, insert_spans = len(head), [], [], []
+    for text, asked, inserted in pieces:
         if parts:
             offset += 1  # the space between units
         if asked:
-            spans.append((offset, offset + len(text)))
+            asked_spans.append((offset, offset + len(text)))
+        if inserted:
+            insert_spans.append((offset, offset + len(text)))
         parts.append(text)
         offset += len(text)
     context = " ".join(parts)
     prompt = head + context + tpl.section_sep + question
-    return Rendered(prompt, (len(head), len(head) + len(context)), spans)
+    return Rendered(prompt, (len(head), len(head) + len(context)), asked_spans, insert_spans)
 
 
 def list_layout(tpl: TemplateSet, intro: str, context: str, question: str) -> Rendered:
@@ -343,6 +349,16 @@ GENERATORS: dict[str, Callable[..., Draft]] = {
 assert set(GENERATORS) == set(TASKS)
 
 
+SIZE_HINTS = {
+    "niah_multikey": " or lower options.multikey_keys",
+    "niah_multivalue": " or lower options.multivalue_values",
+    "niah_multiquery": " or lower options.multiquery_queries",
+    "variable_tracking": " or lower options.vt_hops / options.vt_chains",
+    "common_words": " or lower options.cwe_common / options.cwe_freq_common / options.cwe_freq_uncommon",
+    "frequent_words": " or lower options.fwe_answers / options.fwe_word_len",
+}
+
+
 def sample_depth(task: str, index: int, depths: list[float]) -> float | None:
     """Sample i of a (task, length) takes depth i mod len(depths): an even grid for heatmaps."""
     return depths[index % len(depths)] if task in NEEDLE_TASKS else None
@@ -381,7 +397,7 @@ def generate_sample(
         raise SlmError(
             f"length {length} is too short for task {task!r} (template_set={templates.name}): its smallest prompt "
             f"takes {e.needed} tokens and the answer {answer_tokens}; use a longer length"
-            + (" or smaller options" if task in ("common_words", "frequent_words", "variable_tracking") else "")
+            + SIZE_HINTS.get(task, "")
         ) from None
     r = rendered[n]
     return Sample(
@@ -398,4 +414,5 @@ def generate_sample(
         filler_units=n,
         haystack_span=r.haystack_span,
         needle_spans=r.needle_spans,
+        insert_spans=r.insert_spans,
     )

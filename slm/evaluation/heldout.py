@@ -1,0 +1,93 @@
+"""Held-out loss, domain accuracy (greedy, exact answers) and selection quality against noise tags."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from slm.errors import SlmError
+from slm.evaluation.ruler.decode import greedy_generate, stop_token_ids
+from slm.selection import top_k_mask
+from slm.token_loss import token_losses
+
+
+def read_questions(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise SlmError(f"questions {str(path)!r}: file not found")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "question" not in row or "answer" not in row:
+            raise SlmError(f"{path}:{i}: expected keys 'question' and 'answer', got {sorted(row)}")
+        rows.append(row)
+    if not rows:
+        raise SlmError(f"questions {str(path)!r}: no questions")
+    return rows
+
+
+def extract_answer(generated: str, pattern: str | None) -> str:
+    """The answer in `generated`: the pattern's first group, else the first line stripped."""
+    if pattern:
+        m = re.search(pattern, generated)
+        return m.group(1).strip() if m else ""
+    return generated.split("\n", 1)[0].strip()
+
+
+@torch.no_grad()
+def domain_accuracy(model, tokenizer, questions: list[dict], max_new_tokens: int, progress: bool = True) -> dict:
+    """Exact-match accuracy of greedy answers; the per-question predictions for inspection."""
+    model.eval()
+    stops = [tokenizer.eos_token_id]
+    newline_stops = stop_token_ids(tokenizer)
+    correct, samples = 0, []
+    for q in tqdm(questions, desc="domain accuracy", disable=not progress, dynamic_ncols=True):
+        ids = tokenizer(q["question"], add_special_tokens=False)["input_ids"]
+        # answers end at the first blank line: stop on EOS or a token holding "\n\n"
+        out = greedy_generate(model, ids, max_new_tokens, chunk_len=max(len(ids), 1), stop_token_ids=stops + [t for t in newline_stops if "\n\n" in tokenizer.decode([t])])
+        text = tokenizer.decode(out, skip_special_tokens=True)
+        pred = extract_answer(text, q.get("answer_pattern"))
+        ok = pred == str(q["answer"]).strip()
+        correct += ok
+        samples.append({"question": q["question"], "generated": text, "prediction": pred, "answer": q["answer"], "correct": ok})
+    return {"accuracy": correct / len(questions), "n": len(questions), "samples": samples}
+
+
+@torch.no_grad()
+def selection_quality(model, shards, ratio: float, batch_size: int, max_batches: int | None, progress: bool = True) -> dict:
+    """Precision/recall of the model's batch-mode selection against the shards' noise column.
+
+    noise_dropped: share of noise tokens the selection drops (recall of the drop);
+    kept_clean: share of kept tokens that are clean (precision of the keep).
+    """
+    if "noise" not in shards.columns:
+        raise SlmError(f"{shards.directory}: no noise column; selection quality needs the demo's noise tags")
+    model.eval()
+    dev = next(model.parameters()).device
+    n = len(shards) if max_batches is None else min(len(shards), max_batches * batch_size)
+    kept_clean = kept_total = noise_dropped = noise_total = 0
+    for start in tqdm(range(0, n, batch_size), desc="selection vs noise", disable=not progress, dynamic_ncols=True):
+        rows = shards.rows(np.arange(start, min(start + batch_size, n)), ("input_ids", "ref_loss", "loss_mask", "noise"))
+        ids = torch.from_numpy(rows["input_ids"]).long().to(dev)
+        ce = token_losses(model, ids).float()
+        ref = torch.from_numpy(rows["ref_loss"]).to(dev)
+        valid = torch.isfinite(ce) & torch.isfinite(ref) & torch.from_numpy(rows["loss_mask"]).bool().to(dev)
+        kept = top_k_mask((ce - ref).reshape(-1), valid.reshape(-1), ratio).view_as(ce)
+        noise = torch.from_numpy(rows["noise"]).bool().to(dev) & valid
+        kept_total += int(kept.sum())
+        kept_clean += int((kept & ~noise).sum())
+        noise_total += int(noise.sum())
+        noise_dropped += int((noise & ~kept).sum())
+    return {
+        "ratio": ratio,
+        "noise_share": noise_total / max(int(n * shards.seq_len), 1),
+        "noise_dropped": noise_dropped / max(noise_total, 1),
+        "kept_clean": kept_clean / max(kept_total, 1),
+    }

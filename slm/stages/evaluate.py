@@ -1,0 +1,59 @@
+"""`slm eval`: held-out loss, domain accuracy and (on the demo) selection quality; JSON and a table."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.table import Table
+
+from slm.config import EvalConfig
+from slm.data.packed import packed_corpus
+from slm.data.tokenizer import load_tokenizer
+from slm.evaluation.heldout import domain_accuracy, read_questions, selection_quality
+from slm.io import atomic_write_json
+from slm.models import load_pretrained
+from slm.scoring import weights_fingerprint
+from slm.shards import ShardSet
+from slm.stages.common import StageRun, config_fingerprint, console, say
+from slm.training.distributed import device
+from slm.training.loop import heldout_loss
+
+
+def run(cfg: EvalConfig, force: bool = False) -> dict:
+    out = Path(cfg.out_dir)
+    stage = StageRun("eval", cfg, out)
+    if (done := stage.prepare(force)) is not None:
+        say(f"[green]eval[/]: {out} is complete for this config; skipping (use --force to redo)")
+        return done
+    started = time.time()
+    dev = device()
+    model = load_pretrained(cfg.model).to(dev).eval()
+    tokenizer = load_tokenizer(cfg.model)
+    metrics: dict = {}
+    if cfg.validation:
+        rows = packed_corpus(cfg.validation, tokenizer, cfg.model, cfg.seq_len, out / "data")
+        metrics["heldout_loss"] = heldout_loss(model, rows, cfg.batch_size, cfg.max_batches, dev)
+    if cfg.questions:
+        acc = domain_accuracy(model, tokenizer, read_questions(cfg.questions), cfg.max_new_tokens)
+        metrics["domain_accuracy"] = acc["accuracy"]
+        atomic_write_json(out / "answers.json", acc["samples"])
+    if cfg.shards:
+        metrics["selection"] = selection_quality(model, ShardSet(cfg.shards), cfg.selection_ratio, cfg.batch_size, cfg.max_batches)
+    atomic_write_json(out / "results.json", {"model": cfg.model, **metrics})
+    print_results(cfg.model, metrics)
+    fingerprints = {"config": config_fingerprint(cfg), "model": weights_fingerprint(cfg.model)}
+    return stage.complete(fingerprints, metrics, started, {"results": str(out / "results.json")})
+
+
+def print_results(model: str, metrics: dict) -> None:
+    table = Table(title=f"eval: {model}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            for k, v in value.items():
+                table.add_row(f"{key}.{k}", f"{v:.4f}" if isinstance(v, float) else str(v))
+        else:
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)

@@ -1,0 +1,105 @@
+"""`slm pretrain`: train any registered backbone on token-score shards with the selective loss.
+
+`selection.enabled: false` gives the plain causal-LM baseline with everything else identical.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from slm.config import PretrainConfig
+from slm.data.packed import packed_corpus
+from slm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from slm.errors import SlmError
+from slm.io import sha256_json
+from slm.models import build_model
+from slm.models.checks import check_vocab
+from slm.plots import plot_learning_curves
+from slm.selection import selective_loss
+from slm.shards import ShardSet
+from slm.stages.common import StageRun, config_fingerprint, say
+from slm.token_loss import token_losses
+from slm.training.loop import Trainer
+
+
+def noise_measures(selection, noise: torch.Tensor) -> dict[str, float]:
+    """How the selection treats the demo's noise tags (measurement only; never used to select)."""
+    kept = (selection.weights > 0.5) & selection.valid
+    is_noise = noise.bool() & selection.valid
+    clean_kept = kept & ~is_noise
+    return {
+        "noise_dropped": float((is_noise & ~kept).sum()) / max(int(is_noise.sum()), 1),
+        "kept_clean": float(clean_kept.sum()) / max(int(kept.sum()), 1),
+    }
+
+
+def make_step_loss(cfg: PretrainConfig):
+    def step_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
+        ce = token_losses(model.module if hasattr(model, "module") else model, batch["input_ids"])
+        t0 = time.perf_counter()
+        sel = selective_loss(ce, batch["ref_loss"], cfg.selection, batch["loss_mask"], batch.get("base_loss"))
+        logs = {**sel.stats(ce), "selection_ms": (time.perf_counter() - t0) * 1e3}
+        if "noise" in batch:
+            logs.update(noise_measures(sel, batch["noise"]))
+        return sel.loss, logs
+
+    return step_loss
+
+
+def check_shards_match(shards: ShardSet, cfg: PretrainConfig, tokenizer_dir: str, vocab: int) -> None:
+    meta, where = shards.metadata, cfg.shards
+    if cfg.train.seq_len != meta.seq_len:
+        raise SlmError(f"{where}: shards have seq_len {meta.seq_len}, train.seq_len is {cfg.train.seq_len}; set train.seq_len={meta.seq_len}")
+    mine = tokenizer_fingerprint(tokenizer_dir)
+    if mine != meta.tokenizer_sha256:
+        raise SlmError(f"{where}: shards were scored with tokenizer sha256 {meta.tokenizer_sha256[:12]}, tokenizer {tokenizer_dir!r} has {mine[:12]}")
+    if vocab != meta.vocab_size:
+        raise SlmError(f"{where}: shards have vocab_size {meta.vocab_size}, tokenizer {tokenizer_dir!r} has {vocab}")
+    if cfg.selection.mode == "static" and "base_loss" not in shards.columns:
+        raise SlmError(f"{where}: selection.mode=static needs base_loss in the shards; score with base_model set")
+
+
+def run(cfg: PretrainConfig, force: bool = False, resume: bool = True, stop_after: int | None = None) -> dict:
+    out = Path(cfg.out_dir)
+    stage = StageRun("pretrain", cfg, out)
+    if (done := stage.prepare(force)) is not None:
+        say(f"[green]pretrain[/]: {out} is complete for this config; skipping (use --force to redo)")
+        return done
+    started = time.time()
+    shards = ShardSet(cfg.shards)
+    tokenizer_dir = cfg.tokenizer or shards.metadata.tokenizer_path
+    if not tokenizer_dir:
+        raise SlmError(f"{cfg.shards}: shards record no tokenizer path; set tokenizer")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    check_shards_match(shards, cfg, tokenizer_dir, len(tokenizer))
+    model = build_model(cfg.model, vocab_size=len(tokenizer))
+    check_vocab(model, tokenizer, tokenizer_dir)
+    heldout = packed_corpus(cfg.validation, tokenizer, tokenizer_dir, cfg.train.seq_len, out / "data") if cfg.validation else None
+    columns = ["input_ids", "ref_loss", "loss_mask"]
+    columns += [c for c in ("base_loss", "noise") if c in shards.columns]
+    fingerprints = {
+        "config": config_fingerprint(cfg),
+        "tokenizer": shards.metadata.tokenizer_sha256,
+        "data": sha256_json({n: e["sha256"] for n, e in shards.manifest.shards.items()}),
+        "reference": shards.metadata.reference_sha256,
+    }
+    what = f"selective (mode={cfg.selection.mode}, ratio={cfg.selection.ratio})" if cfg.selection.enabled else "plain causal LM (baseline)"
+    say(f"pretrain: {cfg.model.backbone}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {what}, {len(shards)} rows")
+    trainer = Trainer(model, cfg.train, out, shards, tuple(columns), make_step_loss(cfg), fingerprints, heldout, stop_after)
+    result = trainer.fit(resume=resume)
+    if result.step < cfg.train.max_steps:
+        return {"status": "stopped", "step": result.step}
+    model_dir = trainer.export(out / "model", tokenizer)
+    plot_learning_curves({out.name: result.history}, out / "learning_curve.png")
+    last = result.history[-1]
+    metrics = {
+        "steps": result.step,
+        "tokens_seen": result.tokens_seen,
+        "final_heldout_loss": result.final_heldout_loss,
+        "resumed_from": result.resumed_from,
+        **{k: last[k] for k in ("kept_fraction", "noise_dropped", "kept_clean") if k in last},
+    }
+    return stage.complete(fingerprints, metrics, started, {"model": str(model_dir), "metrics": str(out / "metrics.jsonl")})
