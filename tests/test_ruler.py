@@ -295,6 +295,9 @@ def test_stop_tokens_and_cleaning(tokenizer):
     assert nl and nl[0] in stops
     assert tokenizer("green", add_special_tokens=False)["input_ids"][0] not in stops
     assert clean_prediction(" 48213.\nWhat") == "48213."
+    assert clean_prediction("\n 48213.\nWhat") == "48213."  # a leading newline does not empty it
+    assert clean_prediction(" a\nb ", first_line=False) == "a\nb"
+    assert stop_token_ids(tokenizer, newline=False) == [tokenizer.eos_token_id]
 
 
 # --------------------------------------------------------------------------- scoring

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from slm.config import StrictModel
+from slm.data import demo
 
 TASKS = (
     "passkey",
@@ -61,17 +62,13 @@ class CompactWording(StrictModel):
     many answers are asked for; {i}, {word} a numbered word."""
 
     filler: list[str] = Field(
-        default_factory=lambda: [
-            "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.",
-            "The river runs to the sea.", "Birds sing in the morning.", "The road is long and quiet.",
-            "Clouds drift over the hills.", "A cold wind blows at night.",
-        ],
+        default_factory=lambda: list(demo.FILLER),
         description="Haystack sentences, drawn at random (seeded) one after another.",
     )
-    passkey_needle: str = "The pass key is {key}. Remember it. {key} is the pass key."
-    passkey_question: str = "What is the pass key? The pass key is"
-    kv_needle: str = "The value of key {k} is {v}."
-    kv_question: str = "What is the value of key {k}? The value of key {k} is"
+    passkey_needle: str = demo.PASSKEY_NEEDLE
+    passkey_question: str = demo.PASSKEY_QUESTION
+    kv_needle: str = demo.KV_NEEDLE
+    kv_question: str = demo.KV_QUESTION
     kv_multi_question: str = "What are the values of keys {keys}? The values of keys {keys} are"
     vt_assign: str = "VAR {var} = {value}."
     vt_copy: str = "VAR {var} = VAR {src}."
@@ -141,6 +138,7 @@ class RulerConfig(StrictModel):
     max_new_tokens: int | None = Field(
         None, ge=1, description="None: per task (RULER's budgets for ruler; answer length + 4 for compact)."
     )
+    stop_at_newline: bool = Field(True, description="Stop decoding at a newline (and EOS); score the first line.")
     seed: int = 0
     threshold: float = Field(85.6, ge=0, le=100, description="Absolute threshold for the effective length (RULER: 85.6).")
     relative_threshold: float | None = Field(

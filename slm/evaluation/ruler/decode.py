@@ -81,16 +81,19 @@ def greedy_generate(
         logits = out.logits[:, -1]
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """EOS and every token whose text contains a newline (RULER answers are one line)."""
+def stop_token_ids(tokenizer, newline: bool = True) -> list[int]:
+    """EOS, and with `newline` every token whose text contains a newline (answers are one line)."""
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
+    if not newline:
+        return sorted(ids)
     texts = tokenizer.batch_decode([[t] for t in range(len(tokenizer))], skip_special_tokens=False, clean_up_tokenization_spaces=False)
     ids.update(t for t, text in enumerate(texts) if "\n" in text)
     return sorted(ids)
 
 
-def clean_prediction(text: str) -> str:
-    """The first line of the generated text, stripped (what RULER scores)."""
-    return text.split("\n", 1)[0].strip()
+def clean_prediction(text: str, first_line: bool = True) -> str:
+    """The generated text, stripped; with `first_line` only its first non-empty line."""
+    text = text.strip()
+    return text.split("\n", 1)[0].strip() if first_line else text

@@ -132,7 +132,7 @@ def run_ruler(cfg: RulerConfig, progress: bool = True) -> dict:
     except Exception as e:  # a broken or foreign checkpoint: say which, in one line
         raise SlmError(f"model {cfg.model!r}: could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
     model = model.to(device).eval()
-    stops = set(stop_token_ids(tokenizer))
+    stops = set(stop_token_ids(tokenizer, newline=cfg.stop_at_newline))
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # e.g. Llama 3's <|eot_id|>
     stops.update([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
 
@@ -141,7 +141,7 @@ def run_ruler(cfg: RulerConfig, progress: bool = True) -> dict:
     pred_path = out_dir / "predictions.jsonl"
     fingerprint = sha256_json(
         {"format": FORMAT, "model": _model_fingerprint(model_dir), "tokenizer": tokenizer_fingerprint(tok_dir),
-         "max_new_tokens": cfg.max_new_tokens, "template_set": cfg.template_set, "precision": precision}
+         "max_new_tokens": cfg.max_new_tokens, "stop_at_newline": cfg.stop_at_newline, "template_set": cfg.template_set, "precision": precision}
     )
     previous = _load_previous(pred_path, fingerprint) if cfg.resume else {}
     if not previous:  # start the log afresh; otherwise keep it and append (the last row of a key wins)
@@ -168,7 +168,7 @@ def run_ruler(cfg: RulerConfig, progress: bool = True) -> dict:
                         ids = encode_prompt(tokenizer, s.prompt)
                         new = greedy_generate(model, ids, max_new_tokens_for(cfg, task, s.answer_tokens), cfg.chunk_len, stops)
                         raw = tokenizer.decode(new, skip_special_tokens=True)
-                        prediction = clean_prediction(raw)
+                        prediction = clean_prediction(raw, first_line=cfg.stop_at_newline)
                         row = {
                             "task": task, "length": length, "index": index, "depth": s.depth,
                             "needle_depth": s.needle_depth, "prompt_tokens": len(ids), "answer_tokens": s.answer_tokens,

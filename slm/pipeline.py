@@ -1,0 +1,106 @@
+"""`slm run`: the stages of a pipeline YAML in order, each skipped when its output is whole and
+its config unchanged, continued when it crashed, redone with --force or --from."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+from rich.table import Table
+
+from slm.config import PipelineConfig, apply_overrides, read_yaml, substitute, validate
+from slm.errors import SlmError
+from slm.stages.common import STAGE_FILE, console
+from slm.stages.registry import stage_config_class, stage_runner
+
+BUILTIN_DEMO = "demo"
+
+
+def builtin_recipe(name: str = BUILTIN_DEMO) -> Path:
+    path = Path(str(files("slm") / "recipes" / f"{name}.yaml"))
+    if not path.is_file():
+        raise SlmError(f"built-in pipeline {name!r} not found in {path.parent}")
+    return path
+
+
+@dataclass
+class LoadedStage:
+    name: str
+    kind: str
+    cfg: object
+    slurm: dict
+
+
+def _apply_pipeline_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`--set work_dir=...` or `--set stages.NAME.key=value` (stage NAME's config key)."""
+    stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
+    by_name = {s.get("name"): {"config": s.get("config", {}), "slurm": s.get("slurm", {})} for s in stages if isinstance(s, dict)}
+    top = {k: v for k, v in raw.items() if k != "stages"}
+    top["stages"] = by_name
+    fixed = []
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        parts = key.split(".")
+        if parts[0] == "stages" and len(parts) > 2:
+            if parts[1] not in by_name:
+                raise SlmError(f"--set {item!r}: no stage named {parts[1]!r}; stages are {list(by_name)}")
+            if parts[2] not in ("config", "slurm"):
+                item = ".".join(parts[:2] + ["config"] + parts[2:]) + "=" + item.split("=", 1)[1]
+        fixed.append(item)
+    top = apply_overrides(top, fixed)
+    merged = top.pop("stages")
+    for s in stages:
+        if isinstance(s, dict) and s.get("name") in merged:
+            s["config"], s["slurm"] = merged[s["name"]]["config"], merged[s["name"]]["slurm"]
+    return {**top, "stages": stages}
+
+
+def load_pipeline(path: str | Path | None, overrides: list[str] | None = None) -> tuple[PipelineConfig, list[LoadedStage], Path]:
+    path = Path(path) if path else builtin_recipe()
+    raw = _apply_pipeline_overrides(read_yaml(path), overrides or [])
+    if "work_dir" in raw:
+        raw = substitute(raw, {"work_dir": raw["work_dir"]})
+    pipeline = validate(raw, PipelineConfig, str(path))
+    stages = [
+        LoadedStage(s.name, s.kind, validate(s.config, stage_config_class(s.kind), f"{path}: stages[{s.name}].config"), {**pipeline.slurm, **s.slurm})
+        for s in pipeline.stages
+    ]
+    return pipeline, stages, path
+
+
+def run_pipeline(path: str | Path | None = None, overrides: list[str] | None = None, from_stage: str | None = None, force: bool = False) -> list[dict]:
+    pipeline, stages, path = load_pipeline(path, overrides)
+    names = [s.name for s in stages]
+    if from_stage is not None and from_stage not in names:
+        raise SlmError(f"--from {from_stage!r}: no such stage in {path}; stages are {names}")
+    redo_from = names.index(from_stage) if from_stage else (0 if force else len(names))
+    console.print(f"[bold]slm run[/] {pipeline.name}: {len(stages)} stages, work_dir={pipeline.work_dir}")
+    summary = []
+    for i, stage in enumerate(stages):
+        out_dir = Path(stage.cfg.out_dir)
+        was_done = (out_dir / STAGE_FILE).is_file() and i < redo_from
+        console.rule(f"[bold]{stage.name}[/] ({stage.kind})")
+        started = time.time()
+        record = stage_runner(stage.kind)(stage.cfg, force=i >= redo_from)
+        status = record.get("status", "complete")
+        summary.append({"stage": stage.name, "kind": stage.kind, "status": "skipped" if was_done and status == "complete" else status,
+                        "seconds": round(time.time() - started, 1), "output": str(out_dir), "metrics": record.get("metrics", {})})
+        if status != "complete":
+            break
+    print_summary(summary)
+    return summary
+
+
+def print_summary(summary: list[dict]) -> None:
+    table = Table(title="slm run: summary")
+    for col in ("stage", "kind", "status", "seconds", "output", "key result"):
+        table.add_column(col)
+    for row in summary:
+        m = row["metrics"]
+        key = next((f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in ("final_heldout_loss", "heldout_loss", "domain_accuracy", "tokens") if k in m), "")
+        if "domain_accuracy" in m:
+            key += f" acc={m['domain_accuracy']:.3f}"
+        table.add_row(row["stage"], row["kind"], row["status"], str(row["seconds"]), row["output"], key)
+    console.print(table)

@@ -1,0 +1,17 @@
+"""Stage kind -> (config class, run function): what `slm run` and `slm jobs` dispatch on."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from slm.config import STAGE_CONFIGS
+
+
+def stage_runner(kind: str) -> Callable:
+    from slm.stages import demo_data, evaluate, pretrain, reference, score
+
+    return {"demo_data": demo_data.run, "reference": reference.run, "score": score.run, "pretrain": pretrain.run, "eval": evaluate.run}[kind]
+
+
+def stage_config_class(kind: str):
+    return STAGE_CONFIGS[kind]
