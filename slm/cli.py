@@ -187,6 +187,49 @@ def shards_plot(directory: Path = typer.Argument(...), out: Path = typer.Option(
     typer.echo(f"wrote {plot_histogram(ShardSet(directory, require_complete=False), out)}")
 
 
+# ----------------------------------------------------------------------------- jobs
+
+JobsOutOpt = typer.Option(..., "--out", help="Folder for the scripts, frozen configs, logs and jobs.json.")
+
+
+@jobs_app.command("render")
+def jobs_render(pipeline: Path = typer.Argument(..., help="Pipeline YAML (its `slurm:` blocks set the resources)."),
+                out: Path = JobsOutOpt, set_: Optional[List[str]] = SetOpt):
+    """Write one sbatch script per stage (job array for scoring, multi-node launcher for training); submit nothing."""
+    from slm.jobs import render_pipeline
+
+    for job in render_pipeline(pipeline, out, set_):
+        after = f" after {', '.join(job.depends_on)}" if job.depends_on else ""
+        typer.echo(f"{job.stage:<16} {job.script}" + (f"  --array={job.array}" if job.array else "") + after)
+
+
+@jobs_app.command("submit")
+def jobs_submit(pipeline: Path = typer.Argument(..., help="Pipeline YAML."), out: Path = JobsOutOpt,
+                set_: Optional[List[str]] = SetOpt):
+    """Render and sbatch the unfinished stages, chained with afterok; rerun to resubmit only what is left."""
+    from slm.jobs import submit_pipeline
+
+    result = submit_pipeline(pipeline, out, set_)
+    for stage, job in result["submitted"].items():
+        after = f" after {', '.join(f'{s} ({i})' for s, i in job['depends_on'].items())}" if job["depends_on"] else ""
+        typer.echo(f"{stage:<16} submitted job {job['job_id']}" + (f" --array={job['array']}" if job["array"] else "") + after)
+    for stage, job_id in result["reused"].items():
+        typer.echo(f"{stage:<16} still queued as job {job_id}")
+    for stage, why in result["skipped"].items():
+        typer.echo(f"{stage:<16} skipped ({why})")
+    typer.echo(f"job ids in {result['jobs_file']}")
+
+
+@jobs_app.command("status")
+def jobs_status(out: Path = JobsOutOpt):
+    """Each stage's Slurm state beside its output (stage.json complete; shards whole for scoring)."""
+    from rich.console import Console
+
+    from slm.jobs.status import pipeline_status, print_status
+
+    print_status(pipeline_status(out), Console())
+
+
 # ----------------------------------------------------------------------------- analyze
 
 

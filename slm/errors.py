@@ -8,3 +8,9 @@ class SlmError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+def describe(err: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message` of a third-party exception, for a one-line SlmError."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:limit] if lines else 'no message'}"

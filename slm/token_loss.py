@@ -9,12 +9,12 @@ batch x sequence x vocabulary tensor of fp32 logits never exists whole (a 128K v
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()
+def _chunk_nll(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    # through the module (not F.linear on its weight) so that ZeRO-3 gathers the partitioned weight
+    logits = lm_head(hidden).float()
     # -log softmax(logits)[target] = logsumexp(logits) - logits[target]
     return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[:, None]).squeeze(-1)
 
@@ -29,15 +29,14 @@ def token_losses_from_hidden(hidden: torch.Tensor, lm_head: torch.nn.Module, inp
     B, T, H = hidden.shape
     flat_h = hidden[:, :-1].reshape(-1, H)  # hidden at t-1 predicts token t
     flat_y = input_ids[:, 1:].reshape(-1)
-    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
     pieces = []
     for start in range(0, flat_h.shape[0], chunk_tokens):
         h, y = flat_h[start : start + chunk_tokens], flat_y[start : start + chunk_tokens]
         if torch.is_grad_enabled() and h.requires_grad:
             # recompute the chunk's logits in backward instead of storing them
-            pieces.append(checkpoint(_chunk_nll, h, weight, bias, y, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_nll, h, lm_head, y, use_reentrant=False))
         else:
-            pieces.append(_chunk_nll(h, weight, bias, y))
+            pieces.append(_chunk_nll(h, lm_head, y))
     nll = torch.cat(pieces).view(B, T - 1) if pieces else hidden.new_zeros(B, 0, dtype=torch.float32)
     return torch.cat([torch.full((B, 1), float("nan"), dtype=nll.dtype, device=nll.device), nll], dim=1)
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from slm.config import CorpusConfig
-from slm.errors import SlmError
+from slm.errors import SlmError, describe
 
 _BUILDER_BY_SUFFIX = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text", ".arrow": "arrow"}
 _BUILDER_BY_FORMAT = {"jsonl": "json", "json": "json", "parquet": "parquet", "text": "text", "arrow": "arrow"}
@@ -57,6 +57,8 @@ def load_corpus(cfg: CorpusConfig):
 
     datasets.disable_progress_bars()
     files = resolve_files(cfg.path)
+    if files is not None and all(Path(f).stat().st_size == 0 for f in files):
+        raise SlmError(f"corpus.path {cfg.path!r}: the corpus is empty (0 documents)")
     try:
         if files is None:  # a hub dataset name (needs a network)
             ds = datasets.load_dataset(cfg.path, split=cfg.split)
@@ -69,7 +71,7 @@ def load_corpus(cfg: CorpusConfig):
     except SlmError:
         raise
     except Exception as e:  # datasets raises many types; the user needs the file and the reason
-        raise SlmError(f"corpus.path {cfg.path!r}: could not be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise SlmError(f"corpus.path {cfg.path!r}: could not be read ({describe(e)})") from None
     if cfg.text_field not in ds.column_names:
         raise SlmError(f"corpus.path {cfg.path!r}: no text field {cfg.text_field!r}; columns are {ds.column_names} (set corpus.text_field)")
     if cfg.noise_field and cfg.noise_field not in ds.column_names:
@@ -90,3 +92,4 @@ def corpus_fingerprint(cfg: CorpusConfig) -> str:
     if files is None:
         return sha256_json({"hub": cfg.path, "split": cfg.split, **fields})
     return sha256_json({"files": sha256_files([Path(f) for f in files]), **fields})
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from slm.errors import SlmError
+from slm.errors import SlmError, describe
 from slm.io import sha256_dir
 
 EOS = "<|endoftext|>"
@@ -21,7 +21,7 @@ def load_tokenizer(path: str | Path):
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
-        raise SlmError(f"tokenizer {str(path)!r}: could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise SlmError(f"tokenizer {str(path)!r}: could not be loaded ({describe(e)})") from None
     if tok.eos_token_id is None:
         raise SlmError(f"tokenizer {str(path)!r}: has no EOS token; packing needs one between documents")
     return tok

@@ -100,15 +100,12 @@ class RowView:
         return out
 
     def scale(self) -> tuple[np.ndarray, float, float]:
-        """The coloured values and their (lo, hi) range: ref loss 2nd..98th percentile of the
-        row, excess symmetric around 0 (green: the model already predicts it, red: it does not)."""
+        """The coloured values (excess with a model, else ref loss) and their colour range: the
+        row's 2nd..98th percentile, so one outlier does not wash out the rest of the row."""
         values = self.excess if self.excess is not None else self.ref_loss
         finite = values[self.valid & np.isfinite(values)]
         if not len(finite):
             return values, 0.0, 1.0
-        if self.excess is not None:
-            m = float(np.percentile(np.abs(finite), 98)) or 1.0
-            return values, -m, m
         lo, hi = (float(x) for x in np.percentile(finite, [2, 98]))
         return values, lo, hi if hi > lo else lo + 1.0
 
@@ -186,9 +183,12 @@ def render_row(shards: ShardSet | str | Path, row: int, tokenizer, model=None, t
     cols = ("sequence_id", "input_ids", "ref_loss", "loss_mask") + (("noise",) if "noise" in shards.columns else ())
     data = {k: v[0] for k, v in shards.rows(np.array([row]), cols).items()}
     ids = data["input_ids"].astype(np.int64)
-    vocab = len(tokenizer)
-    if ids.max(initial=0) >= vocab:
-        raise SlmError(f"row {row} holds token id {int(ids.max())}, the tokenizer has {vocab} tokens (the shards' tokenizer is {shards.metadata.tokenizer_name!r})")
+    meta = shards.metadata
+    if len(tokenizer) != meta.vocab_size:
+        raise SlmError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} has {len(tokenizer)} tokens, "
+            f"the shards were scored with tokenizer {meta.tokenizer_name!r} of {meta.vocab_size} tokens"
+        )
     shard = shards.names[int(np.searchsorted(shards.offsets, row, side="right") - 1)]
     ref = data["ref_loss"].astype(np.float32)
     mask = data["loss_mask"].astype(bool)
@@ -242,9 +242,10 @@ def _segments(view: RowView):
 
 def _numbers(view: RowView, i: int) -> str:
     t = view.token(i)
-    parts = [f"#{i} id {t.token_id}", f"ref {t.ref_loss:.3f}"]
+    num = lambda x: f"{x:.3f}" if np.isfinite(x) else "-"  # noqa: E731
+    parts = [f"#{i} id {t.token_id}", f"ref {num(t.ref_loss)}"]
     if t.model_loss is not None:
-        parts += [f"model {t.model_loss:.3f}", f"excess {t.excess:.3f}"]
+        parts += [f"model {num(t.model_loss)}", f"excess {num(t.excess)}"]
     if t.kept is not None and t.valid:
         parts.append("kept" if t.kept else "dropped")
     if not t.valid:
@@ -255,11 +256,10 @@ def _numbers(view: RowView, i: int) -> str:
 
 
 def _legend(view: RowView) -> tuple[str, str, str]:
-    """(label, low end, high end) of the colour scale, plus the meaning of the styles."""
-    _, lo, hi = view.scale()
+    """What the colour shows, what the styles mean, what grey means."""
     what = "excess loss (model - reference)" if view.color_by == "excess" else "reference loss"
     styles = "bold = kept, dim struck = dropped" if view.kept is not None else ""
-    return f"colour: {what}, green {lo:.2f} → red {hi:.2f}", styles, "grey = not scored (position 0, padding, NaN)"
+    return what, styles, "grey = not scored (position 0, padding, NaN)"
 
 
 def _summary_line(view: RowView) -> str:
@@ -304,7 +304,9 @@ def print_row(view: RowView, console=None) -> None:
             text.append(piece, style=Style(color=_hex((float(values[i]) - lo) / (hi - lo)), bold=kept is True, dim=kept is False, strike=kept is False))
     console.print(Text(_title(view), style="bold"))
     console.print(text)
-    console.print(Text("  ".join(x for x in _legend(view) if x), style="italic"))
+    what, styles, grey = _legend(view)
+    legend = f"colour: {what}, green {lo:.2f} → red {hi:.2f}"
+    console.print(Text("  ".join(x for x in (legend, styles, grey) if x), style="italic"))
     console.print(_summary_line(view), highlight=False, markup=False)
 
 
@@ -337,7 +339,7 @@ def write_html(view: RowView, path: str | Path) -> Path:
         if view.noise is not None and view.noise[i]:
             cls.append("n")
         spans.append(f'<span class="{" ".join(cls)}"{style} title="{html.escape(_numbers(view, i))}">{piece}</span>')
-    label, styles, grey = _legend(view)
+    what, styles, grey = _legend(view)
     noise_note = "purple underline = noise tag" if view.noise is not None else ""
     legend = " · ".join(html.escape(x) for x in (styles, grey, noise_note) if x)
     title = html.escape(_title(view))
@@ -352,7 +354,7 @@ def write_html(view: RowView, path: str | Path) -> Path:
 </head>
 <body>
 <h1>{title}</h1>
-<div class="legend">{html.escape(label.split(",")[0])}: {lo:.2f} <span class="bar"></span> {hi:.2f} · {legend}</div>
+<div class="legend">colour: {html.escape(what)}, green {lo:.2f} <span class="bar"></span> {hi:.2f} red · {legend}</div>
 <div class="summary">{html.escape(_summary_line(view))}</div>
 <div class="row">{"".join(spans)}</div>
 </body>

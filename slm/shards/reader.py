@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from slm.errors import SlmError
+from slm.errors import SlmError, describe
 from slm.io import sha256_file
 from slm.shards.format import ShardMetadata, fixed_list_to_numpy, metadata_from_schema, shard_schema
 from slm.shards.manifest import Manifest, load_manifest
@@ -21,7 +21,7 @@ def open_shard(path: Path) -> pa.Table:
     try:
         return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
     except (pa.ArrowInvalid, OSError) as e:
-        raise SlmError(f"{path}: corrupt or truncated shard ({str(e).splitlines()[0][:160]}); run `slm shards verify` and rerun `slm score` to repair") from None
+        raise SlmError(f"{path}: corrupt or truncated shard ({describe(e)}); run `slm shards verify` and rerun `slm score` to repair") from None
 
 
 class ShardSet:

@@ -9,7 +9,8 @@ time); nothing holds all tokens. Quantiles and the ROC AUC are still *exact*, in
 2. a second pass gathers only the values of the buckets that are needed: the buckets holding
    the order statistics the quantiles interpolate between, and (for the AUC) the buckets holding
    both noise and clean tokens, in groups of at most COLLECT_BUDGET values per pass (so a very
-   large noise-tagged corpus takes several passes instead of unbounded memory).
+   large noise-tagged corpus takes several passes instead of unbounded memory; a single bucket
+   larger than the budget is still gathered whole).
 
 Quantiles use numpy's default ("linear") definition; the AUC counts ties as one half.
 """
@@ -143,7 +144,7 @@ def _linear_quantile(lo_val: float, hi_val: float, t: float) -> float:
 
 
 def _quantile_ranks(n: int, q: float) -> tuple[int, int, float]:
-    h = n * q + (1.0 + q * -1.0) - 1.0  # numpy's virtual index for alpha = beta = 1
+    h = (n - 1) * q  # numpy's virtual index for method='linear'
     if h >= n - 1:
         return n - 1, n - 1, 0.0
     if h < 0:
@@ -387,7 +388,7 @@ def plot_histogram(shards: ShardSet | str | Path, path: str | Path, bins: int = 
     ax.set_yscale("log")
     for key, value in ref["quantiles"].items():
         ax.axvline(value, color="black", lw=0.8, ls="--", alpha=0.6)
-        ax.text(value, 0.98, f" {key}", transform=ax.get_xaxis_transform(), rotation=90, va="top", ha="right", fontsize=7)
+        ax.text(value, 0.98, f" {key} {value:.2f}", transform=ax.get_xaxis_transform(), rotation=90, va="top", ha="right", fontsize=7)
     ax.axvline(ref["mean"], color="tab:purple", lw=1.0, label=f"mean {ref['mean']:.3f}")
     ax.set_xlabel("reference loss (nats)")
     ax.set_ylabel("tokens (log scale)")

@@ -69,8 +69,9 @@ def my_shards(num_shards: int, part: int, parts: int, rank_: int, world: int) ->
 
 def run(cfg: ScoreConfig, force: bool = False) -> dict:
     out = Path(cfg.out_dir)
-    # the config without part: every part of one scoring run shares one stage.json
-    stage = StageRun("score", cfg.model_copy(update={"part": 0}), out)
+    # the config without part/parts: every part of one scoring run shares one stage.json, and the
+    # shards do not depend on the split (`slm run` and a `slm jobs` array agree on the record)
+    stage = StageRun("score", cfg.model_copy(update={"part": 0, "parts": 1}), out)
     if (done := stage.prepare(force)) is not None:
         say(f"[green]score[/]: {out} is complete for this config; skipping (use --force to redo)")
         return done

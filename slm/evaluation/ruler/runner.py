@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from slm.config import dump_config
-from slm.errors import SlmError
+from slm.errors import SlmError, describe
 from slm.evaluation.ruler.config import RulerConfig
 from slm.evaluation.ruler.decode import clean_prediction, greedy_generate, stop_token_ids
 from slm.evaluation.ruler.report import aggregate, plot_average, plot_heatmap
@@ -130,7 +130,7 @@ def run_ruler(cfg: RulerConfig, progress: bool = True) -> dict:
     except SlmError:
         raise
     except Exception as e:  # a broken or foreign checkpoint: say which, in one line
-        raise SlmError(f"model {cfg.model!r}: could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        raise SlmError(f"model {cfg.model!r}: could not be loaded ({describe(e)})") from None
     model = model.to(device).eval()
     stops = set(stop_token_ids(tokenizer, newline=cfg.stop_at_newline))
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # e.g. Llama 3's <|eot_id|>

@@ -1,0 +1,12 @@
+"""Analyses of trained models (library code; the CLI's `slm analyze ...` calls into here)."""
+
+from slm.analysis.token_dynamics import (  # noqa: F401
+    CATEGORIES,
+    TokenDynamicsConfig,
+    TokenDynamicsThresholds,
+    classify_tokens,
+    fit_loss_lines,
+    load_deepspeed_weights,
+    token_dynamics,
+    token_dynamics_command,
+)

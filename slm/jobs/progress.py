@@ -1,0 +1,75 @@
+"""What a stage's output says about its progress, read from disk only (no Slurm): a finished
+`stage.json`, and for scoring which shards are whole and which array tasks still have work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from slm.errors import SlmError
+from slm.shards.format import shard_name
+from slm.shards.manifest import DONE_DIR, MANIFEST
+from slm.stages.common import STAGE_FILE, StageRun
+from slm.stages.score import my_shards
+
+
+def stage_cfg_for_fingerprint(kind: str, cfg: BaseModel) -> BaseModel:
+    """The config a stage fingerprints in its stage.json (scoring: one record for all parts)."""
+    return cfg.model_copy(update={"part": 0, "parts": 1}) if kind == "score" else cfg
+
+
+def stage_complete(stage: str, kind: str, cfg: BaseModel, out_dir: Path) -> bool:
+    """True when `out_dir/stage.json` records a finished run of this config; a finished run of
+    another config is an error, as it is for the stage itself."""
+    try:
+        return StageRun(kind, stage_cfg_for_fingerprint(kind, cfg), Path(out_dir)).finished() is not None
+    except SlmError as e:
+        raise SlmError(f"stage {stage!r}: {e}") from None
+
+
+def stage_file_complete(out_dir: Path) -> bool:
+    """stage.json says complete (whatever the config): for `slm jobs status`."""
+    path = Path(out_dir) / STAGE_FILE
+    try:
+        return path.is_file() and json.loads(path.read_text()).get("status") == "complete"
+    except (OSError, ValueError):
+        return False
+
+
+def num_shards(shards_dir: Path) -> int | None:
+    """Shards of the whole corpus, from manifest.json (None before any part has finished)."""
+    path = Path(shards_dir) / MANIFEST
+    try:
+        return int(json.loads(path.read_text())["num_shards"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def whole_shards(shards_dir: Path) -> set[int]:
+    """Shards whose `.done` sidecar exists and whose file has the recorded size (the scoring job
+    itself also checks the sha256 before it skips one)."""
+    shards_dir = Path(shards_dir)
+    whole = set()
+    for entry in (shards_dir / DONE_DIR).glob("shard-*.json"):
+        name = entry.name[: -len(".json")]
+        try:
+            index = int(name.split("-", 1)[1].split(".")[0])
+            size = json.loads(entry.read_text())["bytes"]
+        except (ValueError, KeyError, IndexError, OSError):
+            continue
+        shard = shards_dir / shard_name(index)
+        if shard.is_file() and shard.stat().st_size == size:
+            whole.add(index)
+    return whole
+
+
+def unfinished_parts(shards_dir: Path, parts: int) -> list[int]:
+    """Array tasks (parts) that own at least one shard that is not whole; all of them while no
+    manifest tells how many shards the corpus makes."""
+    total = num_shards(shards_dir)
+    if total is None:
+        return list(range(parts))
+    whole = whole_shards(shards_dir)
+    return [p for p in range(parts) if any(k not in whole for k in my_shards(total, p, parts, 0, 1))]

@@ -1,0 +1,217 @@
+"""`slm jobs render`: one sbatch script per stage of a pipeline, written into an output folder.
+
+The folder holds a frozen copy of the resolved pipeline (`pipeline.yaml`: overrides applied,
+`${work_dir}` substituted), one config file per stage (`configs/STAGE.yaml`, what the stage's
+own command reads) and one script per stage (`STAGE.sbatch`). A script runs its stage through the
+CLI exactly as a user would (`slm reference --config configs/reference.yaml`), so later edits to
+the user's YAML never change a rendered job.
+
+- scoring is a job array: task i runs `slm score --part i --parts N` (N = `array_parts`);
+- training (reference, pretrain) is one `srun` task per node, each running the DeepSpeed
+  launcher in no-ssh mode (or torchrun with a c10d rendezvous) for the ranks of its node; the
+  first host of the allocation is the rendezvous host;
+- every other stage is a single task.
+
+A stage depends on the earlier stages whose output directories its config names (eval of
+pretrain_slm waits for pretrain_slm, not for pretrain_clm); a stage that names none waits for the
+stage before it. `slm jobs submit` turns these into `--dependency=afterok:...`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel
+
+from slm.config import dump_config
+from slm.errors import SlmError
+from slm.jobs.resources import SlurmResources, stage_resources
+from slm.pipeline import load_pipeline
+
+TRAINING = ("reference", "pretrain")
+COMMANDS = {"demo_data": "slm data demo", "reference": "slm reference", "score": "slm score", "pretrain": "slm pretrain", "eval": "slm eval"}
+FROZEN_PIPELINE = "pipeline.yaml"
+
+
+@dataclass
+class RenderedJob:
+    stage: str
+    kind: str
+    cfg: BaseModel  # the stage config exactly as the job reads it
+    resources: SlurmResources
+    out_dir: Path  # the stage's output directory (absolute)
+    script: Path
+    config: Path
+    log_dir: Path
+    job_name: str
+    chdir: Path  # relative paths in the pipeline are resolved from here, as `slm run` would
+    depends_on: list[str] = field(default_factory=list)
+    parts: int | None = None  # scoring: array tasks in all
+    tasks: list[int] | None = None  # scoring: the array tasks this script runs
+
+    @property
+    def array(self) -> str | None:
+        return array_spec(self.tasks, self.resources.array_concurrency) if self.tasks is not None else None
+
+
+def array_spec(tasks: list[int], concurrency: int | None = None) -> str:
+    """[0, 1, 2, 5] -> '0-2,5' (with '%C' when concurrency is set)."""
+    if not tasks:
+        raise SlmError("a job array needs at least one task")
+    runs, start, prev = [], None, None
+    for t in sorted(set(tasks)):
+        if start is None:
+            start = prev = t
+        elif t == prev + 1:
+            prev = t
+        else:
+            runs.append((start, prev))
+            start = prev = t
+    runs.append((start, prev))
+    spec = ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+    return spec + (f"%{concurrency}" if concurrency else "")
+
+
+def _abs(path: str, cwd: Path) -> str:
+    return os.path.normpath(os.path.join(cwd, os.path.expanduser(path)))
+
+
+def _strings(obj) -> list[str]:
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, (list, tuple)):
+        return [s for v in obj for s in _strings(v)]
+    return []
+
+
+def data_dependencies(stages: list[tuple[str, dict, str]], cwd: Path) -> dict[str, list[str]]:
+    """stage -> the earlier stages it reads from. `stages` holds (name, config dump, out_dir)."""
+    deps: dict[str, list[str]] = {}
+    for i, (name, cfg, out) in enumerate(stages):
+        paths = [_abs(s, cwd) for s in _strings(cfg) if s and _abs(s, cwd) != _abs(out, cwd)]
+        reads = []
+        for other, _, other_out in stages[:i]:
+            o = _abs(other_out, cwd)
+            if any(p == o or p.startswith(o + os.sep) for p in paths):
+                reads.append(other)
+        deps[name] = reads or ([stages[i - 1][0]] if i else [])
+    return deps
+
+
+def plan_jobs(pipeline_path: str | Path | None, out_dir: str | Path, overrides: list[str] | None = None) -> tuple[dict, str, list[RenderedJob]]:
+    """Load and validate the pipeline and every stage's resources; write nothing.
+    Returns the resolved pipeline (a valid pipeline YAML mapping), its source file and the jobs."""
+    pipeline, stages, path = load_pipeline(pipeline_path, overrides)
+    out_dir, cwd = Path(out_dir).resolve(), Path.cwd().resolve()
+    dumps = [(s.name, dump_config(s.cfg), s.cfg.out_dir) for s in stages]
+    deps = data_dependencies(dumps, cwd)
+    jobs = []
+    for s in stages:
+        res = stage_resources(s.slurm, s.name, str(path))
+        cfg = s.cfg
+        parts = None
+        if s.kind == "score":
+            parts = res.array_parts
+            cfg = cfg.model_copy(update={"part": 0, "parts": parts})
+        jobs.append(RenderedJob(
+            stage=s.name, kind=s.kind, cfg=cfg, resources=res, out_dir=Path(_abs(s.cfg.out_dir, cwd)),
+            script=out_dir / f"{s.name}.sbatch", config=out_dir / "configs" / f"{s.name}.yaml", log_dir=out_dir / "logs",
+            job_name=f"slm-{pipeline.name}-{s.name}", chdir=cwd, depends_on=deps[s.name],
+            parts=parts, tasks=list(range(parts)) if parts else None,
+        ))
+    return pipeline.model_dump(mode="json"), str(Path(path).resolve()), jobs
+
+
+def _sbatch_header(job: RenderedJob) -> list[str]:
+    r = job.resources
+    training = job.kind in TRAINING
+    log = job.log_dir / (f"{job.stage}-%A_%a.out" if job.tasks is not None else f"{job.stage}-%j.out")
+    opts = [f"--job-name={job.job_name}", f"--chdir={job.chdir}", f"--output={log}",
+            f"--nodes={r.nodes if training else 1}", "--ntasks-per-node=1", f"--cpus-per-task={r.cpus_per_task}"]
+    if r.gpus_per_node:
+        opts.append(f"--gpus-per-node={r.gpus_per_node}")
+    for key, opt in (("mem", "--mem"), ("time", "--time"), ("partition", "--partition"), ("account", "--account")):
+        if getattr(r, key) is not None:
+            opts.append(f"{opt}={getattr(r, key)}")
+    if job.tasks is not None:
+        opts.append(f"--array={job.array}")
+    opts += r.extra_sbatch
+    return [f"#SBATCH {o}" for o in opts]
+
+
+def _stage_command(job: RenderedJob) -> str:
+    cmd = f"{COMMANDS[job.kind]} --config {shlex.quote(str(job.config))}"
+    if job.kind == "score":
+        cmd += f' --part "$SLURM_ARRAY_TASK_ID" --parts {job.parts}'
+    return cmd
+
+
+def launcher_command(job: RenderedJob) -> str:
+    """The per-node launcher line of a training stage (run once per node by srun)."""
+    r, stage_cmd = job.resources, _stage_command(job)
+    if r.launcher == "torchrun":
+        return (f"torchrun --nnodes={r.nodes} --nproc_per_node={r.ranks_per_node} --rdzv_id=$SLURM_JOB_ID "
+                f"--rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT --no-python {stage_cmd}")
+    return (f"deepspeed --hostfile=$SLM_HOSTFILE --no_ssh --node_rank=$SLURM_NODEID --master_addr=$MASTER_ADDR "
+            f"--master_port=$MASTER_PORT --num_nodes={r.nodes} --num_gpus={r.ranks_per_node} --no_python --no_local_rank {stage_cmd}")
+
+
+def script_text(job: RenderedJob, pipeline_source: str) -> str:
+    r = job.resources
+    threads = max(1, r.cpus_per_task // r.ranks_per_node) if job.kind in TRAINING else r.cpus_per_task
+    lines = ["#!/bin/bash", f"# Rendered by `slm jobs` from {pipeline_source}: stage {job.stage!r} ({job.kind}).",
+             f"# It runs the stage's command on the frozen config {job.config}.", *_sbatch_header(job), "",
+             "set -euo pipefail", f"export OMP_NUM_THREADS={threads}", *r.setup_lines(),
+             f'echo "slm jobs: stage {job.stage} on $(hostname), job ${{SLURM_JOB_ID}} started $(date -Is)"', ""]
+    if job.kind in TRAINING:
+        port = str(r.master_port) if r.master_port else "$((20000 + SLURM_JOB_ID % 20000))"
+        lines += [
+            "# rendezvous on the first host of the allocation; one launcher per node",
+            'NODES=$(scontrol show hostnames "$SLURM_JOB_NODELIST")',
+            'export MASTER_ADDR=$(echo "$NODES" | head -n 1)',
+            f"export MASTER_PORT={port}",
+            f'export SLM_HOSTFILE="{job.log_dir}/hostfile-{job.stage}-$SLURM_JOB_ID"',
+            f'echo "$NODES" | sed "s/$/ slots={r.ranks_per_node}/" > "$SLM_HOSTFILE"',
+            f'srun --nodes={r.nodes} --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 \\',
+            f"    bash -c {shlex.quote('exec ' + launcher_command(job))}",
+        ]
+    else:
+        lines.append(_stage_command(job))
+    return "\n".join(lines) + "\n"
+
+
+def write_job(job: RenderedJob, pipeline_source: str, tasks: list[int] | None = None) -> RenderedJob:
+    """Write the job's config and script; for scoring, `tasks` narrows the array (resubmits)."""
+    if tasks is not None:
+        if job.tasks is None:
+            raise SlmError(f"stage {job.stage!r} is not a job array")
+        job.tasks = sorted(tasks)
+    job.config.parent.mkdir(parents=True, exist_ok=True)
+    job.log_dir.mkdir(parents=True, exist_ok=True)
+    job.config.write_text(f"# frozen by `slm jobs` for stage {job.stage!r}\n" + yaml.safe_dump(dump_config(job.cfg), sort_keys=False))
+    job.script.write_text(script_text(job, pipeline_source))
+    job.script.chmod(0o755)
+    return job
+
+
+def render_pipeline(pipeline_path: str | Path | None, out_dir: str | Path, overrides: list[str] | None = None) -> list[RenderedJob]:
+    """Write the frozen pipeline, one config and one sbatch script per stage into `out_dir`."""
+    frozen, source, jobs = plan_jobs(pipeline_path, out_dir, overrides)
+    write_frozen(frozen, source, out_dir)
+    for job in jobs:
+        write_job(job, source)
+    return jobs
+
+
+def write_frozen(frozen: dict, source: str, out_dir: str | Path) -> Path:
+    """The resolved pipeline, loadable as it is (`slm run DIR/pipeline.yaml` runs the same stages)."""
+    path = Path(out_dir).resolve() / FROZEN_PIPELINE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# frozen by `slm jobs` from {source}\n" + yaml.safe_dump(frozen, sort_keys=False))
+    return path
