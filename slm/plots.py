@@ -20,7 +20,8 @@ def plot_learning_curves(runs: dict[str, list[dict]], path: str | Path, key: str
     ax.set_xlabel("tokens seen")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

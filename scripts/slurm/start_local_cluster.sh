@@ -67,8 +67,10 @@ NodeName=$HOST CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONFIG
 )
+CHANGED=0
 if [ ! -f "$CONF" ] || [ "$(cat "$CONF")" != "$NEW" ]; then
     printf '%s\n' "$NEW" > "$CONF"
+    CHANGED=1
     log "wrote $CONF"
 fi
 export SLURM_CONF=$CONF
@@ -88,7 +90,7 @@ chown munge:munge /run/munge 2>/dev/null || true
 if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
     log "munged already running"
 else
-    munged --force --pid-file="$DIR/munged.pid" >&2
+    munged --force --pid-file="$DIR/munged.pid" --log-file="$DIR/log/munged.log" >&2
     for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.2; done
     munge -n | unmunge >/dev/null || { log "munged did not come up"; exit 1; }
     log "started munged"
@@ -96,6 +98,7 @@ fi
 
 if alive "$DIR/slurmctld.pid"; then
     log "slurmctld already running (pid $(cat "$DIR/slurmctld.pid"))"
+    if [ "$CHANGED" = 1 ]; then scontrol reconfigure >&2 && log "told slurmctld to read the new slurm.conf"; fi
 else
     slurmctld -f "$CONF" >&2
     log "started slurmctld"

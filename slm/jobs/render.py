@@ -176,8 +176,11 @@ def script_text(job: RenderedJob, pipeline_source: str) -> str:
             'NODES=$(scontrol show hostnames "$SLURM_JOB_NODELIST")',
             'export MASTER_ADDR=$(echo "$NODES" | head -n 1)',
             f"export MASTER_PORT={port}",
-            f'export SLM_HOSTFILE="{job.log_dir}/hostfile-{job.stage}-$SLURM_JOB_ID"',
-            f'echo "$NODES" | sed "s/$/ slots={r.ranks_per_node}/" > "$SLM_HOSTFILE"',
+        ]
+        if r.launcher == "deepspeed":  # its no-ssh mode reads the nodes and their slots from a hostfile
+            lines += [f'export SLM_HOSTFILE="{job.log_dir}/hostfile-{job.stage}-$SLURM_JOB_ID"',
+                      f'echo "$NODES" | sed "s/$/ slots={r.ranks_per_node}/" > "$SLM_HOSTFILE"']
+        lines += [
             f'srun --nodes={r.nodes} --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 \\',
             f"    bash -c {shlex.quote('exec ' + launcher_command(job))}",
         ]

@@ -70,11 +70,15 @@ def build_config(model_cfg, vocab_size: int) -> PretrainedConfig:
         raise SlmError(f"model.options for backbone {model_cfg.backbone!r}: {e}") from None
 
 
-def build_model(model_cfg, vocab_size: int) -> PreTrainedModel:
-    """A fresh model from sizes, or the checkpoint in `model_cfg.init_from`."""
+def build_model(model_cfg, vocab_size: int, seed: int | None = None) -> PreTrainedModel:
+    """A fresh model from sizes (initialised from `seed`), or the checkpoint in `model_cfg.init_from`."""
     if model_cfg.init_from:
         return load_pretrained(model_cfg.init_from)
     config = build_config(model_cfg, vocab_size)
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
     model = get_backbone(model_cfg.backbone).model_cls(config)
     return model
 

@@ -22,6 +22,7 @@ from slm.selection import selective_loss
 from slm.shards import ShardSet
 from slm.stages.common import StageRun, config_fingerprint, say
 from slm.token_loss import token_losses
+from slm.training.distributed import rank
 from slm.training.loop import Trainer
 
 
@@ -75,7 +76,7 @@ def run(cfg: PretrainConfig, force: bool = False, resume: bool = True, stop_afte
         raise SlmError(f"{cfg.shards}: shards record no tokenizer path; set tokenizer")
     tokenizer = load_tokenizer(tokenizer_dir)
     check_shards_match(shards, cfg, tokenizer_dir, len(tokenizer))
-    model = build_model(cfg.model, vocab_size=len(tokenizer))
+    model = build_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.train.seed)
     check_vocab(model, tokenizer, tokenizer_dir)
     heldout = packed_corpus(cfg.validation, tokenizer, tokenizer_dir, cfg.train.seq_len, out / "data") if cfg.validation else None
     columns = ["input_ids", "ref_loss", "loss_mask"]
@@ -93,7 +94,8 @@ def run(cfg: PretrainConfig, force: bool = False, resume: bool = True, stop_afte
     if result.step < cfg.train.max_steps:
         return {"status": "stopped", "step": result.step}
     model_dir = trainer.export(out / "model", tokenizer)
-    plot_learning_curves({out.name: result.history}, out / "learning_curve.png")
+    if rank() == 0:
+        plot_learning_curves({out.name: result.history}, out / "learning_curve.png")
     last = result.history[-1]
     metrics = {
         "steps": result.step,

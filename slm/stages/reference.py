@@ -13,6 +13,7 @@ from slm.models import build_model
 from slm.models.checks import check_vocab
 from slm.plots import plot_learning_curves
 from slm.stages.common import StageRun, config_fingerprint, say
+from slm.training.distributed import rank
 from slm.training.loop import Trainer, causal_lm_step
 
 
@@ -24,7 +25,7 @@ def run(cfg: ReferenceConfig, force: bool = False, resume: bool = True, stop_aft
         return done
     started = time.time()
     tokenizer = load_tokenizer(cfg.tokenizer)
-    model = build_model(cfg.model, vocab_size=len(tokenizer))
+    model = build_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.train.seed)
     check_vocab(model, tokenizer, cfg.tokenizer)
     seq_len = cfg.train.seq_len
     train_rows = packed_corpus(cfg.corpus, tokenizer, cfg.tokenizer, seq_len, out / "data")
@@ -40,6 +41,7 @@ def run(cfg: ReferenceConfig, force: bool = False, resume: bool = True, stop_aft
     if result.step < cfg.train.max_steps:  # stopped early on purpose (tests)
         return {"status": "stopped", "step": result.step}
     model_dir = trainer.export(out / "model", tokenizer)
-    plot_learning_curves({"reference": result.history}, out / "learning_curve.png")
+    if rank() == 0:
+        plot_learning_curves({"reference": result.history}, out / "learning_curve.png")
     metrics = {"steps": result.step, "tokens_seen": result.tokens_seen, "final_heldout_loss": result.final_heldout_loss, "resumed_from": result.resumed_from}
     return stage.complete(fingerprints, metrics, started, {"model": str(model_dir), "metrics": str(out / "metrics.jsonl")})

@@ -30,7 +30,7 @@ from slm.shards.format import ROW_STRIDE, FORMAT_VERSION, ShardMetadata, shard_n
 from slm.shards.manifest import DONE_DIR, MANIFEST, forget_shard, load_manifest, merge_manifest
 from slm.shards.writer import ShardWriter
 from slm.stages.common import StageRun, say
-from slm.training.distributed import barrier, device, init_distributed, rank, world_size
+from slm.training.distributed import all_reduce_sum, barrier, device, init_distributed, rank, world_size
 from slm.training.ds_config import resolve_precision
 
 
@@ -130,6 +130,7 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
         batches = score_rows(rows, reference, cfg.batch_size, cfg.logprob_chunk_tokens, k * ROW_STRIDE, base, dev, bar.update)
         writer.write(k, batches, extra={"documents": hi - lo, "part": cfg.part})
     bar.close()
+    scored_now = int(all_reduce_sum(len(todo) - skipped))
     barrier()
     manifest = merge_manifest(out, meta, num_shards)
     totals = manifest.totals()
@@ -139,7 +140,7 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
         say(f"score: part {cfg.part}/{cfg.parts} done ({len(todo) - skipped} shards scored, {skipped} already whole); {len(manifest.shards)} of {num_shards} shards whole")
         return {"status": "partial", "shards_whole": len(manifest.shards), "num_shards": num_shards}
     fingerprints = {"tokenizer": meta.tokenizer_sha256, "reference": meta.reference_sha256, "data": meta.corpus_fingerprint}
-    metrics = {"num_shards": num_shards, "scored_now": len(todo) - skipped, **totals}
+    metrics = {"num_shards": num_shards, "scored_now": scored_now, **totals}
     return stage.complete(fingerprints, metrics, started, {"shards": str(out), "manifest": str(out / MANIFEST)})
 
 

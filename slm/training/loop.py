@@ -21,7 +21,7 @@ from slm.config import TrainConfig
 from slm.errors import SlmError
 from slm.token_loss import token_losses
 from slm.training import checkpoint as ckpt
-from slm.training.distributed import barrier, device, init_distributed, rank, world_size
+from slm.training.distributed import all_reduce_sum, barrier, device, init_distributed, rank, world_size
 from slm.training.ds_config import deepspeed_config, resolve_precision
 from slm.training.loader import DeterministicLoader
 from slm.training.metrics import MetricsLog
@@ -105,16 +105,6 @@ class Trainer:
     def _client_state(self, step: int, tokens: int) -> dict:
         return {"step": step, "tokens_seen": tokens, "data_position": step * self.loader.global_batch, "fingerprints": self.fingerprints}
 
-    def _mean_over_ranks(self, value: float) -> float:
-        """The mean of a per-rank value over all ranks (the logged loss is the global batch's, not rank 0's)."""
-        if world_size() == 1:
-            return value
-        import torch.distributed as dist
-
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.item() / world_size()
-
     def _evaluate(self) -> float | None:
         if self.heldout_rows is None:
             return None
@@ -156,7 +146,7 @@ class Trainer:
                 raise SlmError(f"{self.out_dir}: DeepSpeed skipped optimizer step {step + 1} (overflow); lower train.optim.lr or use precision fp32")
             step += 1
             tokens += self.loader.global_batch * self.loader.source.seq_len
-            record = {"loss": self._mean_over_ranks(loss_sum / cfg.grad_accum), "lr": self.engine.get_lr()[0], "tokens": tokens, **logs}
+            record = {"loss": all_reduce_sum(loss_sum / cfg.grad_accum) / world_size(), "lr": self.engine.get_lr()[0], "tokens": tokens, **logs}
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 now = time.time()
                 tokens_per_s = record["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)

@@ -1,0 +1,135 @@
+"""The DeepSpeed engine through `slm reference`: learning, resume, export, guards, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from slm.errors import SlmError
+from slm.stages import reference
+from slm.training.ds_config import deepspeed_config
+from slm.training.metrics import read_metrics
+
+
+def weights(model_dir):
+    return load_file(f"{model_dir}/model.safetensors")
+
+
+def test_heldout_loss_falls_and_outputs_are_written(tiny_reference_cfg):
+    cfg = tiny_reference_cfg(max_steps=12, eval_every=4, optim=dict(lr=1e-2, warmup_steps=2))
+    record = reference.run(cfg)
+    heldout = [m["heldout_loss"] for m in read_metrics(f"{cfg.out_dir}/metrics.jsonl") if m.get("heldout_loss") is not None]
+    assert len(heldout) == 3 and heldout[-1] < heldout[0] - 0.5
+    stage = json.loads(open(f"{cfg.out_dir}/stage.json").read())
+    assert stage["status"] == "complete" and stage["metrics"]["final_heldout_loss"] == pytest.approx(heldout[-1])
+    assert (open(f"{cfg.out_dir}/learning_curve.png", "rb").read(8)) == b"\x89PNG\r\n\x1a\n"
+    assert record["outputs"]["model"].endswith("model")
+
+
+def test_resume_after_kill_equals_uninterrupted(tiny_reference_cfg):
+    whole = reference.run(tiny_reference_cfg("whole", max_steps=7, checkpoint_every=2))
+    cfg = tiny_reference_cfg("killed", max_steps=7, checkpoint_every=2)
+    stopped = reference.run(cfg, stop_after=5)  # as if killed during step 6: newest checkpoint is step 4
+    assert stopped == {"status": "stopped", "step": 5}
+    resumed = reference.run(cfg)
+    assert resumed["metrics"]["resumed_from"] == 4
+    a, b = weights(whole["outputs"]["model"]), weights(resumed["outputs"]["model"])
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    # the same data order: identical per-step losses, steps 1..7 each logged once
+    la, lb = read_metrics(f"{whole['outputs']['metrics']}"), read_metrics(f"{resumed['outputs']['metrics']}")
+    assert [m["step"] for m in lb] == list(range(1, 8))
+    assert [m["loss"] for m in la] == pytest.approx([m["loss"] for m in lb], abs=1e-6)
+
+
+def test_export_loads_with_automodel_and_gives_same_logits(tiny_reference_cfg):
+    cfg = tiny_reference_cfg(max_steps=2)
+    record = reference.run(cfg)
+    loaded = AutoModelForCausalLM.from_pretrained(record["outputs"]["model"]).eval()
+    from slm.models import build_model
+
+    fresh = build_model(cfg.model, loaded.config.vocab_size)
+    fresh.load_state_dict(loaded.state_dict())
+    x = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, fresh.eval()(x).logits)
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(record["outputs"]["model"])) == loaded.config.vocab_size
+
+
+def test_rerun_after_success_skips_and_force_redoes(tiny_reference_cfg):
+    cfg = tiny_reference_cfg(max_steps=2)
+    first = reference.run(cfg)
+    again = reference.run(cfg)
+    assert again["finished_at"] == first["finished_at"]
+    redone = reference.run(cfg, force=True)
+    assert redone["metrics"]["resumed_from"] is None and (redone["finished_at"], redone["seconds"]) != (first["finished_at"], first["seconds"])
+
+
+def test_checkpoint_of_other_data_is_refused(tiny_reference_cfg, tiny_demo):
+    cfg = tiny_reference_cfg(max_steps=6, checkpoint_every=2)
+    reference.run(cfg, stop_after=2)
+    other = cfg.model_copy(update={"corpus": cfg.corpus.model_copy(update={"path": str(tiny_demo.validation)})})
+    with pytest.raises(SlmError, match=r"checkpoint belongs to another run; differs in .*data"):
+        reference.run(other)
+
+
+def test_finished_output_of_another_config_is_refused(tiny_reference_cfg):
+    cfg = tiny_reference_cfg(max_steps=2)
+    reference.run(cfg)
+    with pytest.raises(SlmError, match="holds a finished reference run with another config; use --force"):
+        reference.run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 3})}))
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tiny_reference_cfg, monkeypatch):
+    import slm.stages.reference as stage
+
+    def nan_loss(model, batch):
+        return torch.tensor(float("nan"), requires_grad=True), {}
+
+    monkeypatch.setattr(stage, "causal_lm_step", nan_loss)
+    with pytest.raises(SlmError, match=r"loss is nan at step 1 \(non-finite\)"):
+        reference.run(tiny_reference_cfg(max_steps=2))
+
+
+def test_vocab_mismatch_between_tokenizer_and_checkpoint(tiny_reference_cfg, tmp_path):
+    from slm.config import ModelConfig
+    from slm.models import build_model
+
+    small = build_model(ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32), vocab_size=50)
+    small.save_pretrained(tmp_path / "small")
+    cfg = tiny_reference_cfg(max_steps=2)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": str(tmp_path / "small")})})
+    with pytest.raises(SlmError, match=r"vocabulary mismatch: tokenizer .* has \d+ tokens, the model's embedding has 50"):
+        reference.run(cfg)
+
+
+def test_continue_from_a_checkpoint_starts_where_it_ended(tiny_reference_cfg):
+    base = reference.run(tiny_reference_cfg("base", max_steps=10, optim=dict(lr=1e-2, warmup_steps=2)))
+    cfg = tiny_reference_cfg("continued", max_steps=2, eval_every=1)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": base["outputs"]["model"]})})
+    cont = reference.run(cfg)
+    fresh = reference.run(tiny_reference_cfg("fresh", max_steps=2, eval_every=1))
+    assert read_metrics(cont["outputs"]["metrics"])[0]["heldout_loss"] < read_metrics(fresh["outputs"]["metrics"])[0]["heldout_loss"] - 0.5
+
+
+def test_zero3_trains_and_exports(tiny_reference_cfg):
+    record = reference.run(tiny_reference_cfg("z3", max_steps=3, zero_stage=3))
+    loaded = AutoModelForCausalLM.from_pretrained(record["outputs"]["model"])
+    assert all(p.numel() > 0 for p in loaded.parameters())
+
+
+def test_deepspeed_config_follows_the_typed_config():
+    from slm.config import TrainConfig
+
+    cfg = TrainConfig.model_validate(dict(micro_batch_size=3, grad_accum=4, zero_stage=2, max_steps=50, optim=dict(lr=1e-3, warmup_steps=5, grad_clip=0.5)))
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == 24 and ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == 1e-3
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 5 and ds["scheduler"]["params"]["total_num_steps"] == 50
+    assert ds["bf16"]["enabled"] is (torch.cuda.is_available())
