@@ -478,3 +478,4 @@ def test_cancelled_array_task_is_resubmitted_alone(cluster_run):
     print(f"cancel + resubmit of one array task: {time.time() - started:.0f} s ({len(part1)} of task 1's 50 shards were whole at the cancel)")
     assert json.loads((shards / "stage.json").read_text())["status"] == "complete"
     _check_sequences(shards, corpus, root / "work" / "reference" / "model", 10, 64)
+

@@ -9,7 +9,6 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from slm.errors import SlmError
-from slm.shards.format import shard_name
 from slm.shards.manifest import DONE_DIR, MANIFEST
 from slm.stages.common import STAGE_FILE, StageRun
 from slm.stages.score import my_shards
@@ -55,11 +54,11 @@ def whole_shards(shards_dir: Path) -> set[int]:
     for entry in (shards_dir / DONE_DIR).glob("shard-*.json"):
         name = entry.name[: -len(".json")]
         try:
-            index = int(name.split("-", 1)[1].split(".")[0])
+            index = int(name.split("-", 1)[1].split(".")[0])  # shard-NNNNN.arrow
             size = json.loads(entry.read_text())["bytes"]
         except (ValueError, KeyError, IndexError, OSError):
             continue
-        shard = shards_dir / shard_name(index)
+        shard = shards_dir / name
         if shard.is_file() and shard.stat().st_size == size:
             whole.add(index)
     return whole
