@@ -262,6 +262,20 @@ def longrope_search(model: Path = typer.Option(..., "--model", help="Llama check
     typer.echo(f"perplexity at {target_len}: {result['perplexity']:.3f} (PI {result['baselines']['pi']:.3f}); wrote {out}")
 
 
+@analyze_app.command("token-dynamics")
+def token_dynamics(run_dir: Optional[Path] = typer.Option(None, "--run", help="A reference/pretrain run directory: its whole checkpoints, in order."),
+                   checkpoint: Optional[List[Path]] = typer.Option(None, "--checkpoint", help="HF model directories in training order (repeatable)."),
+                   validation: Optional[Path] = typer.Option(None, "--validation", help="Validation text (jsonl/txt/parquet/arrow)."),
+                   out: Path = typer.Option(Path("token_dynamics"), "--out"),
+                   config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                   max_rows: Optional[int] = typer.Option(None, "--max-rows"), seq_len: Optional[int] = typer.Option(None, "--seq-len")):
+    """RHO-1 token categories (H->H, L->H, H->L, L->L) over a series of checkpoints, with shares and a plot."""
+    from slm.analysis.token_dynamics import token_dynamics_command
+
+    token_dynamics_command([str(c) for c in checkpoint] if checkpoint else None, str(run_dir) if run_dir else None,
+                           str(validation) if validation else None, str(out), config=config, overrides=set_, max_rows=max_rows, seq_len=seq_len)
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2 (no traceback)."""
     import click

@@ -40,6 +40,16 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def malloc_trim() -> None:
+    """Hand the freed heap back to the OS (glibc), so that RSS shows what is still live."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def tensor_bytes(obj) -> dict:
     """Bytes held by the tensors reachable from `obj` (dataclasses, lists, dicts, plain objects such as a
     transformers Cache): `logical` = sum of numel * itemsize over distinct tensors, `storage` = sum of the

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import sys
 import time
@@ -53,6 +54,7 @@ def model_config(backbone: str, args, intermediate_size: int):
     options = {}
     if backbone in SEGMENT_KEY and args.segment:
         options[SEGMENT_KEY[backbone]] = args.segment
+    options.update(parse_sets(args.set).get(backbone, {}))
     cfg = ModelConfig(
         backbone=backbone,
         hidden_size=args.hidden,
@@ -64,6 +66,22 @@ def model_config(backbone: str, args, intermediate_size: int):
         options=options,
     )
     return build_config(cfg, args.vocab)
+
+
+def parse_sets(items: list[str] | None) -> dict[str, dict]:
+    """["beacon.max_beacon_windows=64", ...] -> {"beacon": {"max_beacon_windows": 64}} (values parsed as JSON when they parse)."""
+    out: dict[str, dict] = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        name, _, option = key.partition(".")
+        if not (name and option and _):
+            raise SystemExit(f"--set {item!r}: expected BACKBONE.KEY=VALUE")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(name, {})[option] = parsed
+    return out
 
 
 def build(backbone: str, config):
@@ -141,6 +159,7 @@ def worker_measure(spec: dict) -> dict:
     with torch.inference_mode():
         _stream(model, ids[:, :128], 64)  # warm-up: first-call allocations and kernel selection, ~nothing kept
     gc.collect()
+    _util.malloc_trim()
     base_hw, base_rss = _util.maxrss_mb(), _util.rss_mb()
     states = []
     with torch.inference_mode():
@@ -148,7 +167,14 @@ def worker_measure(spec: dict) -> dict:
         cache, seconds, last = _stream(model, ids, chunk)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak_hw = _util.maxrss_mb()
+    finite, absmax = bool(torch.isfinite(last).all()), round(float(last.abs().max()), 4)
     state = _util.tensor_bytes(cache)
+    # live memory: RSS with the state still referenced, after handing freed heap back to the OS
+    # (separates memory the forward still holds from allocator retention / fragmentation)
+    del last
+    gc.collect()
+    _util.malloc_trim()
+    live = _util.rss_mb() - base_rss
     n = len(seconds)
     tail = seconds[max(1, n - 4):] if n > 1 else seconds
     head = seconds[1:5] if n > 5 else seconds
@@ -164,13 +190,14 @@ def worker_measure(spec: dict) -> dict:
         "baseline_rss_mb": round(base_hw, 1),
         "rss_after_build_mb": round(base_rss, 1),
         "peak_delta_mb": round(peak_hw - base_hw, 1),
+        "live_after_trim_mb": round(live, 1),
         "state_mb": round(state["logical"] / 2**20, 3),
         "state_storage_mb": round(state["storage"] / 2**20, 3),
         # seconds per chunk early in the stream vs at its end: growth here is per-token time growing with position
         "chunk_seconds_early": round(sum(head) / len(head), 4),
         "chunk_seconds_late": round(sum(tail) / len(tail), 4),
-        "last_output_finite": bool(torch.isfinite(last).all()),
-        "last_output_absmax": round(float(last.abs().max()), 4),
+        "last_output_finite": finite,
+        "last_output_absmax": absmax,
         "load_average": _util.load_average(),
     }
 
@@ -225,12 +252,16 @@ def project_seconds(done: list[dict], length: int) -> float | None:
     return last["seconds"] * (length / last["length"]) ** p
 
 
+def target_lengths(lengths: list[int]) -> tuple[int, int]:
+    """The pair the targets compare: 4K (else the second shortest, or the shortest of two) and the longest."""
+    ls = sorted(lengths)
+    lo = 4096 if 4096 in ls[:-1] else (ls[1] if len(ls) > 2 else ls[0])
+    return lo, ls[-1]
+
+
 def targets(results: dict, backbones: list[str], lengths: list[int]) -> dict:
     out = {}
-    lo, hi = 4096, 65536
-    if lo not in lengths or hi not in lengths:  # --lengths override: compare the smallest >= 4K-ish with the largest
-        bigger = sorted(lengths)
-        lo, hi = (bigger[1] if len(bigger) > 2 else bigger[0]), bigger[-1]
+    lo, hi = target_lengths(lengths)
     for name in backbones:
         if name not in STREAMING:
             continue
@@ -297,6 +328,8 @@ def main() -> None:
     p.add_argument("--intermediate", type=int, default=384, help="llama's MLP width; the others are matched to its parameter count")
     p.add_argument("--no-match-params", dest="match_params", action="store_false", help="same intermediate_size everywhere instead")
     p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--set", action="append", metavar="BACKBONE.KEY=VALUE",
+                   help="a backbone config option, e.g. beacon.max_beacon_windows=64 (repeatable)")
     p.add_argument("--decoder-only", action="store_true", help="time the decoder (hidden states) without the output projection")
     p.add_argument("--threads", type=int, default=1, help="torch threads in every measurement (fixed)")
     p.add_argument("--budget-s", type=float, default=300.0, help="time budget of one (backbone, length) measurement")
@@ -383,6 +416,7 @@ def main() -> None:
         "machine": info,
         "settings": public_args,
         "models": sizes,
+        "model_configs": {name: model_config(name, args, sizes[name]["intermediate_size"]).to_dict() for name in args.backbones},
         "results": results,
         "targets": {"definition": f"streaming backbones: peak_delta_mb(long) <= {MEM_TARGET}x peak_delta_mb(4K), us_per_token(long) <= {TIME_TARGET}x us_per_token(4K)",
                     "per_backbone": verdict},
@@ -394,26 +428,40 @@ def main() -> None:
              f"vocab {args.vocab}, chunk {args.chunk}; shared machine")
     plot(results, args.backbones, args.plot, title)
 
-    headers = ["backbone", "params"] + [f"{human(L)} µs/tok" for L in args.lengths] + [f"{human(L)} peak MiB" for L in args.lengths] \
-        + ["mem ratio", "time ratio"]
+    lo, hi = target_lengths(args.lengths)
+    headers = (["backbone", "params"] + [f"{human(L)} µs/tok" for L in args.lengths] + [f"{human(L)} peak +MiB" for L in args.lengths]
+               + [f"mem {human(hi)}/{human(lo)}", f"time {human(hi)}/{human(lo)}"])
     rows = []
     for name in args.backbones:
-        row = [name, f"{sizes[name]['params'] / 1e6:.2f}M"]
+        row = [name, f"{sizes[name]['params'] / 1e6:.3f}M"]
         for key in ("us_per_token", "peak_delta_mb"):
             for L in args.lengths:
                 r = results[name][str(L)]
                 row.append(_util.fmt(r[key]) if r.get("status") == "ok" else r["status"])
         v = verdict.get(name)
         if v and "memory_ratio" in v:
-            row += [f"{v['memory_ratio']:.2f} {'pass' if v['memory_pass'] else 'FAIL'}",
-                    f"{v['time_ratio']:.2f} {'pass' if v['time_pass'] else 'FAIL'}"]
+            row += [f"{v['memory_ratio']:.2f}x {'pass' if v['memory_pass'] else 'FAIL'}",
+                    f"{v['time_ratio']:.2f}x {'pass' if v['time_pass'] else 'FAIL'}"]
         else:
-            row += ["-", "-"] if name not in STREAMING else ["n/a", "n/a"]
+            row += ["n/a (KV cache grows)", "n/a"] if name not in STREAMING else ["not measured", "not measured"]
         rows.append(row)
-    _util.print_table("long context: streaming forward", headers, rows)
+    _util.print_table("long context: streaming forward (summary)", headers, rows)
+    dh = ["backbone", "length", "µs/token (wall)", "µs/token (CPU)", "peak +MiB", "live +MiB after trim", "state MiB (storage)", "s"]
+    drows = []
+    for name in args.backbones:
+        for L in args.lengths:
+            r = results[name][str(L)]
+            if r.get("status") == "ok":
+                drows.append([name, human(L), _util.fmt(r["us_per_token"]), _util.fmt(r["cpu_us_per_token"]), _util.fmt(r["peak_delta_mb"]),
+                              _util.fmt(r["live_after_trim_mb"]), f"{r['state_mb']:.2f} ({r['state_storage_mb']:.2f})", _util.fmt(r["seconds"])])
+            else:
+                drows.append([name, human(L), r["status"], "", "", "", "", ""])
+    _util.print_table("long context: every measurement", dh, drows)
     skipped = [(n, L, results[n][str(L)]["reason"]) for n in args.backbones for L in args.lengths if results[n][str(L)].get("status") != "ok"]
     print()
     print(_util.markdown_table(headers, rows))
+    print()
+    print(_util.markdown_table(dh, drows))
     if skipped:
         print()
         for n, L, why in skipped:

@@ -1,0 +1,56 @@
+"""`slm run`: the built-in demo recipe, shrunk with --set, runs, skips on rerun, redoes with --from."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from slm.errors import SlmError
+from slm.pipeline import builtin_recipe, load_pipeline, run_pipeline
+
+TRAIN = ["seq_len=64", "micro_batch_size=4", "max_steps=4", "eval_every=2", "eval_batches=2", "checkpoint_every=4"]
+MODEL = ["hidden_size=32", "num_layers=2", "num_heads=2", "intermediate_size=64"]
+
+
+def shrink(work_dir) -> list[str]:
+    """--set overrides that turn the demo recipe into a seconds-long pipeline."""
+    sets = [f"work_dir={work_dir}"]
+    sets += [f"stages.data.{k}" for k in ("hq_documents=80", "train_documents=80", "validation_documents=10", "questions=4", "vocab_size=320", "retrieval_chars=300")]
+    for stage in ("reference", "pretrain_slm", "pretrain_clm"):
+        sets += [f"stages.{stage}.train.{t}" for t in TRAIN] + [f"stages.{stage}.model.{m}" for m in MODEL]
+    for stage in ("pretrain_slm", "pretrain_clm"):
+        sets.append(f"stages.{stage}.model.options.segment_len=16")
+    sets += ["stages.score.seq_len=64", "stages.score.documents_per_shard=40"]
+    for stage in ("eval_reference", "eval_slm", "eval_clm"):
+        sets += [f"stages.{stage}.seq_len=64", f"stages.{stage}.max_batches=2", f"stages.{stage}.max_new_tokens=4"]
+    return sets
+
+
+def test_demo_recipe_is_valid_and_ships_with_the_package():
+    pipeline, stages, path = load_pipeline(None)
+    assert path == builtin_recipe() and pipeline.name == "demo"
+    assert [s.kind for s in stages] == ["demo_data", "reference", "score", "pretrain", "pretrain", "eval", "eval", "eval"]
+    assert all(s.cfg.out_dir.startswith(pipeline.work_dir) for s in stages)
+    slm_stage = next(s for s in stages if s.name == "pretrain_slm")
+    assert slm_stage.cfg.model.backbone != "llama"  # the student is a long-context backbone
+
+
+def test_run_skip_and_redo_from(tmp_path):
+    sets = shrink(tmp_path / "w")
+    summary = run_pipeline(None, sets)
+    assert [r["status"] for r in summary] == ["complete"] * 8
+    assert json.loads((tmp_path / "w/eval_slm/results.json").read_text())["selection"]["ratio"] == 0.6
+    again = run_pipeline(None, sets)
+    assert [r["status"] for r in again] == ["skipped"] * 8
+    redo = run_pipeline(None, sets, from_stage="eval_slm")
+    assert [r["status"] for r in redo] == ["skipped"] * 6 + ["complete"] * 2
+
+
+def test_pipeline_errors_name_the_stage_and_key(tmp_path):
+    with pytest.raises(SlmError, match=r"stages\[reference\].config: key 'train.max_stepz': unknown key"):
+        load_pipeline(None, [f"work_dir={tmp_path}", "stages.reference.train.max_stepz=3"])
+    with pytest.raises(SlmError, match=r"no stage named 'nope'"):
+        load_pipeline(None, ["stages.nope.x=1"])
+    with pytest.raises(SlmError, match=r"--from 'nope': no such stage"):
+        run_pipeline(None, [f"work_dir={tmp_path}"], from_stage="nope")
