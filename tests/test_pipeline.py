@@ -54,3 +54,15 @@ def test_pipeline_errors_name_the_stage_and_key(tmp_path):
         load_pipeline(None, ["stages.nope.x=1"])
     with pytest.raises(SlmError, match=r"--from 'nope': no such stage"):
         run_pipeline(None, [f"work_dir={tmp_path}"], from_stage="nope")
+
+
+def test_every_shipped_recipe_validates():
+    from pathlib import Path
+
+    from slm.config import ReferenceConfig, load_config
+
+    root = Path(__file__).resolve().parent.parent
+    for path in sorted((root / "pipelines").glob("*.yaml")):
+        load_pipeline(path)
+    for path in sorted((root / "reference").glob("*.yaml")):
+        load_config(path, ReferenceConfig)
