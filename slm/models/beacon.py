@@ -34,9 +34,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from slm.models.causal_lm import StreamingCausalLM
 from slm.models.layers import RMSNorm, SwiGLU, apply_rope, init_weights, rope_cos_sin
 from slm.models.registry import register_backbone
 
@@ -161,11 +162,7 @@ class BeaconPreTrainedModel(PreTrainedModel):
     config_class = BeaconConfig
     base_model_prefix = "model"
     _no_split_modules = ["BeaconDecoderLayer"]
-    _is_stateful = True
 
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # the state is a BeaconState, never a transformers Cache
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -247,39 +244,8 @@ class BeaconModel(BeaconPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=h, cache=BeaconState(pos + T, layers) if use_cache else None)
 
 
-class BeaconForCausalLM(BeaconPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: BeaconConfig):
-        super().__init__(config)
-        self.model = BeaconModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_decoder(self):
-        return self.model
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
-
-    def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, use_cache=None,
-                cache=None, **kwargs):
-        out = self.model(input_ids, past_key_values=past_key_values if past_key_values is not None else cache,
-                         use_cache=use_cache)
-        logits = self.lm_head(out.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+class BeaconForCausalLM(StreamingCausalLM, BeaconPreTrainedModel):
+    decoder_class = BeaconModel
 
 
 register_backbone("beacon", BeaconConfig, BeaconForCausalLM)

@@ -37,9 +37,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from slm.models.causal_lm import StreamingCausalLM
 from slm.models.layers import RMSNorm, SwiGLU, apply_rope, causal_attention, init_weights, rope_cos_sin
 from slm.models.registry import register_backbone
 
@@ -195,7 +196,6 @@ class FamPreTrainedModel(PreTrainedModel):
     config_class = FamConfig
     base_model_prefix = "model"
     _no_split_modules = ["FamDecoderLayer"]
-    _is_stateful = True  # state cannot be rewound (no assisted generation / beam reordering)
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -207,9 +207,6 @@ class FamPreTrainedModel(PreTrainedModel):
         elif isinstance(module, FamModel):
             nn.init.normal_(module.fam_prompt, mean=0.0, std=std)
 
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # our state is a FamCache, returned by forward (generate passes it back)
 
 
 class FamModel(FamPreTrainedModel):
@@ -258,41 +255,8 @@ class FamModel(FamPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x), cache=state)
 
 
-class FamForCausalLM(FamPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    loss_type = "ForCausalLM"
-
-    def __init__(self, config: FamConfig):
-        super().__init__(config)
-        self.model = FamModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_decoder(self):
-        return self.model
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
-
-    def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, use_cache=None,
-                cache=None, logits_to_keep: int = 0, **kwargs):
-        out = self.model(input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                         use_cache=use_cache, cache=cache)
-        h = out.last_hidden_state
-        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
-        loss = None
-        if labels is not None:  # HF convention: shift inside, -100 ignored, mean CE
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+class FamForCausalLM(StreamingCausalLM, FamPreTrainedModel):
+    decoder_class = FamModel
 
 
 register_backbone("fam", FamConfig, FamForCausalLM)

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from slm.models.causal_lm import StreamingCausalLM
 from slm.models.layers import RMSNorm, SwiGLU, apply_rope, causal_attention, init_weights, rope_cos_sin
 from slm.models.registry import register_backbone
 
@@ -204,7 +205,6 @@ class InfiniPreTrainedModel(PreTrainedModel):
     config_class = InfiniConfig
     base_model_prefix = "model"
     _no_split_modules = ["InfiniDecoderLayer"]
-    _is_stateful = True  # state cannot be rewound (no assisted generation / beam reordering)
 
     def _init_weights(self, module):
         init_weights(module, self.config.initializer_range)
@@ -213,9 +213,6 @@ class InfiniPreTrainedModel(PreTrainedModel):
         elif isinstance(module, InfiniAttention):
             nn.init.constant_(module.beta, float(self.config.gate_init))
 
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # our state is an InfiniCache, returned by forward (generate passes it back)
 
 
 def _check_mask(attention_mask):
@@ -252,41 +249,8 @@ class InfiniModel(InfiniPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x), cache=state)
 
 
-class InfiniForCausalLM(InfiniPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    loss_type = "ForCausalLM"
-
-    def __init__(self, config: InfiniConfig):
-        super().__init__(config)
-        self.model = InfiniModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_decoder(self):
-        return self.model
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
-
-    def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, use_cache=None,
-                cache=None, logits_to_keep: int = 0, **kwargs):
-        out = self.model(input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                         use_cache=use_cache, cache=cache)
-        h = out.last_hidden_state
-        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
-        loss = None
-        if labels is not None:  # HF convention: shift inside, -100 ignored, mean CE
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+class InfiniForCausalLM(StreamingCausalLM, InfiniPreTrainedModel):
+    decoder_class = InfiniModel
 
 
 register_backbone("infini", InfiniConfig, InfiniForCausalLM)

@@ -1,0 +1,636 @@
+"""SLM against the plain causal-LM baseline on the demo, at the same token budget.
+
+Set-up (once, cached in --work-dir): the embedded demo pipeline's own `data`, `reference` and `score` stages,
+with the recipe's sizes unchanged (`slm.pipeline.load_pipeline(None, ["work_dir=..."])`, each stage run through
+`slm.stages.registry.stage_runner`). The reference model is evaluated too (held-out loss, domain accuracy).
+
+Then, for every seed: the CLM baseline (the recipe's `pretrain_clm`: `selection.enabled: false`) and SLM at every
+ratio of --ratios (the recipe's `pretrain_slm`, batch mode), with the recipe's model and training config and only
+these changes, none of which alters training: `train.seed` = the seed, `train.max_steps` = --steps (default the
+recipe's), a held-out evaluation every --eval-every steps (for the curves), a checkpoint every --checkpoint-every
+steps, all checkpoints kept. SLM at ratio 1.0 equals CLM by construction (ratio 1 keeps every valid token:
+`selection.selective_loss`, tested in tests/test_pretrain_eval.py) and is not run. Each run is `slm.stages.pretrain.run`
+in-process with its own out_dir; a finished run is reused when its config is unchanged (--force redoes it).
+
+Measured, per run:
+  * held-out loss against tokens: the trainer's `heldout_loss` every --eval-every steps, plus the untrained model
+    (the same seed's initialisation) at 0 tokens;
+  * domain accuracy against tokens: the first --questions demo questions (greedy, exact match,
+    `slm.evaluation.heldout.domain_accuracy`) at every kept DeepSpeed checkpoint (weights loaded into the exported
+    architecture with `slm.analysis.token_dynamics.load_deepspeed_weights`), and of the untrained model at 0 tokens;
+  * tokens are every token the model processes (the logged `tokens`: batch x seq_len per step, kept or dropped);
+  * tokens to reach the CLM baseline's final held-out loss / accuracy (same seed): first crossing on the curve,
+    linear interpolation between evaluations; "not reached" if the curve never gets there;
+  * selection against the demo's noise tags: noise_dropped (share of noise tokens dropped: recall of the drop) and
+    kept_clean (share of kept tokens that are clean: precision of the keep), as the mean of the per-step logs over
+    the last 20% of steps, and with `selection_quality` on the final model (its own ratio, 32 batches of 8 rows);
+  * selection overhead: mean logged `selection_ms` / mean step time; step time from the logged `tokens_per_s`
+    windows that hold no evaluation, checkpoint or warm-up. Plus a direct micro-measurement on one batch:
+    forward+backward with the plain causal-LM loss against forward+backward with the selective loss, interleaved,
+    --micro-reps times each (plain PyTorch, no optimizer step: the overhead is a share of less than a full step,
+    so pessimistic), and the selective loss alone.
+
+Targets (from the issue; checked at ratio 0.6, reported met or not):
+  * counting every token processed, SLM reaches the baseline's final held-out loss with <= 0.5x its tokens;
+  * of the noise-tagged tokens >= 90% are dropped, and >= 80% of the kept tokens are clean;
+  * selection adds <= 5% to step time.
+
+    python scripts/bench/slm_vs_clm.py              # 3 seeds x (CLM + 6 ratios); prepares the demo on first use
+    python scripts/bench/slm_vs_clm.py --quick      # smoke check: 20 steps, 1 seed, ratio 0.6, 20 questions
+    python scripts/bench/slm_vs_clm.py --ratios 0.4 0.6 0.8 --seeds 0 1 2
+
+torch runs with --threads threads (default 1): on the shared 2-core machine two threads per process ran a training
+step about ten times slower than one (other jobs hold the cores; OpenMP threads wait on each other).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _util
+
+TOKENS_TARGET, NOISE_DROPPED_TARGET, KEPT_CLEAN_TARGET, OVERHEAD_TARGET = 0.5, 0.9, 0.8, 0.05
+TARGET_RATIO = 0.6
+LAST_SHARE = 0.2  # the logged selection precision/recall are averaged over this last share of steps
+SQ_BATCH, SQ_BATCHES = 8, 32  # selection_quality on the final model (as the demo's eval stages)
+MACHINE_NOTE = (
+    "CPU-only machine with 2 cores shared with other engineers' jobs during the run: all timings (step time, "
+    "tokens/s, selection ms, the micro-measurement) are affected by that load and are noisy; the load average at "
+    "start and end is recorded. Losses, accuracies and selection quality do not depend on the load."
+)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def prepare(args) -> dict:
+    """The demo recipe's data, reference and score stages under args.work_dir; the configs of the rest."""
+    from slm.pipeline import load_pipeline
+    from slm.stages.registry import stage_runner
+
+    _, stages, recipe = load_pipeline(None, [f"work_dir={args.work_dir}"])
+    by_name = {s.name: s for s in stages}
+    timings = {}
+    for name in ("data", "reference", "score"):
+        from slm.stages.common import STAGE_FILE
+
+        existed = (Path(by_name[name].cfg.out_dir) / STAGE_FILE).is_file()
+        t = time.time()
+        record = stage_runner(by_name[name].kind)(by_name[name].cfg)
+        timings[name] = round(time.time() - t, 1)
+        log(f"prepare: {name} {'reused' if existed else 'ran'} ({timings[name]} s)")
+        if record.get("status", "complete") != "complete":
+            raise SystemExit(f"stage {name} did not complete: {record}")
+    slm_cfg, clm_cfg = by_name["pretrain_slm"].cfg, by_name["pretrain_clm"].cfg
+    a, b = slm_cfg.model_dump(mode="json"), clm_cfg.model_dump(mode="json")
+    for d in (a, b):
+        d.pop("out_dir"), d.pop("selection")
+    if a != b:  # "same model and training config" is the recipe's promise; check it instead of assuming it
+        raise SystemExit(f"{recipe}: pretrain_slm and pretrain_clm differ beyond out_dir and selection: {a} vs {b}")
+    return {"recipe": str(recipe), "pretrain": slm_cfg, "eval": by_name["eval_reference"].cfg,
+            "reference": by_name["reference"].cfg, "data": by_name["data"].cfg, "stage_seconds": timings}
+
+
+def run_config(base, out_dir: Path, seed: int, ratio: float | None, args):
+    """The recipe's pretrain config with only seed, steps, evaluation/checkpoint cadence and selection changed."""
+    from slm.config import PretrainConfig
+
+    d = base.model_dump(mode="json")
+    d["out_dir"] = str(out_dir)
+    d["train"].update(seed=seed, max_steps=args.steps, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                      keep_checkpoints=10_000)
+    d["selection"] = {"enabled": False} if ratio is None else {**d["selection"], "enabled": True, "ratio": ratio}
+    return PretrainConfig.model_validate(d)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+class Evaluator:
+    def __init__(self, prep: dict, args):
+        from slm.data.packed import packed_corpus
+        from slm.data.tokenizer import load_tokenizer
+        from slm.evaluation.heldout import read_questions
+        from slm.shards import ShardSet
+
+        self.args, self.prep = args, prep
+        base = prep["pretrain"]
+        self.shards = ShardSet(base.shards)
+        self.tokenizer_dir = base.tokenizer or self.shards.metadata.tokenizer_path
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        self.train = base.train
+        self.max_new_tokens = prep["eval"].max_new_tokens
+        self.questions = read_questions(prep["eval"].questions)[: args.questions]
+        # the same packed validation rows the trainer evaluates on (same corpus, tokenizer, seq_len)
+        self.heldout_rows = packed_corpus(base.validation, self.tokenizer, self.tokenizer_dir, base.train.seq_len, Path(args.work_dir) / "bench" / "heldout")
+
+    def heldout(self, model) -> float:
+        from slm.training.loop import heldout_loss
+
+        return heldout_loss(model, self.heldout_rows, self.train.micro_batch_size, self.train.eval_batches, next(model.parameters()).device)
+
+    def accuracy(self, model) -> float:
+        from slm.evaluation.heldout import domain_accuracy
+
+        return domain_accuracy(model, self.tokenizer, self.questions, self.max_new_tokens, progress=False)["accuracy"]
+
+    def cached(self, path: Path, key: dict, compute):
+        import json
+
+        if path.is_file() and not self.args.force:
+            saved = json.loads(path.read_text())
+            if saved.get("key") == key:
+                return saved["value"]
+        value = compute()
+        _util.write_json(path, {"key": key, "value": value})
+        return value
+
+    def reference(self) -> dict:
+        from slm.models import load_pretrained
+
+        ref_dir = Path(self.prep["reference"].out_dir) / "model"
+        key = {"model": _stage_fp(ref_dir.parent), "questions": len(self.questions), "max_new_tokens": self.max_new_tokens}
+
+        def compute():
+            model = load_pretrained(str(ref_dir)).float().eval()
+            return {"heldout_loss": self.heldout(model), "domain_accuracy": self.accuracy(model), "questions": len(self.questions)}
+
+        return self.cached(Path(self.args.work_dir) / "bench" / "reference_eval.json", key, compute)
+
+    def untrained(self, base_cfg, seed: int) -> dict:
+        """The pretrain stage's initial model for `seed` (build_model with the same seed): the curves' 0-token point."""
+        from slm.models import build_model
+
+        key = {"model": base_cfg.model.model_dump(mode="json"), "seed": seed, "questions": len(self.questions),
+               "max_new_tokens": self.max_new_tokens, "eval_batches": self.train.eval_batches}
+
+        def compute():
+            model = build_model(base_cfg.model, vocab_size=len(self.tokenizer), seed=seed).float().eval()
+            return {"heldout_loss": self.heldout(model), "domain_accuracy": self.accuracy(model)}
+
+        return self.cached(Path(self.args.work_dir) / "bench" / f"untrained-seed{seed}.json", key, compute)
+
+    def run_checkpoints(self, run_dir: Path, ratio: float | None) -> dict:
+        """Accuracy at every kept checkpoint; selection quality of the final model (SLM runs)."""
+        from slm.analysis.token_dynamics import load_deepspeed_weights
+        from slm.evaluation.heldout import selection_quality
+        from slm.io import read_json
+        from slm.models import load_pretrained
+        from slm.training.checkpoint import MARKER, whole_checkpoints
+
+        key = {"run": _stage_fp(run_dir), "questions": len(self.questions), "max_new_tokens": self.max_new_tokens,
+               "selection_quality": [ratio, SQ_BATCH, SQ_BATCHES]}
+
+        def compute():
+            model = load_pretrained(str(run_dir / "model")).float().eval()
+            acc = []
+            for ck in whole_checkpoints(run_dir / "checkpoints"):
+                load_deepspeed_weights(model, ck)
+                acc.append({"step": int(read_json(ck / MARKER)["step"]), "accuracy": self.accuracy(model)})
+            model = load_pretrained(str(run_dir / "model")).float().eval()  # the exported final model
+            sq = selection_quality(model, self.shards, ratio, SQ_BATCH, SQ_BATCHES, progress=False) if ratio is not None else None
+            return {"accuracy": acc, "selection_quality": sq}
+
+        return self.cached(run_dir / "bench_eval.json", key, compute)
+
+
+def _stage_fp(run_dir: Path) -> str:
+    import json
+
+    record = json.loads((run_dir / "stage.json").read_text())
+    return f"{record['config_fingerprint']}:{record['finished_at']}"
+
+
+# ----------------------------------------------------------------------------- the runs
+
+
+def method_name(ratio: float | None) -> str:
+    return "CLM" if ratio is None else f"SLM {ratio:g}"
+
+
+def analyse_run(metrics: list[dict], cfg, untrained: dict, evals: dict, record: dict) -> dict:
+    """Curves, final values, selection measures and timing of one run from its metrics log."""
+    tr = cfg.train
+    tokens_at = {m["step"]: m["tokens"] for m in metrics}
+    tokens_per_step = metrics[0]["tokens"]
+    loss_curve = [(0, untrained["heldout_loss"])] + [(m["tokens"], m["heldout_loss"]) for m in metrics if m.get("heldout_loss") is not None]
+    acc_curve = [(0, untrained["domain_accuracy"])] + [(tokens_at[a["step"]], a["accuracy"]) for a in evals["accuracy"]]
+    last = [m for m in metrics if m["step"] > tr.max_steps * (1 - LAST_SHARE)]
+
+    def mean(key, rows):
+        vals = [m[key] for m in rows if m.get(key) is not None]
+        return statistics.fmean(vals) if vals else None
+
+    # step time from the tokens/s windows that hold only training steps: window (a, b] closes at step b
+    # before b's evaluation/checkpoint, so events at steps a..b-1 fall inside it; the first holds the warm-up
+    windows, a = [], 0
+    for m in metrics:
+        if m.get("tokens_per_s"):
+            b = m["step"]
+            events = any(e > 0 and (e % tr.eval_every == 0 or e % tr.checkpoint_every == 0) for e in range(a, b))
+            if a > 0 and not events:
+                windows.append((b - a) * tokens_per_step / m["tokens_per_s"] * 1e3 / (b - a))
+            a = b
+    step_ms = statistics.median(windows) if windows else None
+    sel_ms = mean("selection_ms", [m for m in metrics if m["step"] > tr.log_every])
+    return {
+        "steps": tr.max_steps,
+        "tokens_per_step": tokens_per_step,
+        "tokens": metrics[-1]["tokens"],
+        "kept_tokens": round(sum(m.get("kept_fraction", 1.0) * m.get("valid_tokens", tokens_per_step) for m in metrics)),
+        "loss_curve": loss_curve,
+        "accuracy_curve": acc_curve,
+        "final_heldout_loss": loss_curve[-1][1],
+        "final_accuracy": acc_curve[-1][1],
+        "log_noise_dropped": mean("noise_dropped", last),
+        "log_kept_clean": mean("kept_clean", last),
+        "log_kept_fraction": mean("kept_fraction", last),
+        "final_model_selection": evals["selection_quality"],
+        "selection_ms": sel_ms,
+        "step_ms": step_ms,
+        "step_ms_windows": len(windows),
+        "selection_share_of_step": sel_ms / step_ms if sel_ms is not None and step_ms else None,
+        "stage_seconds": record.get("seconds"),
+    }
+
+
+def tokens_to_reach(curve: list[tuple[float, float]], target: float, lower_is_better: bool) -> float | None:
+    """First crossing of `target` on the curve, linearly interpolated between points; None if never."""
+    ok = (lambda y: y <= target) if lower_is_better else (lambda y: y >= target)
+    for i, (x, y) in enumerate(curve):
+        if ok(y):
+            if i == 0:
+                return float(x)
+            x0, y0 = curve[i - 1]
+            return float(x0 + (target - y0) * (x - x0) / (y - y0)) if y != y0 else float(x)
+    return None
+
+
+# ----------------------------------------------------------------------------- micro-measurement
+
+
+def micro_overhead(model, shards, sel_cfg, micro_batch: int, reps: int) -> dict:
+    """Forward+backward with the plain causal-LM loss vs with the selective loss, same batch, interleaved."""
+    import numpy as np
+    import torch
+
+    from slm.selection import selective_loss
+    from slm.token_loss import token_losses
+    from slm.training.loop import causal_lm_step
+
+    rows = shards.rows(np.arange(micro_batch), ("input_ids", "ref_loss", "loss_mask"))
+    batch = {"input_ids": torch.from_numpy(rows["input_ids"]).long(), "ref_loss": torch.from_numpy(rows["ref_loss"]),
+             "loss_mask": torch.from_numpy(rows["loss_mask"])}
+    model.train()
+
+    def plain():
+        loss, _ = causal_lm_step(model, batch)
+        loss.backward()
+
+    def selective():
+        ce = token_losses(model, batch["input_ids"])
+        selective_loss(ce, batch["ref_loss"], sel_cfg, batch["loss_mask"]).loss.backward()
+
+    def timed(fn):
+        model.zero_grad(set_to_none=True)
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    for fn in (plain, selective, plain, selective):  # warm-up
+        timed(fn)
+    times = {"plain": [], "selective": []}
+    for i in range(reps):
+        order = (("plain", plain), ("selective", selective)) if i % 2 == 0 else (("selective", selective), ("plain", plain))
+        for name, fn in order:
+            times[name].append(timed(fn))
+    with torch.no_grad():
+        ce = token_losses(model, batch["input_ids"])
+    sel_only = []
+    for _ in range(max(reps, 20)):
+        t = time.perf_counter()
+        selective_loss(ce, batch["ref_loss"], sel_cfg, batch["loss_mask"])
+        sel_only.append(time.perf_counter() - t)
+    model.zero_grad(set_to_none=True)
+    p, s, o = (statistics.median(times["plain"]), statistics.median(times["selective"]), statistics.median(sel_only))
+    return {
+        "reps": reps,
+        "batch": [micro_batch, int(batch["input_ids"].shape[1])],
+        "ratio": sel_cfg.ratio,
+        "plain_ms_median": p * 1e3,
+        "selective_ms_median": s * 1e3,
+        "overhead_median": s / p - 1,
+        "selection_only_ms_median": o * 1e3,
+        "selection_only_share": o / p,
+        "plain_ms": [round(t * 1e3, 2) for t in times["plain"]],
+        "selective_ms": [round(t * 1e3, 2) for t in times["selective"]],
+    }
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def mean_std(vals: list[float | None]) -> tuple[float | None, float | None, int]:
+    got = [v for v in vals if v is not None]
+    if not got:
+        return None, None, 0
+    return statistics.fmean(got), (statistics.stdev(got) if len(got) > 1 else 0.0), len(got)
+
+
+def summarise(results: dict, seeds: list[int], methods: list[float | None]) -> dict:
+    summary = {}
+    for ratio in methods:
+        name = method_name(ratio)
+        per_seed = []
+        for seed in seeds:
+            r, base = results[(ratio, seed)], results[(None, seed)]
+            budget = base["tokens"]
+            tl = tokens_to_reach(r["loss_curve"], base["final_heldout_loss"], True)
+            trivial = base["final_accuracy"] <= r["accuracy_curve"][0][1]  # no better than the untrained model: nothing to reach
+            ta = None if trivial else tokens_to_reach(r["accuracy_curve"], base["final_accuracy"], False)
+            per_seed.append({
+                "seed": seed, "final_heldout_loss": r["final_heldout_loss"], "final_accuracy": r["final_accuracy"],
+                "clm_final_heldout_loss": base["final_heldout_loss"], "clm_final_accuracy": base["final_accuracy"],
+                "tokens_to_clm_loss": tl, "tokens_to_clm_loss_x_budget": tl / budget if tl is not None else None,
+                "tokens_to_clm_accuracy": ta, "tokens_to_clm_accuracy_x_budget": ta / budget if ta is not None else None,
+                "clm_accuracy_at_or_below_untrained": trivial,
+                "log_noise_dropped": r["log_noise_dropped"], "log_kept_clean": r["log_kept_clean"],
+                "final_noise_dropped": (r["final_model_selection"] or {}).get("noise_dropped"),
+                "final_kept_clean": (r["final_model_selection"] or {}).get("kept_clean"),
+                "selection_ms": r["selection_ms"], "step_ms": r["step_ms"], "selection_share_of_step": r["selection_share_of_step"],
+                "step_ms_vs_clm": r["step_ms"] / base["step_ms"] - 1 if r["step_ms"] and base["step_ms"] else None,
+                "tokens": r["tokens"], "kept_tokens": r["kept_tokens"],
+            })
+        agg = {}
+        for k in per_seed[0]:
+            if k == "seed" or isinstance(per_seed[0][k], bool):
+                continue
+            m, s, n = mean_std([p[k] for p in per_seed])
+            agg[k] = {"mean": m, "std": s, "n": n}
+        summary[name] = {"ratio": ratio, "per_seed": per_seed, "mean": agg, "seeds": len(seeds),
+                         "accuracy_target_trivial": any(p["clm_accuracy_at_or_below_untrained"] for p in per_seed)}
+    return summary
+
+
+def ms(agg: dict, key: str, digits: int = 3, pct: bool = False) -> str:
+    a = agg[key]
+    if a["mean"] is None:
+        return "-"
+    f = (lambda v: f"{100 * v:.{max(digits - 2, 0)}f}%") if pct else (lambda v: f"{v:.{digits}f}")
+    return f"{f(a['mean'])} ± {f(a['std'])}" if a["n"] > 1 else f(a["mean"])
+
+
+def reach(agg: dict, key: str, seeds: int) -> str:
+    a, x = agg[key], agg[key + "_x_budget"]
+    if a["n"] == 0:
+        return "not reached"
+    text = f"{a['mean'] / 1e3:.0f}K ({x['mean']:.2f}x" + (f" ± {x['std']:.2f}" if x["n"] > 1 else "") + ")"
+    return text + (f", reached {a['n']}/{seeds}" if a["n"] < seeds else "")
+
+
+def table_rows(summary: dict, seeds: int) -> tuple[list[str], list[list]]:
+    headers = ["method", "final held-out loss", "final accuracy", "tokens to CLM final loss (x CLM budget)",
+               "tokens to CLM final accuracy (x budget)", "noise dropped (log / final model)", "kept clean (log / final model)",
+               "selection ms / step ms (share)"]
+    rows = []
+    for name, s in summary.items():
+        a = s["mean"]
+        sel = "-" if a["selection_ms"]["mean"] is None else (
+            f"{a['selection_ms']['mean']:.2f} / {a['step_ms']['mean']:.0f} ({100 * a['selection_share_of_step']['mean']:.2f}%)")
+        nd = ms(a, "log_noise_dropped", 3, True) + (f" / {ms(a, 'final_noise_dropped', 3, True)}" if s["ratio"] is not None else "")
+        kc = ms(a, "log_kept_clean", 3, True) + (f" / {ms(a, 'final_kept_clean', 3, True)}" if s["ratio"] is not None else "")
+        acc = reach(a, "tokens_to_clm_accuracy", seeds)
+        if s["accuracy_target_trivial"]:
+            acc = "n/a (CLM final accuracy <= untrained" + (f" in some seeds; {acc}" if a["tokens_to_clm_accuracy"]["n"] else "") + ")"
+        rows.append([name, ms(a, "final_heldout_loss"), ms(a, "final_accuracy"), reach(a, "tokens_to_clm_loss", seeds), acc, nd, kc, sel])
+    rows.append(["SLM 1", "= CLM (ratio 1 keeps every valid token: identical by construction, not run)"] + [""] * (len(headers) - 2))
+    return headers, rows
+
+
+def targets(summary: dict, micro: dict | None) -> list[dict]:
+    name = method_name(TARGET_RATIO)
+    if name not in summary:
+        return []
+    s = summary[name]
+    a, seeds = s["mean"], s["seeds"]
+    out = []
+    tl = a["tokens_to_clm_loss_x_budget"]
+    out.append({"target": f"SLM {TARGET_RATIO:g} reaches the CLM final held-out loss with <= {TOKENS_TARGET:g}x the tokens",
+                "measured": "not reached" if tl["n"] == 0 else f"{tl['mean']:.3f}x (reached in {tl['n']}/{seeds} seeds)",
+                "met": tl["n"] == seeds and tl["mean"] <= TOKENS_TARGET})
+    nd = a["log_noise_dropped"]["mean"], a["final_noise_dropped"]["mean"]
+    out.append({"target": f"noise-tagged tokens dropped >= {NOISE_DROPPED_TARGET:.0%}",
+                "measured": f"{nd[0]:.3f} (training log, last {LAST_SHARE:.0%} of steps) / {nd[1]:.3f} (final model)",
+                "met": min(nd) >= NOISE_DROPPED_TARGET})
+    kc = a["log_kept_clean"]["mean"], a["final_kept_clean"]["mean"]
+    out.append({"target": f"kept tokens clean >= {KEPT_CLEAN_TARGET:.0%}",
+                "measured": f"{kc[0]:.3f} (training log) / {kc[1]:.3f} (final model)", "met": min(kc) >= KEPT_CLEAN_TARGET})
+    share = a["selection_share_of_step"]["mean"]
+    measured = f"{100 * share:.2f}% (logged selection ms / step ms)"
+    met = share <= OVERHEAD_TARGET
+    if micro:
+        measured += (f"; micro: fwd+bwd {100 * micro['overhead_median']:+.2f}% (median of {micro['reps']} interleaved), "
+                     f"selective loss alone {100 * micro['selection_only_share']:.2f}% of a plain fwd+bwd")
+        met = met and micro["overhead_median"] <= OVERHEAD_TARGET
+    out.append({"target": f"selection adds <= {OVERHEAD_TARGET:.0%} to step time", "measured": measured, "met": met})
+    return out
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def plot(results: dict, seeds: list[int], methods: list[float | None], path: Path, subtitle: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    cmap = plt.get_cmap("viridis")
+    ratios = [r for r in methods if r is not None]
+    for ratio in methods:
+        color = "black" if ratio is None else cmap(0.1 + 0.8 * (ratios.index(ratio) / max(len(ratios) - 1, 1)))
+        for ax, key in zip(axes, ("loss_curve", "accuracy_curve")):
+            curves = [results[(ratio, s)][key] for s in seeds]
+            xs = np.array([x for x, _ in curves[0]], dtype=float)
+            ys = np.array([[y for _, y in c] for c in curves], dtype=float)
+            ax.plot(xs / 1e3, ys.mean(0), marker="o", ms=3, color=color, lw=2 if ratio in (None, TARGET_RATIO) else 1.2,
+                    label=method_name(ratio))
+            if len(seeds) > 1:
+                ax.fill_between(xs / 1e3, ys.min(0), ys.max(0), color=color, alpha=0.15)
+    clm_loss = statistics.fmean(results[(None, s)]["final_heldout_loss"] for s in seeds)
+    clm_acc = statistics.fmean(results[(None, s)]["final_accuracy"] for s in seeds)
+    axes[0].axhline(clm_loss, color="black", ls=":", lw=1)
+    axes[1].axhline(clm_acc, color="black", ls=":", lw=1)
+    axes[0].set_ylabel("held-out loss (nats/token)")
+    axes[1].set_ylabel("domain accuracy (exact match)")
+    lo = min(min(y for _, y in results[(r, s)]["loss_curve"][1:]) for r in methods for s in seeds)
+    hi = max(max(y for _, y in results[(r, s)]["loss_curve"][1:]) for r in methods for s in seeds)
+    axes[0].set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))  # the untrained point (~ln vocab) is off the top
+    for ax in axes:
+        ax.set_xlabel("tokens processed (K)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("held-out loss (mean over seeds, min-max shaded); dotted: CLM final", fontsize=9)
+    axes[1].set_title("accuracy at checkpoints; dotted: CLM final", fontsize=9)
+    fig.suptitle(f"SLM vs CLM on the demo ({subtitle})", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke check: 20 steps, seed 0, ratio 0.6, 20 questions, 4 micro reps")
+    p.add_argument("--work-dir", default="runs/bench_slm_vs_clm", help="prepared demo (data, reference, shards) and the runs")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    p.add_argument("--questions", type=int, default=100, help="the first N demo questions for domain accuracy")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the recipe's max_steps)")
+    p.add_argument("--eval-every", type=int, default=20, help="held-out loss every N steps (the loss curve)")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="checkpoint (and accuracy) every N steps")
+    p.add_argument("--micro-reps", type=int, default=20, help="interleaved repetitions of the fwd+bwd micro-measurement")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (fixed)")
+    p.add_argument("--force", action="store_true", help="redo the runs and evaluations (not the prepared demo)")
+    p.add_argument("--out", type=Path, default=None, help="JSON (default results/slm_vs_clm.json; --quick: slm_vs_clm_quick.json)")
+    p.add_argument("--plot", type=Path, default=None, help="PNG (default results/slm_vs_clm.png; --quick: slm_vs_clm_quick.png)")
+    args = p.parse_args()
+    if args.quick:
+        args.seeds = args.seeds if args.seeds != p.get_default("seeds") else [0]
+        args.ratios = args.ratios if args.ratios != p.get_default("ratios") else [TARGET_RATIO]
+        args.steps = args.steps or 20
+        args.eval_every = min(args.eval_every, 10)
+        args.checkpoint_every = min(args.checkpoint_every, 10)
+        args.questions = min(args.questions, 20)
+        args.micro_reps = min(args.micro_reps, 4)
+    suffix = "_quick" if args.quick else ""
+    args.out = args.out or _util.RESULTS_DIR / f"slm_vs_clm{suffix}.json"
+    args.plot = args.plot or _util.RESULTS_DIR / f"slm_vs_clm{suffix}.png"
+    ratios = sorted(set(args.ratios))
+    if any(not 0 < r <= 1 for r in ratios):
+        p.error("--ratios must lie in (0, 1]")
+    dropped_one = 1.0 in ratios
+    ratios = [r for r in ratios if r < 1.0]  # ratio 1 is the CLM baseline by construction
+
+    os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
+                      TRANSFORMERS_VERBOSITY="error")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    _util.set_threads(args.threads)
+    from rich.console import Console
+
+    from slm.training.metrics import read_metrics
+
+    console = Console()
+    started = time.time()
+    info = _util.machine_info(args.threads)
+    info["machine_note"] = MACHINE_NOTE
+    work = Path(args.work_dir)
+    prep = prepare(args)
+    base = prep["pretrain"]
+    args.steps = args.steps or base.train.max_steps
+    ev = Evaluator(prep, args)
+    reference = ev.reference()
+    log(f"reference (llama, trained on the high-quality corpus): held-out loss {reference['heldout_loss']:.3f}, "
+        f"domain accuracy {reference['domain_accuracy']:.3f} on {reference['questions']} questions")
+
+    from slm.stages import pretrain
+
+    methods: list[float | None] = [None, *ratios]
+    tag = f"steps{args.steps}-eval{args.eval_every}-ckpt{args.checkpoint_every}"
+    runs_dir = work / ("quick" if args.quick else "runs") / tag
+    results, run_seconds, total = {}, [], len(args.seeds) * len(methods)
+    for seed in args.seeds:
+        untrained = ev.untrained(base, seed)
+        for ratio in methods:
+            name = f"{'clm' if ratio is None else f'slm{ratio:g}'}-seed{seed}"
+            cfg = run_config(base, runs_dir / name, seed, ratio, args)
+            t = time.time()
+            record = pretrain.run(cfg, force=args.force)
+            trained = time.time() - t
+            evals = ev.run_checkpoints(Path(cfg.out_dir), ratio)
+            r = analyse_run(read_metrics(Path(cfg.out_dir) / "metrics.jsonl"), cfg, untrained, evals, record)
+            r.update(method=method_name(ratio), seed=seed, ratio=ratio, out_dir=cfg.out_dir)
+            results[(ratio, seed)] = r
+            run_seconds.append(time.time() - t)
+            done = len(results)
+            eta = statistics.fmean(run_seconds) * (total - done)
+            log(f"{done}/{total} {name}: held-out {r['final_heldout_loss']:.4f}, acc {r['final_accuracy']:.3f}, "
+                f"noise dropped {r['log_noise_dropped']:.3f}, kept clean {r['log_kept_clean']:.3f}, "
+                f"train {trained:.0f} s + eval {time.time() - t - trained:.0f} s; ETA {eta / 60:.0f} min")
+
+    micro = None
+    if args.micro_reps > 0:
+        from slm.config import SelectionConfig
+        from slm.models import load_pretrained
+
+        model = load_pretrained(str(Path(results[(None, args.seeds[0])]["out_dir"]) / "model")).float()
+        sel_cfg = SelectionConfig.model_validate({**base.selection.model_dump(), "enabled": True, "ratio": TARGET_RATIO})
+        micro = micro_overhead(model, ev.shards, sel_cfg, base.train.micro_batch_size, args.micro_reps)
+        log(f"micro: plain fwd+bwd {micro['plain_ms_median']:.1f} ms, selective {micro['selective_ms_median']:.1f} ms "
+            f"({100 * micro['overhead_median']:+.2f}%), selective loss alone {micro['selection_only_ms_median']:.2f} ms")
+
+    summary = summarise(results, args.seeds, methods)
+    headers, rows = table_rows(summary, len(args.seeds))
+    goals = targets(summary, micro)
+    budget = results[(None, args.seeds[0])]["tokens"]
+    subtitle = (f"{args.steps} steps = {budget / 1e3:.0f}K tokens, seeds {args.seeds}, {len(ev.questions)} questions"
+                + (", QUICK smoke check" if args.quick else ""))
+    title = f"slm_vs_clm: {subtitle}"
+    _util.print_table(title, headers, rows)
+    md = _util.markdown_table(headers, rows)
+    console.print(f"reference model: held-out loss {reference['heldout_loss']:.3f}, domain accuracy {reference['domain_accuracy']:.3f} "
+                  f"({reference['questions']} questions)")
+    if micro:
+        console.print(f"micro-measurement (batch {micro['batch']}, ratio {micro['ratio']:g}, {micro['reps']} interleaved reps): plain fwd+bwd "
+                      f"{micro['plain_ms_median']:.1f} ms, with the selective loss {micro['selective_ms_median']:.1f} ms "
+                      f"({100 * micro['overhead_median']:+.2f}%); selective loss alone {micro['selection_only_ms_median']:.2f} ms")
+    for g in goals:
+        console.print(f"[{'green' if g['met'] else 'red'}]{'MET' if g['met'] else 'NOT MET'}[/] {g['target']}: {g['measured']}")
+    if dropped_one:
+        console.print("ratio 1.0 was not run: it is the CLM baseline by construction")
+    print("\n" + md + "\n")
+
+    plot(results, args.seeds, methods, args.plot, subtitle)
+    info["load_average_at_end"] = _util.load_average()
+    out = {
+        "benchmark": "slm_vs_clm",
+        "description": __doc__.split("\n\n")[0],
+        "machine": info,
+        "settings": {"quick": args.quick, "seeds": args.seeds, "ratios": ratios, "steps": args.steps, "eval_every": args.eval_every,
+                     "checkpoint_every": args.checkpoint_every, "questions": len(ev.questions), "threads": args.threads,
+                     "work_dir": str(work), "recipe": prep["recipe"], "tokens_budget": budget,
+                     "pretrain_config": {k: v for k, v in base.model_dump(mode="json").items() if k != "out_dir"},
+                     "command": " ".join([Path(sys.executable).name, *sys.argv])},
+        "prepare_stage_seconds": prep["stage_seconds"],
+        "reference": reference,
+        "summary": summary,
+        "targets": goals,
+        "micro_measurement": micro,
+        "runs": [{k: v for k, v in r.items()} for r in results.values()],
+        "markdown": md,
+        "seconds": round(time.time() - started, 1),
+        "plot": str(args.plot),
+    }
+    _util.write_json(args.out, out)
+    console.print(f"wrote {args.out} and {args.plot} in {(time.time() - started) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
