@@ -170,7 +170,7 @@ def shards_stats(directory: Path = typer.Argument(...), ratio: float = typer.Opt
 
     from slm.io import atomic_write_json
     from slm.shards import ShardSet
-    from slm.shards.inspect import print_stats, shard_stats
+    from slm.shards.stats import print_stats, shard_stats
 
     stats = shard_stats(ShardSet(directory, require_complete=False), ratio=ratio)
     print_stats(stats, Console())
@@ -182,7 +182,7 @@ def shards_stats(directory: Path = typer.Argument(...), ratio: float = typer.Opt
 def shards_plot(directory: Path = typer.Argument(...), out: Path = typer.Option(Path("ref_loss_hist.png"), "--out")):
     """Write a histogram PNG of reference loss (noise vs clean where tagged)."""
     from slm.shards import ShardSet
-    from slm.shards.inspect import plot_histogram
+    from slm.shards.stats import plot_histogram
 
     typer.echo(f"wrote {plot_histogram(ShardSet(directory, require_complete=False), out)}")
 

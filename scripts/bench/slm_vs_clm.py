@@ -233,15 +233,15 @@ def analyse_run(metrics: list[dict], cfg, untrained: dict, evals: dict, record: 
 
     # step time from the tokens/s windows that hold only training steps: window (a, b] closes at step b
     # before b's evaluation/checkpoint, so events at steps a..b-1 fall inside it; the first holds the warm-up
-    windows, a = [], 0
+    windows, other, a = [], [], 0
     for m in metrics:
         if m.get("tokens_per_s"):
             b = m["step"]
             events = any(e > 0 and (e % tr.eval_every == 0 or e % tr.checkpoint_every == 0) for e in range(a, b))
-            if a > 0 and not events:
-                windows.append((b - a) * tokens_per_step / m["tokens_per_s"] * 1e3 / (b - a))
+            (windows if a > 0 and not events else other).append(tokens_per_step / m["tokens_per_s"] * 1e3)
             a = b
-    step_ms = statistics.median(windows) if windows else None
+    clean = bool(windows)  # else (short runs) every window, evaluations and checkpoints included: an over-estimate
+    step_ms = statistics.median(windows or other) if (windows or other) else None
     sel_ms = mean("selection_ms", [m for m in metrics if m["step"] > tr.log_every])
     return {
         "steps": tr.max_steps,
@@ -258,7 +258,8 @@ def analyse_run(metrics: list[dict], cfg, untrained: dict, evals: dict, record: 
         "final_model_selection": evals["selection_quality"],
         "selection_ms": sel_ms,
         "step_ms": step_ms,
-        "step_ms_windows": len(windows),
+        "step_ms_windows": len(windows or other),
+        "step_ms_clean_windows": clean,
         "selection_share_of_step": sel_ms / step_ms if sel_ms is not None and step_ms else None,
         "stage_seconds": record.get("seconds"),
     }
@@ -413,7 +414,7 @@ def table_rows(summary: dict, seeds: int) -> tuple[list[str], list[list]]:
         if s["accuracy_target_trivial"]:
             acc = "n/a (CLM final accuracy <= untrained" + (f" in some seeds; {acc}" if a["tokens_to_clm_accuracy"]["n"] else "") + ")"
         rows.append([name, ms(a, "final_heldout_loss"), ms(a, "final_accuracy"), reach(a, "tokens_to_clm_loss", seeds), acc, nd, kc, sel])
-    rows.append(["SLM 1", "= CLM (ratio 1 keeps every valid token: identical by construction, not run)"] + [""] * (len(headers) - 2))
+    rows.append(["SLM 1", "= CLM", "= CLM", "identical to CLM by construction", "(ratio 1 keeps every valid token)", "not run", "", ""])
     return headers, rows
 
 
@@ -436,8 +437,8 @@ def targets(summary: dict, micro: dict | None) -> list[dict]:
     out.append({"target": f"kept tokens clean >= {KEPT_CLEAN_TARGET:.0%}",
                 "measured": f"{kc[0]:.3f} (training log) / {kc[1]:.3f} (final model)", "met": min(kc) >= KEPT_CLEAN_TARGET})
     share = a["selection_share_of_step"]["mean"]
-    measured = f"{100 * share:.2f}% (logged selection ms / step ms)"
-    met = share <= OVERHEAD_TARGET
+    measured = "-" if share is None else f"{100 * share:.2f}% (logged selection ms / step ms)"
+    met = share is not None and share <= OVERHEAD_TARGET
     if micro:
         measured += (f"; micro: fwd+bwd {100 * micro['overhead_median']:+.2f}% (median of {micro['reps']} interleaved), "
                      f"selective loss alone {100 * micro['selection_only_share']:.2f}% of a plain fwd+bwd")
@@ -534,10 +535,11 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     _util.set_threads(args.threads)
     from rich.console import Console
+    from rich.table import Table
 
     from slm.training.metrics import read_metrics
 
-    console = Console()
+    console = Console(width=max(Console().width, 200))
     started = time.time()
     info = _util.machine_info(args.threads)
     info["machine_note"] = MACHINE_NOTE
@@ -593,7 +595,12 @@ def main() -> None:
     subtitle = (f"{args.steps} steps = {budget / 1e3:.0f}K tokens, seeds {args.seeds}, {len(ev.questions)} questions"
                 + (", QUICK smoke check" if args.quick else ""))
     title = f"slm_vs_clm: {subtitle}"
-    _util.print_table(title, headers, rows)
+    table = Table(title=title)
+    for h in headers:
+        table.add_column(h)
+    for r in rows:
+        table.add_row(*(str(c) for c in r))
+    console.print(table)
     md = _util.markdown_table(headers, rows)
     console.print(f"reference model: held-out loss {reference['heldout_loss']:.3f}, domain accuracy {reference['domain_accuracy']:.3f} "
                   f"({reference['questions']} questions)")
