@@ -93,14 +93,15 @@ def run_pipeline(path: str | Path | None = None, overrides: list[str] | None = N
     return summary
 
 
+KEY_METRICS = ("final_heldout_loss", "heldout_loss", "domain_accuracy", "tokens")
+
+
 def print_summary(summary: list[dict]) -> None:
     table = Table(title="slm run: summary")
-    for col in ("stage", "kind", "status", "seconds", "output", "key result"):
+    for col in ("stage", "kind", "status", "seconds", "output", "key results"):
         table.add_column(col)
     for row in summary:
         m = row["metrics"]
-        key = next((f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in ("final_heldout_loss", "heldout_loss", "domain_accuracy", "tokens") if k in m), "")
-        if "domain_accuracy" in m:
-            key += f" acc={m['domain_accuracy']:.3f}"
+        key = " ".join(f"{k}={m[k]:.4g}" for k in KEY_METRICS if isinstance(m.get(k), (int, float)))
         table.add_row(row["stage"], row["kind"], row["status"], str(row["seconds"]), row["output"], key)
     console.print(table)
