@@ -78,7 +78,7 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
     started = time.time()
     init_distributed()
     dev = device()
-    dtype = torch.bfloat16 if resolve_precision_for(cfg) == "bf16" else torch.float32
+    dtype = torch.bfloat16 if resolve_precision(cfg.precision) == "bf16" else torch.float32
     tokenizer_dir = cfg.tokenizer or cfg.reference
     reference = _load_scorer(cfg.reference, "reference model", dtype, dev)
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -143,8 +143,3 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
     metrics = {"num_shards": num_shards, "scored_now": scored_now, **totals}
     return stage.complete(fingerprints, metrics, started, {"shards": str(out), "manifest": str(out / MANIFEST)})
 
-
-def resolve_precision_for(cfg: ScoreConfig) -> str:
-    from slm.config import TrainConfig
-
-    return resolve_precision(TrainConfig(precision=cfg.precision))

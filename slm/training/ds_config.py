@@ -7,16 +7,16 @@ import torch
 from slm.config import TrainConfig
 
 
-def resolve_precision(cfg: TrainConfig) -> str:
+def resolve_precision(precision: str) -> str:
     """auto: bf16 on GPUs, fp32 on CPU (bf16 matrix work is far slower on these CPUs)."""
-    if cfg.precision != "auto":
-        return cfg.precision
+    if precision != "auto":
+        return precision
     return "bf16" if torch.cuda.is_available() else "fp32"
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     opt = cfg.optim
-    precision = resolve_precision(cfg)
+    precision = resolve_precision(cfg.precision)
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,

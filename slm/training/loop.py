@@ -89,7 +89,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         import deepspeed
 
-        if resolve_precision(cfg) == "fp32":
+        if resolve_precision(cfg.precision) == "fp32":
             model = model.float()
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=deepspeed_config(cfg, world_size())
