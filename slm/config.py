@@ -147,7 +147,7 @@ class ScoreConfig(StrictModel):
         1000, ge=1, description="Documents packed into one shard: the unit of resume, of --part splits and of data-parallel ranks."
     )
     logprob_chunk_tokens: int = Field(
-        8192, ge=1, description="Tokens per chunk of the output projection; bounds the logits tensor to chunk x vocab."
+        1024, ge=1, description="Tokens per chunk of the output projection; bounds the logits tensor to chunk x vocab."
     )
     part: int = Field(0, ge=0)
     parts: int = Field(1, ge=1)

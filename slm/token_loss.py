@@ -21,7 +21,7 @@ def _chunk_nll(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Te
 
 def hidden_states(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
     """Final (normed) hidden states of a causal LM: the input of its output projection."""
-    return model.get_decoder()(input_ids=input_ids, **kwargs).last_hidden_state
+    return model.get_decoder()(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
 
 
 def token_losses_from_hidden(hidden: torch.Tensor, lm_head: torch.nn.Module, input_ids: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:

@@ -24,7 +24,7 @@ incomplete current window (both pre-RoPE), plus the absolute position `pos`. Pad
 (`attention_mask` is accepted and ignored). Only raw tokens reach `last_hidden_state`, aligned with input_ids.
 
 Config keys of its own: window_len (64), condensing_ratio (8; 0 = none; must divide window_len),
-max_beacon_windows (512).
+max_beacon_windows (64).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class BeaconConfig(PretrainedConfig):
     def __init__(self, vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=None, intermediate_size=128, max_position_embeddings=4096,
                  rope_theta=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-6, initializer_range=0.02,
-                 window_len=64, condensing_ratio=8, max_beacon_windows=512, **kwargs):
+                 window_len=64, condensing_ratio=8, max_beacon_windows=64, **kwargs):
         num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
         for key, val in dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
                              num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,

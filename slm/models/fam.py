@@ -185,7 +185,8 @@ class FamDecoderLayer(nn.Module):
                     af = self.out(F.scaled_dot_product_attention(fq, kf, vf))
                     fam = self.ffn(af if blk_start == 0 else af + fam)  # first update: zero residual (B.1)
                 drop = max(0, mem_k.shape[-2] + L - self.memory_blocks * L)  # BSWA: keep memory_blocks blocks
-                mem_k, mem_v = torch.cat([mem_k, blk_k], -2)[:, :, drop:], torch.cat([mem_v, blk_v], -2)[:, :, drop:]
+                # (contiguous copies: a view would keep the whole concatenation alive in the carried state)
+                mem_k, mem_v = torch.cat([mem_k, blk_k], -2)[:, :, drop:].contiguous(), torch.cat([mem_v, blk_v], -2)[:, :, drop:].contiguous()
                 blk_k, blk_v = blk_k[:, :, :0], blk_v[:, :, :0]
             start += n
         x = x + self.out(torch.cat(outs, dim=-2))  # a_t = SelfAttention(...) + i_t

@@ -282,7 +282,7 @@ class MegalodonLayer(nn.Module):
         if not want_state:
             return out, None
         keep = (prefix + T) % self.chunk_len  # tokens of the still incomplete chunk
-        return out, MegalodonLayerState(mean, var, h, k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:])
+        return out, MegalodonLayerState(mean, var, h, k[:, :, k.shape[2] - keep:].clone(), v[:, :, v.shape[2] - keep:].clone())
 
 
 # ---------------------------------------------------------------- HF wrappers
