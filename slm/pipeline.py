@@ -3,6 +3,7 @@ its config unchanged, continued when it crashed, redone with --force or --from."
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from importlib.resources import files
@@ -36,7 +37,8 @@ class LoadedStage:
 def _apply_pipeline_overrides(raw: dict, overrides: list[str]) -> dict:
     """`--set work_dir=...` or `--set stages.NAME.key=value` (stage NAME's config key)."""
     stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
-    by_name = {s.get("name"): {"config": s.get("config", {}), "slurm": s.get("slurm", {})} for s in stages if isinstance(s, dict)}
+    # each stage gets its own copy: stages that share a YAML anchor must not share an override
+    by_name = {s.get("name"): copy.deepcopy({"config": s.get("config", {}), "slurm": s.get("slurm", {})}) for s in stages if isinstance(s, dict)}
     top = {k: v for k, v in raw.items() if k != "stages"}
     top["stages"] = by_name
     fixed = []

@@ -66,3 +66,11 @@ def test_every_shipped_recipe_validates():
         load_pipeline(path)
     for path in sorted((root / "reference").glob("*.yaml")):
         load_config(path, ReferenceConfig)
+
+
+def test_override_of_one_stage_leaves_anchor_sharing_stages_alone(tmp_path):
+    # eval_slm and eval_clm share the &eval anchor in the demo recipe
+    _, stages, _ = load_pipeline(None, [f"work_dir={tmp_path}", "stages.eval_slm.validation.max_documents=7"])
+    by_name = {s.name: s.cfg for s in stages}
+    assert by_name["eval_slm"].validation.max_documents == 7
+    assert by_name["eval_clm"].validation.max_documents is None and by_name["eval_reference"].validation.max_documents is None

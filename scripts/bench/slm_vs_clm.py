@@ -37,7 +37,13 @@ Targets (from the issue; checked at ratio 0.6, reported met or not):
 
     python scripts/bench/slm_vs_clm.py              # 3 seeds x (CLM + 6 ratios); prepares the demo on first use
     python scripts/bench/slm_vs_clm.py --quick      # smoke check: 20 steps, 1 seed, ratio 0.6, 20 questions
-    python scripts/bench/slm_vs_clm.py --ratios 0.4 0.6 0.8 --seeds 0 1 2
+    python scripts/bench/slm_vs_clm.py --ratios 0.4 0.6 0.8 --seeds 0 1 2   # what results/slm_vs_clm.json holds
+    python scripts/bench/slm_vs_clm.py --report-from scripts/bench/results/slm_vs_clm.json   # tables and plot again
+
+Cost on the shared 2-core CPU machine: preparing the demo ~5 min; each run ~3-4 min of training plus ~0.5 min of
+evaluation, so the 3 x (1 + 3 ratios) set ~42 min and the default 3 x (1 + 6 ratios) ~1.5 h; --quick ~2 min.
+A prepared --work-dir is reused only while the recipe's and the library's config defaults are unchanged (the stages
+refuse another config's output); otherwise use a fresh --work-dir or --set the old values.
 
 torch runs with --threads threads (default 1): on the shared 2-core machine two threads per process ran a training
 step about ten times slower than one (other jobs hold the cores; OpenMP threads wait on each other).
@@ -75,10 +81,11 @@ def log(msg: str) -> None:
 
 def prepare(args) -> dict:
     """The demo recipe's data, reference and score stages under args.work_dir; the configs of the rest."""
+    from slm.errors import SlmError
     from slm.pipeline import load_pipeline
     from slm.stages.registry import stage_runner
 
-    _, stages, recipe = load_pipeline(None, [f"work_dir={args.work_dir}"])
+    _, stages, recipe = load_pipeline(None, [f"work_dir={args.work_dir}", *args.overrides])
     by_name = {s.name: s for s in stages}
     timings = {}
     for name in ("data", "reference", "score"):
@@ -86,7 +93,13 @@ def prepare(args) -> dict:
 
         existed = (Path(by_name[name].cfg.out_dir) / STAGE_FILE).is_file()
         t = time.time()
-        record = stage_runner(by_name[name].kind)(by_name[name].cfg)
+        try:
+            record = stage_runner(by_name[name].kind)(by_name[name].cfg)
+        except SlmError as e:
+            if "another config" not in str(e):
+                raise
+            raise SystemExit(f"{e}\nThe recipe or the library's config defaults changed since the demo was prepared in {args.work_dir}: "
+                             f"use a fresh --work-dir, or --set the old values (compare {by_name[name].cfg.out_dir}/stage.json)") from None
         timings[name] = round(time.time() - t, 1)
         log(f"prepare: {name} {'reused' if existed else 'ran'} ({timings[name]} s)")
         if record.get("status", "complete") != "complete":
@@ -348,6 +361,27 @@ def mean_std(vals: list[float | None]) -> tuple[float | None, float | None, int]
     return statistics.fmean(got), (statistics.stdev(got) if len(got) > 1 else 0.0), len(got)
 
 
+def best_possible(ratio: float | None, clm: dict, run: dict) -> dict:
+    """The best any selection keeping `ratio` of the tokens can score: drop only noise, (1 - ratio) of the tokens.
+
+    With noise share n of the valid tokens: noise_dropped <= min(1, (1 - ratio) / n), kept_clean <= min(1, (1 - n) / ratio).
+    Training log: n from the CLM run of the same seed (same batches, every valid token kept, so n = 1 - its kept_clean).
+    Final model: n of the tokens selection_quality saw, from its own measures: kept noise = (1 - kept_clean) ratio V and
+    noise = kept noise / (1 - noise_dropped), so n = (1 - kept_clean) ratio / (1 - noise_dropped)."""
+    if ratio is None:
+        return {}
+
+    def bounds(n):
+        return (min(1.0, (1 - ratio) / n), min(1.0, (1 - n) / ratio)) if n and n > 0 else (None, None)
+
+    n_log = 1 - clm["log_kept_clean"]
+    sq = run["final_model_selection"] or {}
+    n_final = (1 - sq["kept_clean"]) * ratio / (1 - sq["noise_dropped"]) if sq and sq["noise_dropped"] < 1 else None
+    (ld, lc), (fd, fc) = bounds(n_log), bounds(n_final)
+    return {"noise_share_log": n_log, "best_log_noise_dropped": ld, "best_log_kept_clean": lc,
+            "noise_share_final": n_final, "best_final_noise_dropped": fd, "best_final_kept_clean": fc}
+
+
 def summarise(results: dict, seeds: list[int], methods: list[float | None]) -> dict:
     summary = {}
     for ratio in methods:
@@ -371,6 +405,7 @@ def summarise(results: dict, seeds: list[int], methods: list[float | None]) -> d
                 "selection_ms": r["selection_ms"], "step_ms": r["step_ms"], "selection_share_of_step": r["selection_share_of_step"],
                 "step_ms_vs_clm": r["step_ms"] / base["step_ms"] - 1 if r["step_ms"] and base["step_ms"] else None,
                 "tokens": r["tokens"], "kept_tokens": r["kept_tokens"],
+                **best_possible(ratio, base, r),
             })
         agg = {}
         for k in per_seed[0]:
@@ -378,13 +413,7 @@ def summarise(results: dict, seeds: list[int], methods: list[float | None]) -> d
                 continue
             m, s, n = mean_std([p[k] for p in per_seed])
             agg[k] = {"mean": m, "std": s, "n": n}
-        # the best any selection at this ratio can do, given the noise share of the training tokens (the CLM run keeps
-        # every valid token, so its kept_clean is the clean share): drop (1 - ratio) of the tokens, all of them noise
-        noise = statistics.fmean(1 - results[(None, sd)]["log_kept_clean"] for sd in seeds)
-        r = 1.0 if ratio is None else ratio
-        best = {"noise_share": noise, "noise_dropped": min(1.0, (1 - r) / noise) if noise > 0 else None,
-                "kept_clean": min(1.0, (1 - noise) / r)}
-        summary[name] = {"ratio": ratio, "per_seed": per_seed, "mean": agg, "seeds": len(seeds), "best_possible": best,
+        summary[name] = {"ratio": ratio, "per_seed": per_seed, "mean": agg, "seeds": len(seeds),
                          "accuracy_target_trivial": any(p["clm_accuracy_at_or_below_untrained"] for p in per_seed)}
     return summary
 
@@ -408,7 +437,7 @@ def reach(agg: dict, key: str, seeds: int) -> str:
 def table_rows(summary: dict, seeds: int) -> tuple[list[str], list[list]]:
     headers = ["method", "final held-out loss", "final accuracy", "tokens to CLM final loss (x CLM budget)",
                "tokens to CLM final accuracy (x budget)", "noise dropped (log / final model)", "kept clean (log / final model)",
-               "best possible at this ratio (dropped / clean)", "selection ms / step ms (share)"]
+               "best possible at this ratio: dropped / clean (log; final model)", "selection ms / step ms (share)"]
     rows = []
     for name, s in summary.items():
         a = s["mean"]
@@ -419,8 +448,10 @@ def table_rows(summary: dict, seeds: int) -> tuple[list[str], list[list]]:
         acc = reach(a, "tokens_to_clm_accuracy", seeds)
         if s["accuracy_target_trivial"]:
             acc = "n/a (CLM final accuracy <= untrained" + (f" in some seeds; {acc}" if a["tokens_to_clm_accuracy"]["n"] else "") + ")"
-        b = s["best_possible"]
-        best = f"{100 * b['noise_dropped']:.1f}% / {100 * b['kept_clean']:.1f}%" if s["ratio"] is not None else "-"
+        best = "-"
+        if s["ratio"] is not None:
+            best = (f"{100 * a['best_log_noise_dropped']['mean']:.1f}% / {100 * a['best_log_kept_clean']['mean']:.1f}%; "
+                    f"{100 * a['best_final_noise_dropped']['mean']:.1f}% / {100 * a['best_final_kept_clean']['mean']:.1f}%")
         rows.append([name, ms(a, "final_heldout_loss"), ms(a, "final_accuracy"), reach(a, "tokens_to_clm_loss", seeds), acc, nd, kc, best, sel])
     rows.append(["SLM 1", "= CLM", "= CLM", "identical to CLM by construction", "(ratio 1 keeps every valid token)", "not run", "", "", ""])
     return headers, rows
@@ -440,12 +471,13 @@ def targets(summary: dict, micro: dict | None) -> list[dict]:
     nd = a["log_noise_dropped"]["mean"], a["final_noise_dropped"]["mean"]
     out.append({"target": f"noise-tagged tokens dropped >= {NOISE_DROPPED_TARGET:.0%}",
                 "measured": f"{nd[0]:.3f} (training log, last {LAST_SHARE:.0%} of steps) / {nd[1]:.3f} (final model); "
-                            f"best possible at ratio {TARGET_RATIO:g} with {s['best_possible']['noise_share']:.1%} noise tokens: "
-                            f"{s['best_possible']['noise_dropped']:.3f}",
+                            f"best possible at ratio {TARGET_RATIO:g} with {a['noise_share_log']['mean']:.1%} / {a['noise_share_final']['mean']:.1%} "
+                            f"noise tokens: {a['best_log_noise_dropped']['mean']:.3f} / {a['best_final_noise_dropped']['mean']:.3f}",
                 "met": min(nd) >= NOISE_DROPPED_TARGET})
     kc = a["log_kept_clean"]["mean"], a["final_kept_clean"]["mean"]
     out.append({"target": f"kept tokens clean >= {KEPT_CLEAN_TARGET:.0%}",
-                "measured": f"{kc[0]:.3f} (training log) / {kc[1]:.3f} (final model); best possible: {s['best_possible']['kept_clean']:.3f}",
+                "measured": f"{kc[0]:.3f} (training log) / {kc[1]:.3f} (final model); best possible: "
+                            f"{a['best_log_kept_clean']['mean']:.3f} / {a['best_final_kept_clean']['mean']:.3f}",
                 "met": min(kc) >= KEPT_CLEAN_TARGET})
     share = a["selection_share_of_step"]["mean"]
     measured = "-" if share is None else f"{100 * share:.2f}% (logged selection ms / step ms)"
@@ -489,18 +521,67 @@ def plot(results: dict, seeds: list[int], methods: list[float | None], path: Pat
     axes[1].set_ylabel("domain accuracy (exact match)")
     lo = min(min(y for _, y in results[(r, s)]["loss_curve"][1:]) for r in methods for s in seeds)
     hi = max(max(y for _, y in results[(r, s)]["loss_curve"][1:]) for r in methods for s in seeds)
-    axes[0].set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))  # the untrained point (~ln vocab) is off the top
+    hi = min(hi, lo + 3 * (clm_loss - lo) + 0.15)  # zoom on the end of training, where the methods differ; the early drop is off the top
+    axes[0].set_ylim(lo - 0.05 * (hi - lo), hi)
     for ax in axes:
         ax.set_xlabel("tokens processed (K)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    axes[0].set_title("held-out loss (mean over seeds, min-max shaded); dotted: CLM final", fontsize=9)
+    axes[0].set_title("held-out loss (mean over seeds, min-max shaded; zoomed); dotted: CLM final", fontsize=9)
     axes[1].set_title("accuracy at checkpoints; dotted: CLM final", fontsize=9)
     fig.suptitle(f"SLM vs CLM on the demo ({subtitle})", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def report(results: dict, seeds: list[int], methods: list, micro: dict | None, reference: dict, subtitle: str, console):
+    """Summary, targets and the tables (rich on the console, markdown returned)."""
+    from rich.table import Table
+
+    summary = summarise(results, seeds, methods)
+    headers, rows = table_rows(summary, len(seeds))
+    goals = targets(summary, micro)
+    table = Table(title=f"slm_vs_clm: {subtitle}")
+    for h in headers:
+        table.add_column(h)
+    for r in rows:
+        table.add_row(*(str(c) for c in r))
+    console.print(table)
+    md = _util.markdown_table(headers, rows)
+    console.print(f"reference model: held-out loss {reference['heldout_loss']:.3f}, domain accuracy {reference['domain_accuracy']:.3f} "
+                  f"({reference['questions']} questions)")
+    if micro:
+        console.print(f"micro-measurement (batch {micro['batch']}, ratio {micro['ratio']:g}, {micro['reps']} interleaved reps): plain fwd+bwd "
+                      f"{micro['plain_ms_median']:.1f} ms, with the selective loss {micro['selective_ms_median']:.1f} ms "
+                      f"({100 * micro['overhead_median']:+.2f}%); selective loss alone {micro['selection_only_ms_median']:.2f} ms")
+    for g in goals:
+        console.print(f"[{'green' if g['met'] else 'red'}]{'MET' if g['met'] else 'NOT MET'}[/] {g['target']}: {g['measured']}")
+    print("\n" + md + "\n")
+    return summary, goals, md
+
+
+def report_from(path: Path, args, console) -> None:
+    """Recompute summary, targets, tables and plot from a saved JSON (nothing is trained or measured)."""
+    import json
+
+    saved = json.loads(path.read_text())
+    st = saved["settings"]
+    results = {}
+    for r in saved["runs"]:
+        r = {**r, "loss_curve": [tuple(x) for x in r["loss_curve"]], "accuracy_curve": [tuple(x) for x in r["accuracy_curve"]]}
+        results[(r["ratio"], r["seed"])] = r
+    methods = [None, *st["ratios"]]
+    subtitle = (f"{st['steps']} steps = {st['tokens_budget'] / 1e3:.0f}K tokens, seeds {st['seeds']}, {st['questions']} questions"
+                + (", QUICK smoke check" if st["quick"] else ""))
+    summary, goals, md = report(results, st["seeds"], methods, saved.get("micro_measurement"), saved["reference"], subtitle, console)
+    plot(results, st["seeds"], methods, args.plot, subtitle)
+    saved.update(summary=summary, targets=goals, markdown=md, plot=str(args.plot))
+    saved.setdefault("report_regenerated", []).append(
+        {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from": str(path), "command": " ".join([Path(sys.executable).name, *sys.argv])})
+    _util.write_json(args.out, saved)
+    console.print(f"wrote {args.out} and {args.plot} (report recomputed from {path}; measurements unchanged)")
 
 
 # ----------------------------------------------------------------------------- main
@@ -519,6 +600,10 @@ def main() -> None:
     p.add_argument("--micro-reps", type=int, default=20, help="interleaved repetitions of the fwd+bwd micro-measurement")
     p.add_argument("--threads", type=int, default=1, help="torch threads (fixed)")
     p.add_argument("--force", action="store_true", help="redo the runs and evaluations (not the prepared demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override of the demo pipeline, as `slm run --set` (e.g. stages.score.logprob_chunk_tokens=8192)")
+    p.add_argument("--report-from", type=Path, default=None, metavar="JSON",
+                   help="recompute the tables, targets and plot from a saved result JSON (no training, no measurement)")
     p.add_argument("--out", type=Path, default=None, help="JSON (default results/slm_vs_clm.json; --quick: slm_vs_clm_quick.json)")
     p.add_argument("--plot", type=Path, default=None, help="PNG (default results/slm_vs_clm.png; --quick: slm_vs_clm_quick.png)")
     args = p.parse_args()
@@ -546,11 +631,13 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     _util.set_threads(args.threads)
     from rich.console import Console
-    from rich.table import Table
 
     from slm.training.metrics import read_metrics
 
     console = Console(width=max(Console().width, 200))
+    if args.report_from:
+        report_from(args.report_from, args, console)
+        return
     started = time.time()
     info = _util.machine_info(args.threads)
     info["machine_note"] = MACHINE_NOTE
@@ -601,31 +688,12 @@ def main() -> None:
         log(f"micro: plain fwd+bwd {micro['plain_ms_median']:.1f} ms, selective {micro['selective_ms_median']:.1f} ms "
             f"({100 * micro['overhead_median']:+.2f}%), selective loss alone {micro['selection_only_ms_median']:.2f} ms")
 
-    summary = summarise(results, args.seeds, methods)
-    headers, rows = table_rows(summary, len(args.seeds))
-    goals = targets(summary, micro)
     budget = results[(None, args.seeds[0])]["tokens"]
     subtitle = (f"{args.steps} steps = {budget / 1e3:.0f}K tokens, seeds {args.seeds}, {len(ev.questions)} questions"
                 + (", QUICK smoke check" if args.quick else ""))
-    title = f"slm_vs_clm: {subtitle}"
-    table = Table(title=title)
-    for h in headers:
-        table.add_column(h)
-    for r in rows:
-        table.add_row(*(str(c) for c in r))
-    console.print(table)
-    md = _util.markdown_table(headers, rows)
-    console.print(f"reference model: held-out loss {reference['heldout_loss']:.3f}, domain accuracy {reference['domain_accuracy']:.3f} "
-                  f"({reference['questions']} questions)")
-    if micro:
-        console.print(f"micro-measurement (batch {micro['batch']}, ratio {micro['ratio']:g}, {micro['reps']} interleaved reps): plain fwd+bwd "
-                      f"{micro['plain_ms_median']:.1f} ms, with the selective loss {micro['selective_ms_median']:.1f} ms "
-                      f"({100 * micro['overhead_median']:+.2f}%); selective loss alone {micro['selection_only_ms_median']:.2f} ms")
-    for g in goals:
-        console.print(f"[{'green' if g['met'] else 'red'}]{'MET' if g['met'] else 'NOT MET'}[/] {g['target']}: {g['measured']}")
+    summary, goals, md = report(results, args.seeds, methods, micro, reference, subtitle, console)
     if dropped_one:
         console.print("ratio 1.0 was not run: it is the CLM baseline by construction")
-    print("\n" + md + "\n")
 
     plot(results, args.seeds, methods, args.plot, subtitle)
     info["load_average_at_end"] = _util.load_average()
@@ -635,7 +703,7 @@ def main() -> None:
         "machine": info,
         "settings": {"quick": args.quick, "seeds": args.seeds, "ratios": ratios, "steps": args.steps, "eval_every": args.eval_every,
                      "checkpoint_every": args.checkpoint_every, "questions": len(ev.questions), "threads": args.threads,
-                     "work_dir": str(work), "recipe": prep["recipe"], "tokens_budget": budget,
+                     "work_dir": str(work), "recipe": prep["recipe"], "pipeline_overrides": args.overrides, "tokens_budget": budget,
                      "pretrain_config": {k: v for k, v in base.model_dump(mode="json").items() if k != "out_dir"},
                      "command": " ".join([Path(sys.executable).name, *sys.argv])},
         "prepare_stage_seconds": prep["stage_seconds"],
