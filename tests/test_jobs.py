@@ -123,6 +123,7 @@ def test_render_scripts_array_and_frozen_configs(tmp_path, monkeypatch):
     jobs = render_pipeline(path, tmp_path / "jobs", ["stages.score.seq_len=64"])
     by = {j.stage: j for j in jobs}
     score = (tmp_path / "jobs" / "score.sbatch").read_text()
+    assert "unset RANK WORLD_SIZE LOCAL_RANK" in score  # a job never joins the submitter's process group
     assert "#SBATCH --array=0-3%2\n" in score
     assert f"#SBATCH --output={tmp_path}/jobs/logs/score-%A_%a.out" in score
     assert f"#SBATCH --chdir={tmp_path}\n" in score

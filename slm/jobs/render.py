@@ -167,7 +167,10 @@ def script_text(job: RenderedJob, pipeline_source: str) -> str:
     threads = max(1, r.cpus_per_task // r.ranks_per_node) if job.kind in TRAINING else r.cpus_per_task
     lines = ["#!/bin/bash", f"# Rendered by `slm jobs` from {pipeline_source}: stage {job.stage!r} ({job.kind}).",
              f"# It runs the stage's command on the frozen config {job.config}.", *_sbatch_header(job), "",
-             "set -euo pipefail", f"export OMP_NUM_THREADS={threads}", *r.setup_lines(),
+             "set -euo pipefail",
+             "# sbatch exports the submitter's environment: never inherit its process-group rendezvous",
+             "unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK MASTER_ADDR MASTER_PORT",
+             f"export OMP_NUM_THREADS={threads}", *r.setup_lines(),
              f'echo "slm jobs: stage {job.stage} on $(hostname), job ${{SLURM_JOB_ID}} started $(date -Is)"', ""]
     if job.kind in TRAINING:
         port = str(r.master_port) if r.master_port else "$((20000 + SLURM_JOB_ID % 20000))"
