@@ -63,12 +63,18 @@ def test_export_loads_with_automodel_and_gives_same_logits(tiny_reference_cfg):
 
 
 def test_rerun_after_success_skips_and_force_redoes(tiny_reference_cfg):
+    from pathlib import Path
+
     cfg = tiny_reference_cfg(max_steps=2)
     first = reference.run(cfg)
+    weights_file = Path(first["outputs"]["model"]) / "model.safetensors"
+    written = weights_file.stat().st_mtime_ns
     again = reference.run(cfg)
-    assert again["finished_at"] == first["finished_at"]
+    assert again == first and weights_file.stat().st_mtime_ns == written  # skipped: nothing rewritten
+    marker = Path(cfg.out_dir) / "left-by-the-first-run"
+    marker.write_text("x")
     redone = reference.run(cfg, force=True)
-    assert redone["metrics"]["resumed_from"] is None and (redone["finished_at"], redone["seconds"]) != (first["finished_at"], first["seconds"])
+    assert not marker.exists() and redone["status"] == "complete" and redone["metrics"]["resumed_from"] is None
 
 
 def test_checkpoint_of_other_data_is_refused(tiny_reference_cfg, tiny_demo):
