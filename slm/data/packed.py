@@ -7,8 +7,6 @@ fingerprints of corpus, tokenizer and seq_len, so a rerun reuses it.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from slm.data.corpus import corpus_fingerprint, load_corpus
 from slm.data.packing import pack_documents, tokenize_documents
 from slm.data.tokenizer import tokenizer_fingerprint
 from slm.errors import SlmError
-from slm.io import fsync_dir, sha256_json
+from slm.io import atomic_open, sha256_json
 from slm.shards.format import fixed_list_to_numpy
 
 BATCH_DOCS = 256
@@ -59,37 +57,27 @@ def packed_corpus(cfg: CorpusConfig, tokenizer, tokenizer_dir: str, seq_len: int
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     field = pa.list_(pa.int32(), seq_len)
     schema = pa.schema([("input_ids", field), ("loss_mask", pa.list_(pa.int8(), seq_len))])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     n_rows = 0
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with pa.ipc.new_stream(f, schema) as stream:
-                buffer: list = []
+    with atomic_open(path) as f, pa.ipc.new_stream(f, schema) as stream:
+        buffer: list = []
 
-                def flush():
-                    ids = np.array([r.input_ids for r in buffer], dtype=np.int32)
-                    mask = np.array([r.loss_mask for r in buffer], dtype=np.int8)
-                    stream.write_batch(pa.RecordBatch.from_arrays([
-                        pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), seq_len),
-                        pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1)), seq_len),
-                    ], schema=schema))
-                    buffer.clear()
+        def flush():
+            ids = np.array([r.input_ids for r in buffer], dtype=np.int32)
+            mask = np.array([r.loss_mask for r in buffer], dtype=np.int8)
+            stream.write_batch(pa.RecordBatch.from_arrays([
+                pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), seq_len),
+                pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1)), seq_len),
+            ], schema=schema))
+            buffer.clear()
 
-                docs = iter_documents(corpus, tokenizer, cfg.text_field)
-                for row in pack_documents(docs, seq_len, tokenizer.eos_token_id, pad_id):
-                    buffer.append(row)
-                    n_rows += 1
-                    if len(buffer) == 1024:
-                        flush()
-                if buffer:
-                    flush()
-            f.flush()
-            os.fsync(f.fileno())
-        if n_rows == 0:
+        docs = iter_documents(corpus, tokenizer, cfg.text_field)
+        for row in pack_documents(docs, seq_len, tokenizer.eos_token_id, pad_id):
+            buffer.append(row)
+            n_rows += 1
+            if len(buffer) == 1024:
+                flush()
+        if buffer:
+            flush()
+        if n_rows == 0:  # raised inside: the partial file is removed
             raise SlmError(f"corpus.path {cfg.path!r}: no tokens after tokenisation")
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return PackedRows(path)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
 
-from slm.io import fsync_dir, sha256_file
+from slm.io import atomic_open, sha256_file
 from slm.shards.format import ShardMetadata, shard_name, shard_schema
 from slm.shards.manifest import record_shard
 
@@ -45,26 +43,16 @@ class ShardWriter:
         """Write shard `index` from `batches`; returns (and records) its manifest entry."""
         name = shard_name(index)
         final = self.directory / name
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.directory)
         rows = tokens = nan_tokens = 0
-        try:
-            with os.fdopen(fd, "wb") as f:
-                with pa.ipc.new_stream(f, self.schema) as stream:
-                    for batch in batches:
-                        rb = self.record_batch(batch)
-                        stream.write_batch(rb)
-                        mask = np.asarray(batch["loss_mask"], dtype=bool)
-                        rows += rb.num_rows
-                        tokens += int(mask.sum())
-                        # position 0 is NaN by definition; count only NaNs the model produced
-                        nan_tokens += int((np.isnan(np.asarray(batch["ref_loss"]))[:, 1:] & mask[:, 1:]).sum())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            fsync_dir(self.directory)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(final) as f, pa.ipc.new_stream(f, self.schema) as stream:
+            for batch in batches:
+                rb = self.record_batch(batch)
+                stream.write_batch(rb)
+                mask = np.asarray(batch["loss_mask"], dtype=bool)
+                rows += rb.num_rows
+                tokens += int(mask.sum())
+                # position 0 is NaN by definition; count only NaNs the model produced
+                nan_tokens += int((np.isnan(np.asarray(batch["ref_loss"]))[:, 1:] & mask[:, 1:]).sum())
         entry = {"rows": rows, "tokens": tokens, "nan_tokens": nan_tokens, "bytes": final.stat().st_size, "sha256": sha256_file(final), **(extra or {})}
         record_shard(self.directory, name, entry)
         return entry
