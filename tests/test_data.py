@@ -95,6 +95,31 @@ def test_demo_is_deterministic_and_noise_share_is_web_like(tmp_path):
     assert 0.3 <= noise <= 0.5, noise
 
 
+def test_demo_noise_spans_cover_only_the_noisy_characters():
+    """Boilerplate segments are tagged whole; a wrong-answer problem only at its wrong number (twice)."""
+    import random
+    import re
+
+    from slm.data.demo import NOISE_KINDS, web_document
+
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(200):
+        text, spans, kinds = web_document(rng, 0.4, 0.15, 400)
+        assert len(spans) == len(kinds) and set(kinds) <= set(NOISE_KINDS)
+        assert all(0 <= a < b <= len(text) for a, b in spans)
+        assert all(b1 <= a2 for (_, b1), (a2, _) in zip(spans, spans[1:]))  # ordered, disjoint
+        for (a, b), kind in zip(spans, kinds):
+            seen.add(kind)
+            if kind == "wrong_answer":
+                line_start = text.rindex("Question:", 0, a)
+                x, op, y, stated = re.match(r"Question: What is (\d+) ([-+*]) (\d+)\?\nAnswer: \S+ \S \S+ = (-?\d+)\.", text[line_start:]).groups()
+                assert text[a:b] == stated != str(eval(f"{x}{op}{y}"))  # noqa: S307 - digits and one operator
+            else:
+                assert text[a - 2 : a] in ("", "\n\n") and text[b : b + 2] in ("", "\n\n")  # a whole segment
+    assert seen == set(NOISE_KINDS)
+
+
 def test_demo_questions_have_exact_answers(tiny_demo):
     import re
 

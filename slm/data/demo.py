@@ -5,8 +5,10 @@
   key-value lookup hidden in filler text);
 - a web-like training corpus mixing that domain with realistic noise (navigation boilerplate,
   markup, identifiers and hashes, shuffled sentences, repeated spam, arithmetic with wrong
-  answers); every noise span is recorded as character offsets (`noise_spans`), a column used only
-  to *measure* selection, never to select;
+  answers); every noise span is recorded as character offsets (`noise_spans`, with its kind in
+  `noise_kinds`), columns used only to *measure* selection, never to select. Spans cover exactly
+  the noisy characters: a whole boilerplate segment, but of a wrong-answer problem only the wrong
+  number (its prompt and worked step are the domain's own clean text);
 - held-out validation documents and domain questions with exact answers.
 
 The fact space is small (single-digit operands) so that a ~1M-parameter reference model can
@@ -52,10 +54,27 @@ def arithmetic_fact(rng: random.Random) -> tuple[int, str, int, int]:
 
 
 def arithmetic_problem(rng: random.Random, wrong: bool = False) -> str:
-    a, op, b, c = arithmetic_fact(rng)
-    if wrong:  # noise: a worked solution with a wrong answer
-        c = c + rng.choice([-3, -2, -1, 1, 2, 3, 10])
+    return wrong_arithmetic_problem(rng)[0] if wrong else _format_problem(*arithmetic_fact(rng))
+
+
+def _format_problem(a: int, op: str, b: int, c: int) -> str:
     return QUESTION.format(a=a, op=op, b=b) + SOLUTION.format(a=a, op=op, b=b, c=c)
+
+
+def wrong_arithmetic_problem(rng: random.Random) -> tuple[str, list[list[int]]]:
+    """A worked solution with a wrong answer, and the character spans of the wrong answer only.
+
+    The prompt and the worked step up to "=" are the same clean text as the domain's; only the wrong
+    number (both times it is stated) is noise, so only it is tagged.
+    """
+    a, op, b, c = arithmetic_fact(rng)
+    wrong = c + rng.choice([-3, -2, -1, 1, 2, 3, 10])
+    text = _format_problem(a, op, b, wrong)
+    prefix = QUESTION.format(a=a, op=op, b=b) + f" {a} {op} {b} ="
+    first = len(prefix) + 1  # after "= "
+    second = text.rindex(str(wrong))
+    n = len(str(wrong))
+    return text, [[first, first + n], [second, second + n]]
 
 
 def word_problem(rng: random.Random) -> str:
@@ -109,47 +128,57 @@ def _hash(rng: random.Random, n: int) -> str:
     return "".join(rng.choice("0123456789abcdef") for _ in range(n))
 
 
-def noise_segment(rng: random.Random) -> str:
-    kind = rng.randrange(6)
-    if kind == 0:
-        return " | ".join(rng.sample(NAV, rng.randint(4, 8)))
-    if kind == 1:
+NOISE_KINDS = ("navigation", "markup", "identifiers", "shuffled", "spam", "wrong_answer")
+
+
+def noise_segment(rng: random.Random) -> tuple[str, str, list[list[int]]]:
+    """(text, kind, noise spans relative to the text): the whole segment unless only part of it is noise."""
+    kind = NOISE_KINDS[rng.randrange(len(NOISE_KINDS))]
+    if kind == "navigation":
+        text = " | ".join(rng.sample(NAV, rng.randint(4, 8)))
+    elif kind == "markup":
         tag = rng.choice(TAGS)
-        return f'<{tag} class="{rng.choice(["nav", "item", "row", "col-md-4", "btn"])}-{rng.randint(1, 99)}"><a href="/p/{rng.randint(100, 99999)}">{rng.choice(NAV)}</a></{tag}>'
-    if kind == 2:
-        return f"session={_hash(rng, 24)} token:{_hash(rng, 16)} id={''.join(rng.choice(string.ascii_letters + string.digits) for _ in range(12))}"
-    if kind == 3:
+        text = f'<{tag} class="{rng.choice(["nav", "item", "row", "col-md-4", "btn"])}-{rng.randint(1, 99)}"><a href="/p/{rng.randint(100, 99999)}">{rng.choice(NAV)}</a></{tag}>'
+    elif kind == "identifiers":
+        text = f"session={_hash(rng, 24)} token:{_hash(rng, 16)} id={''.join(rng.choice(string.ascii_letters + string.digits) for _ in range(12))}"
+    elif kind == "shuffled":
         words = (arithmetic_problem(rng) if rng.random() < 0.5 else word_problem(rng)).split()
         rng.shuffle(words)
-        return " ".join(words)
-    if kind == 4:
-        return " ".join([rng.choice(SPAM)] * rng.randint(2, 5))
-    return arithmetic_problem(rng, wrong=True)
+        text = " ".join(words)
+    elif kind == "spam":
+        text = " ".join([rng.choice(SPAM)] * rng.randint(2, 5))
+    else:
+        text, spans = wrong_arithmetic_problem(rng)
+        return text, kind, spans
+    return text, kind, [[0, len(text)]]
 
 
-def web_document(rng: random.Random, noise_share: float, retrieval_share: float, retrieval_chars: int) -> tuple[str, list[list[int]]]:
-    """Domain text interleaved with noise segments until noise makes up about `noise_share` of characters."""
+def web_document(rng: random.Random, noise_share: float, retrieval_share: float, retrieval_chars: int) -> tuple[str, list[list[int]], list[str]]:
+    """Domain text interleaved with noise segments until they make up about `noise_share` of characters.
+
+    Returns the text, the noise spans (character offsets) and each span's kind (NOISE_KINDS).
+    """
     domain = domain_document(rng, retrieval_share, retrieval_chars)
-    pieces: list[tuple[str, bool]] = [(p, False) for p in domain.split("\n\n")]
-    domain_chars = sum(len(p) for p, _ in pieces)
+    pieces: list[tuple[str, str | None, list[list[int]]]] = [(p, None, []) for p in domain.split("\n\n")]
+    domain_chars = sum(len(p) for p, _, _ in pieces)
     # Per document, noise share varies around the target (some pages are cleaner than others).
     share = min(0.9, max(0.0, rng.gauss(noise_share, 0.15)))
     target = domain_chars * share / (1 - share)
-    noise_chars = 0
-    while noise_chars < target:
-        seg = noise_segment(rng)
-        pieces.insert(rng.randint(0, len(pieces)), (seg, True))
-        noise_chars += len(seg)
-    text, spans, pos = [], [], 0
-    for i, (piece, is_noise) in enumerate(pieces):
+    segment_chars = 0
+    while segment_chars < target:
+        seg, kind, seg_spans = noise_segment(rng)
+        pieces.insert(rng.randint(0, len(pieces)), (seg, kind, seg_spans))
+        segment_chars += len(seg)
+    text, spans, kinds, pos = [], [], [], 0
+    for i, (piece, kind, seg_spans) in enumerate(pieces):
         if i:
             text.append("\n\n")
             pos += 2
-        if is_noise:
-            spans.append([pos, pos + len(piece)])
+        spans += [[pos + start, pos + end] for start, end in seg_spans]
+        kinds += [kind] * len(seg_spans)
         text.append(piece)
         pos += len(piece)
-    return "".join(text), spans
+    return "".join(text), spans, kinds
 
 
 # ----------------------------------------------------------------------------- files
@@ -197,8 +226,8 @@ def generate_demo(cfg, progress: bool = True) -> DemoFiles:
     hq = [{"text": domain_document(rng_hq, cfg.retrieval_share, cfg.retrieval_chars), "source": "domain"} for _ in range(cfg.hq_documents)]
     train = []
     for _ in range(cfg.train_documents):
-        text, spans = web_document(rng_train, cfg.noise_share, cfg.retrieval_share, cfg.retrieval_chars)
-        train.append({"text": text, "noise_spans": spans, "source": "web"})
+        text, spans, kinds = web_document(rng_train, cfg.noise_share, cfg.retrieval_share, cfg.retrieval_chars)
+        train.append({"text": text, "noise_spans": spans, "noise_kinds": kinds, "source": "web"})
     val = [{"text": domain_document(rng_val, cfg.retrieval_share, cfg.retrieval_chars), "source": "domain"} for _ in range(cfg.validation_documents)]
     questions = []
     for _ in range(cfg.questions):
