@@ -180,6 +180,9 @@ class EvalConfig(StrictModel):
     validation: CorpusConfig | None = None
     questions: str | None = Field(None, description="jsonl with `question` and `answer` (exact match).")
     shards: str | None = Field(None, description="Shards with a noise column: measure selection precision/recall.")
+    noise_corpus: CorpusConfig | None = Field(
+        None, description="The corpus the shards were scored from, with `noise_field` and a `noise_kinds` field per span "
+        "(the demo's train.jsonl): selection quality broken down by kind of noise.")
     selection_ratio: float = Field(0.6, gt=0, le=1)
     seq_len: int = Field(256, ge=8)
     batch_size: int = Field(8, ge=1)

@@ -92,6 +92,46 @@ def test_eval_reports_loss_accuracy_and_selection_quality(scored, tiny_demo, tmp
     assert 0 <= sel["noise_dropped"] <= 1 and 0 <= sel["kept_clean"] <= 1 and 0.2 < sel["noise_share"] < 0.6
     assert record["metrics"]["heldout_loss"] == pytest.approx(results["heldout_loss"])
 
+    # by kind of noise: the same selection, split; its totals must agree with the noise/clean measures
+    with_kinds = evaluate.run(EvalConfig.model_validate({**cfg.model_dump(), "out_dir": str(tmp_path / "eval_kinds"),
+                                                         "noise_corpus": {"path": str(tiny_demo.train), "noise_field": "noise_spans"}}))
+    sel_k = with_kinds["metrics"]["selection"]
+    by_kind = sel_k.pop("by_kind")
+    assert sel_k == sel
+    from slm.data.demo import NOISE_KINDS
+
+    assert set(by_kind) <= {"clean", *NOISE_KINDS} and "clean" in by_kind and "wrong_answer" in by_kind
+    assert sum(k["share"] for k in by_kind.values()) == pytest.approx(1.0)
+    noise = {n: k for n, k in by_kind.items() if n != "clean"}
+    noise_share = sum(k["share"] for k in noise.values())
+    assert sum(k["share"] * (1 - k["kept"]) for k in noise.values()) / noise_share == pytest.approx(sel["noise_dropped"])
+    kept = sum(k["share"] * k["kept"] for k in by_kind.values())
+    assert by_kind["clean"]["share"] * by_kind["clean"]["kept"] / kept == pytest.approx(sel["kept_clean"])
+    assert all(k["excess"] == pytest.approx(k["model_loss"] - k["ref_loss"]) for k in by_kind.values())
+
+
+def test_noise_kind_codes_match_the_shards_noise_column(scored, tiny_demo, tmp_path):
+    from slm.analysis.noise_kinds import noise_kind_codes
+    from slm.config import CorpusConfig
+    from slm.data.demo import NOISE_KINDS
+    from slm.data.tokenizer import load_tokenizer
+    from slm.shards import ShardSet
+
+    shards, tok = ShardSet(scored["shards"]), load_tokenizer(tiny_demo.tokenizer)
+    corpus = CorpusConfig(path=str(tiny_demo.train), noise_field="noise_spans")
+    n = int(shards.offsets[2]) + 3  # across a shard boundary
+    codes, names = noise_kind_codes(shards, corpus, tok, n)
+    assert names == sorted(NOISE_KINDS) and codes.shape == (n, shards.seq_len)
+    assert np.array_equal(codes > 0, shards.rows(np.arange(n), ("noise",))["noise"] > 0)
+    assert set(np.unique(codes)) == set(range(len(names) + 1))
+
+    rows = [json.loads(line) for line in tiny_demo.train.read_text().splitlines()]
+    rows[0]["text"] = "Something else entirely. " + rows[0]["text"]
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SlmError, match=r"shard-00000.arrow: its tokens differ from corpus.path .*other.jsonl"):
+        noise_kind_codes(shards, CorpusConfig(path=str(other), noise_field="noise_spans"), tok, n)
+
 
 def test_extract_answer():
     from slm.data.demo import ANSWER_PATTERN

@@ -111,7 +111,7 @@ def prepare(args) -> dict:
     if a != b:  # "same model and training config" is the recipe's promise; check it instead of assuming it
         raise SystemExit(f"{recipe}: pretrain_slm and pretrain_clm differ beyond out_dir and selection: {a} vs {b}")
     return {"recipe": str(recipe), "pretrain": slm_cfg, "eval": by_name["eval_reference"].cfg,
-            "reference": by_name["reference"].cfg, "data": by_name["data"].cfg, "stage_seconds": timings}
+            "reference": by_name["reference"].cfg, "data": by_name["data"].cfg, "score": by_name["score"].cfg, "stage_seconds": timings}
 
 
 def run_config(base, out_dir: Path, seed: int, ratio: float | None, args):
@@ -145,6 +145,7 @@ class Evaluator:
         self.max_new_tokens = prep["eval"].max_new_tokens
         self.questions = read_questions(prep["eval"].questions)[: args.questions]
         # the same packed validation rows the trainer evaluates on (same corpus, tokenizer, seq_len)
+        self._codes = None  # noise kind codes of the rows `kinds` reads, made on first use
         self.heldout_rows = packed_corpus(base.validation, self.tokenizer, self.tokenizer_dir, base.train.seq_len, Path(args.work_dir) / "bench" / "heldout")
 
     def heldout(self, model) -> float:
@@ -215,6 +216,28 @@ class Evaluator:
             return {"accuracy": acc, "selection_quality": sq}
 
         return self.cached(run_dir / "bench_eval.json", key, compute)
+
+
+    def kinds(self, run_dir: Path, ratio: float | None) -> dict:
+        """The final model's batch selection on the first shard rows, by kind of token (clean or each kind of noise).
+
+        CLM is measured at TARGET_RATIO: what it would keep, and its own loss on each kind."""
+        from slm.analysis.noise_kinds import noise_kind_codes
+        from slm.evaluation.heldout import selection_quality
+        from slm.models import load_pretrained
+
+        ratio = TARGET_RATIO if ratio is None else ratio
+        n_rows = SQ_BATCH * SQ_BATCHES
+        key = {"run": _stage_fp(run_dir), "ratio": ratio, "rows": n_rows}
+        if self._codes is None:
+            self._codes = noise_kind_codes(self.shards, self.prep["score"].corpus, self.tokenizer, n_rows)
+
+        def compute():
+            model = load_pretrained(str(run_dir / "model")).float().eval()
+            codes, names = self._codes
+            return selection_quality(model, self.shards, ratio, SQ_BATCH, SQ_BATCHES, progress=False, noise_codes=codes, kind_names=names)["by_kind"]
+
+        return self.cached(run_dir / "bench_kinds.json", key, compute)
 
 
 def _stage_fp(run_dir: Path) -> str:
@@ -457,6 +480,22 @@ def table_rows(summary: dict, seeds: int) -> tuple[list[str], list[list]]:
     return headers, rows
 
 
+def kinds_rows(results: dict, seeds: list[int], methods: list) -> tuple[list[str], list[list]]:
+    """What each method's final model keeps and how well it predicts each kind of token (mean over seeds)."""
+    slm_ratios = [r for r in methods if r is not None]
+    names = list(results[(None, seeds[0])].get("by_kind") or {})
+
+    def avg(ratio, kind, key):
+        return statistics.fmean(results[(ratio, s)]["by_kind"][kind][key] for s in seeds)
+
+    headers = ["kind of token", "share of tokens", "reference loss", "CLM loss", *(f"{method_name(r)} loss" for r in slm_ratios),
+               *(f"kept by {method_name(r)}" for r in slm_ratios)]
+    rows = [[kind, f"{100 * avg(None, kind, 'share'):.1f}%", f"{avg(None, kind, 'ref_loss'):.2f}",
+             *(f"{avg(r, kind, 'model_loss'):.2f}" for r in methods), *(f"{100 * avg(r, kind, 'kept'):.1f}%" for r in slm_ratios)]
+            for kind in names]
+    return headers, rows
+
+
 def targets(summary: dict, micro: dict | None) -> list[dict]:
     name = method_name(TARGET_RATIO)
     if name not in summary:
@@ -500,7 +539,8 @@ def plot(results: dict, seeds: list[int], methods: list[float | None], path: Pat
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    with_kinds = all(results[k].get("by_kind") for k in results)
+    fig, axes = plt.subplots(1, 3 if with_kinds else 2, figsize=(18 if with_kinds else 12, 4.6))
     cmap = plt.get_cmap("viridis")
     ratios = [r for r in methods if r is not None]
     for ratio in methods:
@@ -523,12 +563,25 @@ def plot(results: dict, seeds: list[int], methods: list[float | None], path: Pat
     hi = max(max(y for _, y in results[(r, s)]["loss_curve"][1:]) for r in methods for s in seeds)
     hi = min(hi, lo + 3 * (clm_loss - lo) + 0.15)  # zoom on the end of training, where the methods differ; the early drop is off the top
     axes[0].set_ylim(lo - 0.05 * (hi - lo), hi)
-    for ax in axes:
+    for ax in axes[:2]:
         ax.set_xlabel("tokens processed (K)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     axes[0].set_title("held-out loss (mean over seeds, min-max shaded; zoomed); dotted: CLM final", fontsize=9)
     axes[1].set_title("accuracy at checkpoints; dotted: CLM final", fontsize=9)
+    if with_kinds:  # kept share of each kind of token by every SLM ratio (mean over seeds)
+        kinds = list(results[(None, seeds[0])]["by_kind"])
+        width = 0.8 / max(len(ratios), 1)
+        for i, ratio in enumerate(ratios):
+            kept = [statistics.fmean(results[(ratio, s)]["by_kind"][k]["kept"] for s in seeds) for k in kinds]
+            axes[2].bar(np.arange(len(kinds)) + (i - (len(ratios) - 1) / 2) * width, kept, width,
+                        color=cmap(0.1 + 0.8 * (i / max(len(ratios) - 1, 1))), label=method_name(ratio))
+        axes[2].set_xticks(np.arange(len(kinds)), kinds, rotation=30, ha="right", fontsize=8)
+        axes[2].set_ylabel("share of the kind's tokens kept")
+        axes[2].set_ylim(0, 1)
+        axes[2].grid(alpha=0.3, axis="y")
+        axes[2].legend(fontsize=8)
+        axes[2].set_title("what the final models keep, by kind of token", fontsize=9)
     fig.suptitle(f"SLM vs CLM on the demo ({subtitle})", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -550,6 +603,15 @@ def report(results: dict, seeds: list[int], methods: list, micro: dict | None, r
         table.add_row(*(str(c) for c in r))
     console.print(table)
     md = _util.markdown_table(headers, rows)
+    if all(results[k].get("by_kind") for k in results):
+        k_headers, k_rows = kinds_rows(results, seeds, methods)
+        table = Table(title=f"final models by kind of token ({SQ_BATCHES} batches of {SQ_BATCH} rows; CLM's kept share not shown: it keeps all)")
+        for h in k_headers:
+            table.add_column(h, justify="left" if h == k_headers[0] else "right")
+        for r in k_rows:
+            table.add_row(*r)
+        console.print(table)
+        md += "\n\n" + _util.markdown_table(k_headers, k_rows)
     console.print(f"reference model: held-out loss {reference['heldout_loss']:.3f}, domain accuracy {reference['domain_accuracy']:.3f} "
                   f"({reference['questions']} questions)")
     if micro:
@@ -666,7 +728,7 @@ def main() -> None:
             trained = time.time() - t
             evals = ev.run_checkpoints(Path(cfg.out_dir), ratio)
             r = analyse_run(read_metrics(Path(cfg.out_dir) / "metrics.jsonl"), cfg, untrained, evals, record)
-            r.update(method=method_name(ratio), seed=seed, ratio=ratio, out_dir=cfg.out_dir)
+            r.update(method=method_name(ratio), seed=seed, ratio=ratio, out_dir=cfg.out_dir, by_kind=ev.kinds(Path(cfg.out_dir), ratio))
             results[(ratio, seed)] = r
             run_seconds.append(time.time() - t)
             done = len(results)

@@ -58,25 +58,29 @@ def pack_documents(
         )
 
 
-def noise_tags_from_spans(offsets: list[tuple[int, int]], spans: list[list[int]]) -> list[int]:
-    """1 for a token whose character span's midpoint lies inside a noise span, else 0."""
+def noise_tags_from_spans(offsets: list[tuple[int, int]], spans: list[list[int]], codes: list[int] | None = None) -> list[int]:
+    """Per token, the code of the noise span holding its character midpoint (default 1), else 0."""
     if not spans:
         return [0] * len(offsets)
-    spans = sorted(spans)
+    order = sorted(range(len(spans)), key=lambda i: spans[i])
+    spans = [spans[i] for i in order]
+    codes = [1] * len(spans) if codes is None else [codes[i] for i in order]
     tags, j = [], 0
     for start, end in offsets:
         mid = (start + end - 1) / 2 if end > start else start
         while j < len(spans) and spans[j][1] <= mid:
             j += 1
-        tags.append(int(j < len(spans) and spans[j][0] <= mid < spans[j][1]))
+        tags.append(codes[j] if j < len(spans) and spans[j][0] <= mid < spans[j][1] else 0)
     return tags
 
 
-def tokenize_documents(tokenizer, texts: list[str], noise_spans: list | None = None) -> list[tuple[list[int], list[int] | None]]:
-    """Batch-tokenise texts (no special tokens); with noise spans, tag each token."""
+def tokenize_documents(tokenizer, texts: list[str], noise_spans: list | None = None, span_codes: list | None = None) -> list[tuple[list[int], list[int] | None]]:
+    """Batch-tokenise texts (no special tokens); with noise spans, tag each token (1, or its span's code)."""
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=noise_spans is not None)
     out = []
     for i, ids in enumerate(enc["input_ids"]):
-        tags = noise_tags_from_spans(enc["offset_mapping"][i], noise_spans[i] or []) if noise_spans is not None else None
+        tags = None
+        if noise_spans is not None:
+            tags = noise_tags_from_spans(enc["offset_mapping"][i], noise_spans[i] or [], span_codes[i] if span_codes is not None else None)
         out.append((ids, tags))
     return out

@@ -61,20 +61,30 @@ def domain_accuracy(model, tokenizer, questions: list[dict], max_new_tokens: int
 
 
 @torch.no_grad()
-def selection_quality(model, shards, ratio: float, batch_size: int, max_batches: int | None, progress: bool = True) -> dict:
+def selection_quality(model, shards, ratio: float, batch_size: int, max_batches: int | None, progress: bool = True,
+                      noise_codes: np.ndarray | None = None, kind_names: list[str] | None = None) -> dict:
     """Precision/recall of the model's batch-mode selection against the shards' noise column.
 
     noise_dropped: share of noise tokens the selection drops (recall of the drop);
     kept_clean: share of kept tokens that are clean (precision of the keep).
+    With `noise_codes` ([rows, seq_len], 0 = clean, i + 1 = kind_names[i]; see
+    `slm.analysis.noise_kinds`), also `by_kind`: per kind its share of the tokens, the share kept,
+    and the mean reference loss, model loss and excess loss.
     """
     if "noise" not in shards.columns:
         raise SlmError(f"{shards.directory}: no noise column; selection quality needs the demo's noise tags")
     model.eval()
     dev = next(model.parameters()).device
     n = len(shards) if max_batches is None else min(len(shards), max_batches * batch_size)
+    if noise_codes is not None and len(noise_codes) < n:
+        raise SlmError(f"noise_codes cover {len(noise_codes)} rows, selection quality reads {n}")
+    names = ["clean", *(kind_names or [])]
+    # per code: tokens, kept, sum of reference loss, sum of model loss
+    sums = np.zeros((len(names), 4))
     kept_clean = kept_total = noise_dropped = noise_total = 0
     for start in tqdm(range(0, n, batch_size), desc="selection vs noise", disable=not progress, dynamic_ncols=True):
-        rows = shards.rows(np.arange(start, min(start + batch_size, n)), ("input_ids", "ref_loss", "loss_mask", "noise"))
+        index = np.arange(start, min(start + batch_size, n))
+        rows = shards.rows(index, ("input_ids", "ref_loss", "loss_mask", "noise"))
         ids = torch.from_numpy(rows["input_ids"]).long().to(dev)
         ce = token_losses(model, ids).float()
         ref = torch.from_numpy(rows["ref_loss"]).to(dev)
@@ -85,9 +95,22 @@ def selection_quality(model, shards, ratio: float, batch_size: int, max_batches:
         kept_clean += int((kept & ~noise).sum())
         noise_total += int(noise.sum())
         noise_dropped += int((noise & ~kept).sum())
-    return {
+        if noise_codes is not None:
+            codes = torch.from_numpy(noise_codes[index].astype(np.int64)).to(dev)
+            for code in range(len(names)):
+                m = (codes == code) & valid
+                sums[code] += [int(m.sum()), int((m & kept).sum()), float(ref[m].sum()), float(ce[m].sum())]
+    out = {
         "ratio": ratio,
         "noise_share": noise_total / max(int(n * shards.seq_len), 1),
         "noise_dropped": noise_dropped / max(noise_total, 1),
         "kept_clean": kept_clean / max(kept_total, 1),
     }
+    if noise_codes is not None:
+        total = max(sums[:, 0].sum(), 1)
+        out["by_kind"] = {
+            name: {"share": tokens / total, "kept": kept_n / tokens, "ref_loss": ref_sum / tokens, "model_loss": ce_sum / tokens,
+                   "excess": (ce_sum - ref_sum) / tokens}
+            for name, (tokens, kept_n, ref_sum, ce_sum) in zip(names, sums) if tokens
+        }
+    return out

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from slm.analysis.noise_kinds import noise_kind_codes
 from slm.config import EvalConfig
 from slm.data.packed import packed_corpus
 from slm.data.tokenizer import load_tokenizer
@@ -39,7 +40,13 @@ def run(cfg: EvalConfig, force: bool = False) -> dict:
         metrics["domain_accuracy"] = acc["accuracy"]
         atomic_write_json(out / "answers.json", acc["samples"])
     if cfg.shards:
-        metrics["selection"] = selection_quality(model, ShardSet(cfg.shards), cfg.selection_ratio, cfg.batch_size, cfg.max_batches)
+        shards = ShardSet(cfg.shards)
+        codes, kinds = None, None
+        if cfg.noise_corpus:
+            n_rows = len(shards) if cfg.max_batches is None else min(len(shards), cfg.max_batches * cfg.batch_size)
+            codes, kinds = noise_kind_codes(shards, cfg.noise_corpus, tokenizer, n_rows)
+        metrics["selection"] = selection_quality(model, shards, cfg.selection_ratio, cfg.batch_size, cfg.max_batches,
+                                                 noise_codes=codes, kind_names=kinds)
     atomic_write_json(out / "results.json", {"model": cfg.model, **metrics})
     print_results(cfg.model, metrics)
     fingerprints = {"config": config_fingerprint(cfg), "model": weights_fingerprint(cfg.model)}
@@ -53,7 +60,20 @@ def print_results(model: str, metrics: dict) -> None:
     for key, value in metrics.items():
         if isinstance(value, dict):
             for k, v in value.items():
-                table.add_row(f"{key}.{k}", f"{v:.4f}" if isinstance(v, float) else str(v))
+                if k != "by_kind":
+                    table.add_row(f"{key}.{k}", f"{v:.4f}" if isinstance(v, float) else str(v))
         else:
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
+    if by_kind := metrics.get("selection", {}).get("by_kind"):
+        console.print(kinds_table(by_kind, metrics["selection"]["ratio"]))
+
+
+def kinds_table(by_kind: dict, ratio: float) -> Table:
+    """What the selection keeps, by kind of token: clean, or each kind of noise."""
+    table = Table(title=f"selection at ratio {ratio:g}, by kind of token")
+    for col in ("kind", "share of tokens", "kept", "reference loss", "model loss", "excess loss"):
+        table.add_column(col, justify="left" if col == "kind" else "right")
+    for name, k in by_kind.items():
+        table.add_row(name, f"{k['share']:.1%}", f"{k['kept']:.1%}", f"{k['ref_loss']:.2f}", f"{k['model_loss']:.2f}", f"{k['excess']:+.2f}")
+    return table
