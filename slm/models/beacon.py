@@ -20,8 +20,8 @@ condensing_ratio = 0 means no condensing (the reference code's ratio 0): the win
 i.e. plain causal Llama attention as long as at most `max_beacon_windows` windows precede the token.
 
 State (`BeaconState`, passed as `past_key_values` / `cache`): per layer the memory KV and the raw KV of the
-incomplete current window (both pre-RoPE), plus the absolute position `pos`. Padding masks are not supported
-(`attention_mask` is accepted and ignored). Only raw tokens reach `last_hidden_state`, aligned with input_ids.
+incomplete current window (both pre-RoPE), plus the absolute position `pos`. Padding masks are refused
+(`attention_mask` must be all ones): pad tokens would be condensed into beacons. Only raw tokens reach `last_hidden_state`, aligned with input_ids.
 
 Config keys of its own: window_len (64), condensing_ratio (8; 0 = none; must divide window_len),
 max_beacon_windows (64).
@@ -38,7 +38,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from slm.models.causal_lm import StreamingCausalLM
-from slm.models.layers import RMSNorm, SwiGLU, apply_rope, init_weights, rope_cos_sin
+from slm.models.layers import RMSNorm, SwiGLU, apply_rope, reject_padding, init_weights, rope_cos_sin
 from slm.models.registry import register_backbone
 
 
@@ -227,6 +227,7 @@ class BeaconModel(BeaconPreTrainedModel):
         return x[:, :n_raw], new_states  # beacon positions never reach the output
 
     def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None, cache=None, **kwargs):
+        reject_padding(attention_mask, "beacon", "beacon memory")
         state: BeaconState | None = past_key_values if past_key_values is not None else cache
         if use_cache is None:
             use_cache = state is not None or not self.training

@@ -41,7 +41,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from slm.models.causal_lm import StreamingCausalLM
-from slm.models.layers import RMSNorm, SwiGLU, apply_rope, causal_attention, init_weights, rope_cos_sin
+from slm.models.layers import RMSNorm, SwiGLU, apply_rope, reject_padding, causal_attention, init_weights, rope_cos_sin
 from slm.models.registry import register_backbone
 
 
@@ -240,8 +240,7 @@ class FamModel(FamPreTrainedModel):
         return [FamLayerState(f.expand(B, -1, -1), empty, empty, empty, empty) for f in fams]
 
     def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None, cache=None, **kwargs):
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError("fam: attention_mask with padding is not supported (the FAM would absorb pad tokens)")
+        reject_padding(attention_mask, "fam", "feedback memory")
         past = cache if cache is not None else past_key_values
         if use_cache is None:  # return the state when streaming or evaluating, not in plain training
             use_cache = past is not None or not self.training

@@ -31,7 +31,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from slm.models.causal_lm import StreamingCausalLM
-from slm.models.layers import RMSNorm, SwiGLU, apply_rope, causal_attention, init_weights, rope_cos_sin
+from slm.models.layers import RMSNorm, SwiGLU, apply_rope, reject_padding, causal_attention, init_weights, rope_cos_sin
 from slm.models.registry import register_backbone
 
 
@@ -215,11 +215,6 @@ class InfiniPreTrainedModel(PreTrainedModel):
 
 
 
-def _check_mask(attention_mask):
-    if attention_mask is not None and not bool(attention_mask.bool().all()):
-        raise ValueError("infini: attention_mask with padding is not supported (the memory would absorb pad tokens)")
-
-
 class InfiniModel(InfiniPreTrainedModel):
     def __init__(self, config: InfiniConfig):
         super().__init__(config)
@@ -235,7 +230,7 @@ class InfiniModel(InfiniPreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None, cache=None, **kwargs):
-        _check_mask(attention_mask)
+        reject_padding(attention_mask, "infini", "compressive memory")
         past = cache if cache is not None else past_key_values
         if use_cache is None:  # return the state when streaming or evaluating, not in plain training
             use_cache = past is not None or not self.training

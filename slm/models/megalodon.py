@@ -24,7 +24,7 @@ reference code does (log-spaced in (1/d, 1), randomly permuted across dimensions
 State (`MegalodonState`, passed as `past_key_values` / `cache`): per layer the timestep-norm running
 mean/var (fp32, fp64 in fp64 runs), the complex CEMA hidden h, the current incomplete chunk's keys and
 values; the final-norm statistics; the absolute position `pos` (= the running count of the norms).
-Padding masks are not supported: `attention_mask` is accepted and ignored.
+Padding masks are refused (`attention_mask` must be all ones): pad tokens would enter the CEMA and norm state.
 
 Config keys of its own: z_dim (shared Q/K width, default hidden_size//2), value_dim (default
 hidden_size), cema_ndim (EMA order h, default 16), chunk_len (attention chunk, default 64),
@@ -44,7 +44,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from slm.models.causal_lm import StreamingCausalLM
-from slm.models.layers import RMSNorm, SwiGLU, apply_rope, init_weights, rope_cos_sin
+from slm.models.layers import RMSNorm, SwiGLU, apply_rope, reject_padding, init_weights, rope_cos_sin
 from slm.models.registry import register_backbone
 
 
@@ -325,6 +325,7 @@ class MegalodonModel(MegalodonPreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None, cache=None, **kwargs):
+        reject_padding(attention_mask, "megalodon", "CEMA and timestep-norm state")
         state: MegalodonState | None = past_key_values if past_key_values is not None else cache
         if use_cache is None:
             use_cache = state is not None or not self.training
