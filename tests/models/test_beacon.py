@@ -2,11 +2,13 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import slm.models.beacon as bcn
 from slm.models.beacon import BeaconConfig, BeaconForCausalLM
+
+from helpers import (change_token, chunked_diffs, greedy_recompute, make_tiny_model, random_cuts, run_chunks,
+                     save_and_reload, shifted_loss, state_numel, tokens, train_losses)
 
 V = 53
 
@@ -19,22 +21,8 @@ def tiny_config(**kw):
 
 
 def make_model(seed=0, dtype=torch.float64, **kw):
-    torch.manual_seed(seed)
-    model = BeaconForCausalLM(tiny_config(**kw)).to(dtype).eval()
-    with torch.no_grad():  # larger weights than the 0.02 init so attention is far from uniform
-        for name, p in model.named_parameters():
-            p.add_((0.02 if "norm" in name else 0.15) * torch.randn_like(p))
-    return model
-
-
-def stream(model, ids, splits):
-    state, outs, start = None, [], 0
-    for n in splits:
-        out = model(ids[:, start:start + n], past_key_values=state, use_cache=True)
-        state, start = out.cache, start + n
-        outs.append(out.logits)
-    assert start == ids.shape[1]
-    return torch.cat(outs, 1), state
+    # larger weights than the 0.02 init so attention is far from uniform
+    return make_tiny_model(BeaconForCausalLM, tiny_config(**kw), dtype, seed, lambda name: 0.02 if "norm" in name else 0.15)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(num_key_value_heads=2, condensing_ratio=4, max_beacon_windows=2)])
@@ -42,18 +30,14 @@ def stream(model, ids, splits):
 def test_chunked_with_state_equals_whole(kw):
     model = make_model(**kw)
     L = 35
-    ids = torch.randint(0, V, (2, L), generator=torch.Generator().manual_seed(1))
+    ids = tokens(V, 2, L, seed=1)
     whole = model(ids).logits
     assert whole.shape == (2, L, V)
     g = torch.Generator().manual_seed(2)
     splits_list = [[1] * L, [8, 8, 8, 8, 3], [3, 5, 1, 7, 13, 6], [20, 1, 1, 13]]
-    for _ in range(2):
-        cuts = sorted(torch.randperm(L - 1, generator=g)[:5].add(1).tolist())
-        splits_list.append([b - a for a, b in zip([0] + cuts, cuts + [L])])
-    for splits in splits_list:
-        got, state = stream(model, ids, splits)
+    splits_list += [random_cuts(L, g) for _ in range(2)]
+    for splits, state, diff in chunked_diffs(model, ids, whole, splits_list, use_cache=True):
         assert state.pos == L
-        diff = (got - whole).abs().max().item()
         assert diff < 1e-8, (splits, diff)
 
 
@@ -95,23 +79,22 @@ def test_ratio_zero_equals_llama(window_len):
     windows too (the raw KV of <= max_beacon_windows previous windows is kept, at the same positions)."""
     model = make_model(condensing_ratio=0, window_len=window_len)
     llama = _llama_copy(model)
-    ids = torch.randint(0, V, (2, 29), generator=torch.Generator().manual_seed(5))
+    ids = tokens(V, 2, 29, seed=5)
     ours, ref = model(ids).logits, llama(ids).logits
     assert (ours - ref).abs().max() < 1e-8
-    streamed, _ = stream(model, ids, [5, 1, 11, 12])
+    streamed, _ = run_chunks(model, ids, [5, 1, 11, 12], use_cache=True)
     assert (streamed - ref).abs().max() < 1e-8
 
 
 @torch.no_grad()
 def test_beacons_change_the_model_and_carry_information():
     model = make_model()
-    ids = torch.randint(0, V, (1, 32), generator=torch.Generator().manual_seed(6))
+    ids = tokens(V, 1, 32, seed=6)
     llama = _llama_copy(model)
     ours, ref = model(ids).logits, llama(ids).logits
     assert (ours[:, :8] - ref[:, :8]).abs().max() < 1e-8  # first window: no memory yet = plain attention
     assert (ours[:, 8:] - ref[:, 8:]).abs().max() > 1e-3  # later windows see beacons, not raw tokens
-    ids2 = ids.clone()
-    ids2[0, 2] = (ids[0, 2] + 1) % V
+    ids2 = change_token(ids, 2, V)
     later = model(ids2).logits
     assert (later[:, 24:] - ours[:, 24:]).abs().max() > 1e-6  # window 0 reaches window 3 only through beacons
 
@@ -132,9 +115,8 @@ def test_window_mask_stepwise_expansion():
 @torch.no_grad()
 def test_causality():
     model = make_model()
-    ids = torch.randint(0, V, (1, 30), generator=torch.Generator().manual_seed(3))
-    ids2 = ids.clone()
-    ids2[0, 13] = (ids[0, 13] + 1) % V
+    ids = tokens(V, 1, 30, seed=3)
+    ids2 = change_token(ids, 13, V)
     a, b = model(ids).logits, model(ids2).logits
     assert torch.equal(a[:, :13], b[:, :13])
     assert (a[:, 13:] - b[:, 13:]).abs().max() > 1e-6
@@ -143,11 +125,10 @@ def test_causality():
 @torch.no_grad()
 def test_save_load_round_trip(tmp_path):
     model = make_model(dtype=torch.float32)
-    model.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    loaded = save_and_reload(model, tmp_path)
     assert isinstance(loaded, BeaconForCausalLM)
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
-    ids = torch.randint(0, V, (2, 19))
+    ids = tokens(V, 2, 19, seed=None)
     assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
@@ -162,27 +143,20 @@ def test_beacon_projections_start_as_copies():
 def test_training_reduces_loss():
     torch.manual_seed(0)
     model = BeaconForCausalLM(tiny_config()).train()
-    ids = torch.randint(0, V, (4, 24), generator=torch.Generator().manual_seed(4))
+    ids = tokens(V, 4, 24, seed=4)
     labels = ids.clone()
     labels[:, :3] = -100
     out = model(ids, labels=labels)
-    ref = F.cross_entropy(out.logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
+    ref = shifted_loss(out.logits, labels)
     assert torch.allclose(out.loss, ref) and out.cache is None
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss = model(ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, ids, labels, steps=8, lr=1e-2)
     assert losses[-1] < losses[0] - 0.1, losses
     assert model.model.beacon_embed_tokens.weight.grad.abs().sum() > 0  # beacons are trained through later windows
 
 
 def test_bf16_forward_backward_is_finite():
     model = BeaconForCausalLM(tiny_config()).to(torch.bfloat16).train()
-    ids = torch.randint(0, V, (2, 20))
+    ids = tokens(V, 2, 20, seed=None)
     out = model(ids, labels=ids)
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.logits.dtype == torch.bfloat16
@@ -192,24 +166,21 @@ def test_bf16_forward_backward_is_finite():
 def test_bounded_state():
     model = make_model(window_len=16, condensing_ratio=4, max_beacon_windows=3)
 
-    def numel(state):
-        return sum(t.numel() for s in state.layers for t in (s.mem_k, s.mem_v, s.raw_k, s.raw_v))
+    def tensors(state):
+        return [t for s in state.layers for t in (s.mem_k, s.mem_v, s.raw_k, s.raw_v)]
 
-    s64 = model(torch.randint(0, V, (1, 64)), use_cache=True).cache
-    s512 = model(torch.randint(0, V, (1, 512)), use_cache=True).cache
-    assert s512.pos == 512 and numel(s64) == numel(s512)
+    s64 = model(tokens(V, 1, 64, seed=None), use_cache=True).cache
+    s512 = model(tokens(V, 1, 512, seed=None), use_cache=True).cache
+    assert s512.pos == 512 and state_numel(s64, tensors) == state_numel(s512, tensors)
     assert s512.layers[0].mem_k.shape[2] == 3 * 4  # 3 windows of 16 / 4 beacons
 
 
 @torch.no_grad()
 def test_greedy_generate_uses_state():
     model = make_model()
-    ids = torch.randint(0, V, (1, 11))
+    ids = tokens(V, 1, 11, seed=None)
     gen = model.generate(ids, max_new_tokens=7, do_sample=False, use_cache=True, pad_token_id=0)
-    ref = ids
-    for _ in range(7):
-        ref = torch.cat([ref, model(ref).logits[:, -1:].argmax(-1)], 1)
-    assert torch.equal(gen, ref)
+    assert torch.equal(gen, greedy_recompute(model, ids, 7))
 
 
 def test_config_rejects_bad_values():

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import slm  # noqa: F401  (registers the backbones)
@@ -29,6 +29,8 @@ from slm.longrope import (
 )
 from slm.models import build_model
 
+from helpers import save_and_reload, tokens
+
 VOCAB = 97
 ORIG = 32  # "pretraining" length
 TARGET = 128  # extended length, s = 4
@@ -48,8 +50,7 @@ def make(rope_scaling=None, max_pos=TARGET, like=None):
 
 
 def ids(n=2, length=TARGET, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (n, length), generator=g)
+    return tokens(VOCAB, n, length, seed=seed)
 
 
 @torch.no_grad()
@@ -275,8 +276,7 @@ def test_search_rejects_bad_arguments():
 
 def test_longrope_model_save_load_round_trip(tmp_path):
     model = make(longrope(NTK))  # no explicit attention_factor: transformers' default applies
-    model.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    loaded = save_and_reload(model, tmp_path)
     assert loaded.config.rope_parameters == model.config.rope_parameters
     for length in (ORIG // 2, TARGET):
         x = ids(length=length, seed=length)

@@ -4,54 +4,38 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
 
 import slm.models.megalodon as meg
 from slm.models.megalodon import MegalodonConfig, MegalodonForCausalLM
 
+from helpers import (change_token, chunked_diffs, greedy_recompute, make_tiny_model, random_cuts, save_and_reload,
+                     shifted_loss, state_numel, tokens, train_losses)
+
+V = 61
+
 
 def tiny_config(**kw):
-    base = dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+    base = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
                 z_dim=16, value_dim=32, cema_ndim=4, chunk_len=8, norm_num_groups=4)
     base.update(kw)
     return MegalodonConfig(**base)
 
 
 def make_model(seed=0, dtype=torch.float64, **kw):
-    torch.manual_seed(seed)
-    model = MegalodonForCausalLM(tiny_config(**kw)).to(dtype).eval()
-    with torch.no_grad():  # move the zero-initialised gains/offsets away from their special values
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def stream(model, ids, splits):
-    state, outs = None, []
-    start = 0
-    for n in splits:
-        out = model(ids[:, start:start + n], past_key_values=state, use_cache=True)
-        state, start = out.cache, start + n
-        outs.append(out.logits)
-    assert start == ids.shape[1]
-    return torch.cat(outs, 1), state
+    # every parameter moved by 0.1 randn: the zero-initialised gains/offsets leave their special values
+    return make_tiny_model(MegalodonForCausalLM, tiny_config(**kw), dtype, seed, lambda name: 0.1)
 
 
 @torch.no_grad()
 def test_chunked_with_state_equals_whole():
     model = make_model()
-    ids = torch.randint(0, 61, (2, 37), generator=torch.Generator().manual_seed(1))
+    ids = tokens(V, 2, 37, seed=1)
     whole = model(ids).logits
     g = torch.Generator().manual_seed(2)
     splits_list = [[1] * 37, [8, 8, 8, 8, 5], [3, 5, 1, 7, 13, 8], [20, 1, 1, 15]]
-    for _ in range(2):
-        cuts = sorted(torch.randperm(36, generator=g)[:5].add(1).tolist())
-        splits_list.append([b - a for a, b in zip([0] + cuts, cuts + [37])])
-    for splits in splits_list:
-        got, state = stream(model, ids, splits)
+    splits_list += [random_cuts(37, g) for _ in range(2)]
+    for splits, state, diff in chunked_diffs(model, ids, whole, splits_list, use_cache=True):
         assert state.pos == 37
-        diff = (got - whole).abs().max().item()
         assert diff < 1e-8, (splits, diff)
 
 
@@ -142,9 +126,8 @@ def test_timestep_norm_matches_naive_cumulative_statistics():
 @torch.no_grad()
 def test_causality():
     model = make_model()
-    ids = torch.randint(0, 61, (1, 30), generator=torch.Generator().manual_seed(3))
-    ids2 = ids.clone()
-    ids2[0, 17] = (ids[0, 17] + 1) % 61
+    ids = tokens(V, 1, 30, seed=3)
+    ids2 = change_token(ids, 17, V)
     a, b = model(ids).logits, model(ids2).logits
     assert (a[:, :17] - b[:, :17]).abs().max() < 1e-10  # FFT round-off only (the convolution mixes positions)
     assert (a[:, 17:] - b[:, 17:]).abs().max() > 1e-6
@@ -153,37 +136,29 @@ def test_causality():
 @torch.no_grad()
 def test_save_load_round_trip(tmp_path):
     model = make_model(dtype=torch.float32)
-    model.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    loaded = save_and_reload(model, tmp_path)
     assert isinstance(loaded, MegalodonForCausalLM)
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
-    ids = torch.randint(0, 61, (2, 19))
+    ids = tokens(V, 2, 19, seed=None)
     assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
 def test_training_reduces_loss():
     torch.manual_seed(0)
     model = MegalodonForCausalLM(tiny_config()).train()
-    ids = torch.randint(0, 61, (4, 24), generator=torch.Generator().manual_seed(4))
+    ids = tokens(V, 4, 24, seed=4)
     labels = ids.clone()
     labels[:, :3] = -100
     out = model(ids, labels=labels)
-    ref = F.cross_entropy(out.logits[:, :-1].reshape(-1, 61), labels[:, 1:].reshape(-1), ignore_index=-100)
+    ref = shifted_loss(out.logits, labels)
     assert torch.allclose(out.loss, ref) and out.cache is None
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(8):
-        loss = model(ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, ids, labels, steps=8, lr=3e-3)
     assert losses[-1] < losses[0] - 0.1, losses
 
 
 def test_bf16_forward_backward_is_finite():
     model = MegalodonForCausalLM(tiny_config()).to(torch.bfloat16).train()
-    ids = torch.randint(0, 61, (2, 20))
+    ids = tokens(V, 2, 20, seed=None)
     out = model(ids, labels=ids)
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.logits.dtype == torch.bfloat16
@@ -194,28 +169,25 @@ def test_bf16_forward_backward_is_finite():
 def test_bounded_state():
     model = make_model(chunk_len=16)
 
-    def numel(state):
+    def tensors(state):
         t = [state.final_mean, state.final_var]
         for s in state.layers:
             t += [s.norm_mean, s.norm_var, s.cema_h, s.k, s.v]
-        return sum(x.numel() for x in t)
+        return t
 
-    s64 = model(torch.randint(0, 61, (1, 64)), use_cache=True).cache
-    s512 = model(torch.randint(0, 61, (1, 512)), use_cache=True).cache
-    assert s512.pos == 512 and numel(s64) == numel(s512)
-    s70 = model(torch.randint(0, 61, (1, 70)), use_cache=True).cache
+    s64 = model(tokens(V, 1, 64, seed=None), use_cache=True).cache
+    s512 = model(tokens(V, 1, 512, seed=None), use_cache=True).cache
+    assert s512.pos == 512 and state_numel(s64, tensors) == state_numel(s512, tensors)
+    s70 = model(tokens(V, 1, 70, seed=None), use_cache=True).cache
     assert s70.layers[0].k.shape[2] == 70 % 16  # only the incomplete chunk's keys are kept
 
 
 @torch.no_grad()
 def test_greedy_generate_uses_state():
     model = make_model()
-    ids = torch.randint(0, 61, (1, 11))
+    ids = tokens(V, 1, 11, seed=None)
     gen = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
-    ref = ids
-    for _ in range(6):
-        ref = torch.cat([ref, model(ref).logits[:, -1:].argmax(-1)], 1)
-    assert torch.equal(gen, ref)
+    assert torch.equal(gen, greedy_recompute(model, ids, 6))
 
 
 def test_config_rejects_bad_values():
