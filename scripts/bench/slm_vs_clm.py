@@ -37,11 +37,16 @@ Targets (from the issue; checked at ratio 0.6, reported met or not):
 
     python scripts/bench/slm_vs_clm.py              # 3 seeds x (CLM + 6 ratios); prepares the demo on first use
     python scripts/bench/slm_vs_clm.py --quick      # smoke check: 20 steps, 1 seed, ratio 0.6, 20 questions
-    python scripts/bench/slm_vs_clm.py --ratios 0.4 0.6 0.8 --seeds 0 1 2   # what results/slm_vs_clm.json holds
+    python scripts/bench/slm_vs_clm.py --work-dir runs/bench_v2 --ratios 0.4 0.6 0.8 --steps 600 --eval-every 25 \
+        --checkpoint-every 100                                         # what results/slm_vs_clm.json holds
+    # the same runs in parallel: one process per seed (add --seeds N --micro-reps 0 --out/--plot elsewhere),
+    # then the command above reuses every finished run and evaluation and writes the report
     python scripts/bench/slm_vs_clm.py --report-from scripts/bench/results/slm_vs_clm.json   # tables and plot again
 
-Cost on the shared 2-core CPU machine: preparing the demo ~5 min; each run ~3-4 min of training plus ~0.5 min of
-evaluation, so the 3 x (1 + 3 ratios) set ~42 min and the default 3 x (1 + 6 ratios) ~1.5 h; --quick ~2 min.
+Cost on the shared 2-core CPU machine: preparing the demo ~6 min; at the recipe's 200 steps a run takes ~3-4 min of
+training plus ~0.5 min of evaluation (3 x (1 + 3 ratios): ~32 min); at --steps 600 ~7-9 min plus ~1 min (three
+per-seed processes in parallel: 33-41 min); --quick ~2 min. Also reported: what each final model keeps by kind of
+noise (`slm.analysis.noise_kinds`, the demo's `noise_kinds`), as a table and the plot's third panel.
 A prepared --work-dir is reused only while the recipe's and the library's config defaults are unchanged (the stages
 refuse another config's output); otherwise use a fresh --work-dir or --set the old values.
 
