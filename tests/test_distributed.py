@@ -327,6 +327,9 @@ def test_killed_rank_resumes_on_both(two_ranks: Path, killed_and_resumed, where:
         assert res["result"]["metrics"]["resumed_from"] == 2
         assert res["result"]["metrics"]["steps"] == MAX_STEPS
 
+    whole = [ck for ck in sorted((out / "checkpoints").glob("step-*")) if (ck / "slm-complete.json").is_file()]
+    assert whole and all({p.name for p in ck.glob("rng-rank*.pt")} == {"rng-rank00000.pt", "rng-rank00001.pt"} for ck in whole)
+
     ref_w, got_w = weights(root / "pretrain_2rank"), weights(out)
     assert got_w.keys() == ref_w.keys()
     for k in ref_w:

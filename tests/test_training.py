@@ -139,3 +139,34 @@ def test_deepspeed_config_follows_the_typed_config():
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == 1e-3
     assert ds["scheduler"]["params"]["warmup_num_steps"] == 5 and ds["scheduler"]["params"]["total_num_steps"] == 50
     assert ds["bf16"]["enabled"] is (torch.cuda.is_available())
+
+
+def test_checkpoint_restores_each_ranks_random_generators(tmp_path):
+    """Every rank saves its own generator states (DeepSpeed's client state is rank 0's only) and gets them back."""
+    import random
+
+    import deepspeed
+    import numpy as np
+
+    from slm.config import TrainConfig
+    from slm.training.checkpoint import load_latest, rng_file, save_checkpoint
+    from slm.training.distributed import init_distributed
+
+    init_distributed()
+    model = torch.nn.Linear(4, 4)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=deepspeed_config(TrainConfig(), 1))
+    fingerprints = {"data": "d1"}
+    torch.manual_seed(11), np.random.seed(12), random.seed(13)
+    saved = save_checkpoint(engine, tmp_path, 3, {"step": 3, "fingerprints": fingerprints}, keep=2)
+    assert rng_file(saved, 0).is_file()
+    after_save = (torch.rand(3), np.random.rand(3), random.random())
+
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    assert load_latest(engine, tmp_path, fingerprints)["step"] == 3
+    after_load = (torch.rand(3), np.random.rand(3), random.random())
+    torch.testing.assert_close(after_load[0], after_save[0], rtol=0, atol=0)
+    assert np.array_equal(after_load[1], after_save[1]) and after_load[2] == after_save[2]
+
+    rng_file(saved, 0).unlink()  # e.g. saved by fewer ranks than resume it
+    with pytest.raises(SlmError, match=r"step-00000003: no random-generator state for rank 0 \(rng-rank00000.pt\)"):
+        load_latest(engine, tmp_path, fingerprints)

@@ -1,8 +1,10 @@
 """Checkpoints through DeepSpeed with client state, marked whole only once fully written.
 
-Layout: `<out>/checkpoints/step-00000100/` (DeepSpeed's files) plus `slm-complete.json`
-written atomically by rank 0 after every rank has saved. `--resume auto` takes the newest
-directory with that marker; a crash mid-save leaves a directory without it, which is ignored.
+Layout: `<out>/checkpoints/step-00000100/` (DeepSpeed's files), one `rng-rankNNNNN.pt` per rank
+(each rank's torch, CUDA, numpy and Python generator states: DeepSpeed's client state is written
+by rank 0 only), and `slm-complete.json` written atomically by rank 0 after every rank has saved.
+`--resume auto` takes the newest directory with that marker; a crash mid-save leaves a directory
+without it, which is ignored.
 """
 
 from __future__ import annotations
@@ -15,20 +17,29 @@ import numpy as np
 import torch
 
 from slm.errors import SlmError
-from slm.io import atomic_write_json, read_json
+from slm.io import atomic_open, atomic_write_json, read_json
 from slm.training.distributed import barrier, rank
 
 MARKER = "slm-complete.json"
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rng_file(checkpoint: Path, rank_: int) -> Path:
+    return checkpoint / f"rng-rank{rank_:05d}.pt"
 
 
 def tag_for(step: int) -> str:
@@ -43,7 +54,9 @@ def whole_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep: int) -> Path:
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client_state, "rng": rng_state()})
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    with atomic_open(rng_file(ckpt_dir / tag, rank())) as f:
+        torch.save(rng_state(), f)
     barrier()
     if rank() == 0:
         atomic_write_json(ckpt_dir / tag / MARKER, {"step": step, "fingerprints": client_state["fingerprints"]})
@@ -70,5 +83,12 @@ def load_latest(engine, ckpt_dir: Path, fingerprints: dict) -> dict | None:
     _, client = engine.load_checkpoint(str(ckpt_dir), tag=latest.name, load_optimizer_states=True, load_lr_scheduler_states=True)
     if client is None:
         raise SlmError(f"{latest}: DeepSpeed could not load this checkpoint")
-    set_rng_state(client["rng"])
+    own = rng_file(latest, rank())
+    if own.is_file():
+        set_rng_state(torch.load(own, weights_only=False))
+    elif "rng" in client:  # written before the per-rank files: rank 0's state, shared by all ranks
+        set_rng_state(client["rng"])
+    else:
+        raise SlmError(f"{latest}: no random-generator state for rank {rank()} ({own.name}); "
+                       "was it saved with fewer ranks? resume with the same number of ranks")
     return client
