@@ -132,6 +132,14 @@ def test_noise_kind_codes_match_the_shards_noise_column(scored, tiny_demo, tmp_p
     with pytest.raises(SlmError, match=r"shard-00000.arrow: its tokens differ from corpus.path .*other.jsonl"):
         noise_kind_codes(shards, CorpusConfig(path=str(other), noise_field="noise_spans"), tok, n)
 
+    for r in rows:
+        del r["noise_kinds"]
+    other.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SlmError, match=r"corpus.path .*other.jsonl': no field 'noise_kinds' \(the kind of each noise span\)"):
+        noise_kind_codes(shards, CorpusConfig(path=str(other), noise_field="noise_spans"), tok, n)
+    with pytest.raises(SlmError, match=r"noise kinds need corpus.noise_field"):
+        noise_kind_codes(shards, CorpusConfig(path=str(tiny_demo.train)), tok, n)
+
 
 def test_extract_answer():
     from slm.data.demo import ANSWER_PATTERN
