@@ -146,12 +146,22 @@ class TimestepNorm(nn.Module):
 
 
 # ---------------------------------------------------------------- complex EMA (sec 3.1)
+def powers(q, L: int, real_dtype):
+    """q^t for t = 0..L-1 ([..., L]), with about 2 sqrt(L) complex exps instead of L: t = s B + r, so
+    q^t = (q^B)^s q^r, an outer product of a table of B low powers and one of ceil(L / B) high powers."""
+    B = max(1, math.isqrt(L - 1) + 1) if L > 1 else 1
+    S = -(-L // B)
+    log_q = torch.log(q)[..., None]
+    low = torch.exp(log_q * torch.arange(B, device=q.device, dtype=real_dtype))  # q^r
+    high = torch.exp(log_q * (B * torch.arange(S, device=q.device, dtype=real_dtype)))  # q^{sB}
+    return (high[..., :, None] * low[..., None, :]).flatten(-2)[..., :L]
+
+
 def cema_fft(x, a, q, eta, h0=None, want_state=True):
     """FFT path. x: [B, D, L] real; a, q, eta: [D, h] complex; h0: [B, D, h] complex or None.
     y_t = Re(eta^T h_t) = sum_{s<=t} K_{t-s} x_s + Re(eta^T q^{t+1} h0),  K_t = Re(eta^T a q^t)  (eq 2-3)."""
     L = x.shape[-1]
-    t = torch.arange(L, device=x.device, dtype=x.dtype)
-    vander = torch.exp(torch.log(q)[..., None] * t)  # [D, h, L]: q^t
+    vander = powers(q, L, x.dtype)  # [D, h, L]: q^t
     kernel = torch.einsum("dn,dnl->dl", eta * a, vander).real  # K_t
     n = 2 * L  # zero-pad so the circular FFT convolution is the causal linear one
     y = torch.fft.irfft(torch.fft.rfft(x, n=n) * torch.fft.rfft(kernel, n=n), n=n)[..., :L]
@@ -159,7 +169,7 @@ def cema_fft(x, a, q, eta, h0=None, want_state=True):
         y = y + torch.einsum("dn,bdn,dnl->bdl", eta * q, h0, vander).real
     h_last = None
     if want_state:  # h_L = q^L h0 + sum_s q^{L-1-s} a x_s
-        h_last = torch.einsum("dnl,bdl->bdn", vander.flip(-1), x.to(vander.dtype)) * a
+        h_last = torch.einsum("dnl,bdl->bdn", vander, x.flip(-1).to(vander.dtype)) * a  # sum_u q^u x_{L-1-u}
         if h0 is not None:
             h_last = h_last + h0 * vander[..., -1] * q
     return y, h_last

@@ -39,6 +39,21 @@ def test_chunked_with_state_equals_whole():
         assert diff < 1e-8, (splits, diff)
 
 
+@pytest.mark.parametrize("L", [1, 2, 3, 16, 17, 1000])
+def test_blocked_powers_equal_direct_powers(L):
+    """powers(q, L) builds q^t from two small exp tables; it must equal exp(t log q) (and q**t) at any L."""
+    torch.manual_seed(0)
+    q = torch.polar(torch.rand(5, 3, dtype=torch.float64) * 0.5 + 0.49, torch.rand(5, 3, dtype=torch.float64) * 6)
+    t = torch.arange(L, dtype=torch.float64)
+    direct = torch.exp(torch.log(q)[..., None] * t)
+    got = meg.powers(q, L, torch.float64)
+    assert got.shape == (5, 3, L)
+    assert ((got - direct).abs() / direct.abs()).max() < 1e-12
+    assert ((got - q[..., None] ** t).abs() / direct.abs()).max() < 1e-12
+    q32 = q.to(torch.complex64)  # |q| < 1: absolute error (float32 underflows where float64 still has 1e-136)
+    assert (meg.powers(q32, L, torch.float32) - direct).abs().max() < 1e-5
+
+
 @torch.no_grad()
 def test_cema_fft_equals_recurrent_with_initial_state():
     torch.manual_seed(0)
