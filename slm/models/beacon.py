@@ -34,46 +34,41 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from slm.models.causal_lm import StreamingCausalLM
+from slm.models.config_base import StreamingConfig
 from slm.models.layers import RMSNorm, SwiGLU, apply_rope, reject_padding, init_weights, rope_cos_sin
 from slm.models.registry import register_backbone
 
 
-class BeaconConfig(PretrainedConfig):
-    model_type = "slm_beacon"
+class BeaconConfig(StreamingConfig):
+    """Llama-style sizes (`StreamingConfig`; num_key_value_heads is honoured: grouped-query attention)
+    plus window_len, condensing_ratio and max_beacon_windows (see the module docstring)."""
 
-    def __init__(self, vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=None, intermediate_size=128, max_position_embeddings=4096,
-                 rope_theta=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-6, initializer_range=0.02,
-                 window_len=64, condensing_ratio=8, max_beacon_windows=64, **kwargs):
-        num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
-        for key, val in dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-                             num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
-                             intermediate_size=intermediate_size, window_len=window_len,
-                             max_beacon_windows=max_beacon_windows).items():
-            if not isinstance(val, int) or val <= 0:
-                raise ValueError(f"{key}={val!r}: must be a positive integer")
-        if not isinstance(condensing_ratio, int) or condensing_ratio < 0:
-            raise ValueError(f"condensing_ratio={condensing_ratio!r}: must be an integer >= 0 (0 = no beacons)")
-        if condensing_ratio and window_len % condensing_ratio:
-            raise ValueError(f"condensing_ratio={condensing_ratio}: must divide window_len={window_len}")
-        if hidden_size % num_attention_heads or (hidden_size // num_attention_heads) % 2:
-            raise ValueError(f"num_attention_heads={num_attention_heads}: hidden_size/heads must be an even integer")
-        if num_attention_heads % num_key_value_heads:
-            raise ValueError(f"num_key_value_heads={num_key_value_heads}: must divide num_attention_heads")
-        for key, val in dict(rms_norm_eps=rms_norm_eps, rope_theta=rope_theta).items():
-            if not val > 0:
-                raise ValueError(f"{key}={val!r}: must be > 0")
-        self.vocab_size, self.hidden_size, self.num_hidden_layers = vocab_size, hidden_size, num_hidden_layers
-        self.num_attention_heads, self.num_key_value_heads = num_attention_heads, num_key_value_heads
-        self.intermediate_size, self.max_position_embeddings = intermediate_size, max_position_embeddings
-        self.rope_theta, self.rms_norm_eps, self.initializer_range = rope_theta, rms_norm_eps, initializer_range
-        self.window_len, self.condensing_ratio = window_len, condensing_ratio
-        self.max_beacon_windows = max_beacon_windows
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+    model_type = "slm_beacon"
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    tie_word_embeddings: bool = True
+    window_len: int = 64
+    condensing_ratio: int = 8
+    max_beacon_windows: int = 64
+
+    integer_keys = {**StreamingConfig.integer_keys, "window_len": 1, "max_beacon_windows": 1}
+
+    def _check_structure(self):
+        ratio = self.condensing_ratio
+        if not isinstance(ratio, int) or ratio < 0:
+            raise ValueError(f"condensing_ratio={ratio!r}: must be an integer >= 0 (0 = no beacons)")
+        if ratio and self.window_len % ratio:
+            raise ValueError(f"condensing_ratio={ratio}: must divide window_len={self.window_len}")
+        if not self._heads_split_evenly():
+            raise ValueError(f"num_attention_heads={self.num_attention_heads}: hidden_size/heads must be an even integer")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads={self.num_key_value_heads}: must divide num_attention_heads")
 
 
 @dataclass

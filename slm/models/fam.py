@@ -37,16 +37,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from slm.models.causal_lm import StreamingCausalLM
+from slm.models.config_base import StreamingConfig
 from slm.models.layers import RMSNorm, SwiGLU, apply_rope, reject_padding, causal_attention, init_weights, rope_cos_sin
 from slm.models.registry import register_backbone
 
 
-class FamConfig(PretrainedConfig):
-    """Llama-style sizes plus:
+class FamConfig(StreamingConfig):
+    """Llama-style sizes (`StreamingConfig`) plus:
     block_len (64): BSWA block size, the FAM update stride.
     memory_blocks (1): previous blocks of keys/values each block attends to (BSWA memory segment).
     fam_len (8): feedback memory activations per layer (0 = plain BSWA).
@@ -59,12 +60,6 @@ class FamConfig(PretrainedConfig):
     hidden_size: int = 256
     intermediate_size: int = 688
     num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int | None = None
-    max_position_embeddings: int = 4096
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
-    initializer_range: float = 0.02
     tie_word_embeddings: bool = False
     use_cache: bool = True
     pad_token_id: int | None = None
@@ -75,26 +70,12 @@ class FamConfig(PretrainedConfig):
     fam_len: int = 8
     fam_init: str = "prompt"
 
-    def __post_init__(self, **kwargs):
-        for key, low in (("vocab_size", 1), ("hidden_size", 1), ("intermediate_size", 1), ("num_hidden_layers", 1),
-                         ("num_attention_heads", 1), ("max_position_embeddings", 1), ("block_len", 1),
-                         ("memory_blocks", 0), ("fam_len", 0)):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{key}={value!r}: must be an integer >= {low}")
-        if self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 2:
-            raise ValueError(f"hidden_size={self.hidden_size}: must split into num_attention_heads="
-                             f"{self.num_attention_heads} heads of even size (RoPE)")
+    integer_keys = {**StreamingConfig.integer_keys, "block_len": 1, "memory_blocks": 0, "fam_len": 0}
+
+    def _check_structure(self):
+        super()._check_structure()
         if self.fam_init not in ("prompt", "prefix"):
             raise ValueError(f"fam_init={self.fam_init!r}: expected 'prompt' or 'prefix'")
-        for key in ("rope_theta", "rms_norm_eps"):
-            if not isinstance(getattr(self, key), (int, float)) or getattr(self, key) <= 0:
-                raise ValueError(f"{key}={getattr(self, key)!r}: must be a positive number")
-        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range < 0:
-            raise ValueError(f"initializer_range={self.initializer_range!r}: must be >= 0")
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        super().__post_init__(**kwargs)
 
 
 @dataclass

@@ -27,16 +27,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from slm.models.causal_lm import StreamingCausalLM
+from slm.models.config_base import StreamingConfig
 from slm.models.layers import RMSNorm, SwiGLU, apply_rope, reject_padding, causal_attention, init_weights, rope_cos_sin
 from slm.models.registry import register_backbone
 
 
-class InfiniConfig(PretrainedConfig):
-    """Llama-style sizes plus:
+class InfiniConfig(StreamingConfig):
+    """Llama-style sizes (`StreamingConfig`) plus:
     segment_len (64): tokens per segment (local attention span, memory write unit).
     memory_update ("delta"): "linear" (eq. 4) or "delta" (eq. 5).
     gate_init (0.0): initial gate logit beta of every head (sigmoid(0) = even mix of memory and local).
@@ -48,12 +49,6 @@ class InfiniConfig(PretrainedConfig):
     hidden_size: int = 256
     intermediate_size: int = 688
     num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int | None = None
-    max_position_embeddings: int = 4096
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
-    initializer_range: float = 0.02
     tie_word_embeddings: bool = False
     use_cache: bool = True
     pad_token_id: int | None = None
@@ -64,27 +59,18 @@ class InfiniConfig(PretrainedConfig):
     gate_init: float = 0.0
     memory_eps: float = 1e-6
 
-    def __post_init__(self, **kwargs):
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "max_position_embeddings", "segment_len"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{key}={value!r}: must be a positive integer")
-        if self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 2:
-            raise ValueError(f"hidden_size={self.hidden_size}: must split into num_attention_heads="
-                             f"{self.num_attention_heads} heads of even size (RoPE)")
+    integer_keys = {**StreamingConfig.integer_keys, "segment_len": 1}
+    positive_keys = (*StreamingConfig.positive_keys, "memory_eps")
+
+    def _check_structure(self):
+        super()._check_structure()
         if self.memory_update not in ("linear", "delta"):
             raise ValueError(f"memory_update={self.memory_update!r}: expected 'linear' or 'delta'")
-        for key in ("rope_theta", "rms_norm_eps", "memory_eps"):
-            if not isinstance(getattr(self, key), (int, float)) or getattr(self, key) <= 0:
-                raise ValueError(f"{key}={getattr(self, key)!r}: must be a positive number")
-        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range < 0:
-            raise ValueError(f"initializer_range={self.initializer_range!r}: must be >= 0")
+
+    def _check_numbers(self):
+        super()._check_numbers()
         if not isinstance(self.gate_init, (int, float)):
             raise ValueError(f"gate_init={self.gate_init!r}: must be a number")
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        super().__post_init__(**kwargs)
 
 
 @dataclass

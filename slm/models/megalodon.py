@@ -40,47 +40,47 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from slm.models.causal_lm import StreamingCausalLM
+from slm.models.config_base import StreamingConfig
 from slm.models.layers import RMSNorm, SwiGLU, apply_rope, reject_padding, init_weights, rope_cos_sin
 from slm.models.registry import register_backbone
 
 
-class MegalodonConfig(PretrainedConfig):
-    model_type = "slm_megalodon"
+class MegalodonConfig(StreamingConfig):
+    """Llama-style sizes (`StreamingConfig`; num_key_value_heads is ignored and stored as
+    num_attention_heads: Q and K share one Z) plus the keys listed in the module docstring."""
 
-    def __init__(self, vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=None, intermediate_size=128, max_position_embeddings=4096,
-                 rope_theta=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-6, initializer_range=0.02,
-                 z_dim=None, value_dim=None, cema_ndim=16, chunk_len=64, norm_num_groups=8, norm_eps=1e-5,
-                 **kwargs):
-        z_dim = hidden_size // 2 if z_dim is None else z_dim
-        value_dim = hidden_size if value_dim is None else value_dim
-        for key, val in dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-                             num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
-                             z_dim=z_dim, value_dim=value_dim, cema_ndim=cema_ndim, chunk_len=chunk_len,
-                             norm_num_groups=norm_num_groups).items():
-            if not isinstance(val, int) or val <= 0:
-                raise ValueError(f"{key}={val!r}: must be a positive integer")
-        if z_dim % (2 * num_attention_heads):
-            raise ValueError(f"z_dim={z_dim}: must be divisible by 2*num_attention_heads (even RoPE head dim)")
-        if value_dim % num_attention_heads:
-            raise ValueError(f"value_dim={value_dim}: must be divisible by num_attention_heads")
-        if hidden_size % norm_num_groups:
-            raise ValueError(f"norm_num_groups={norm_num_groups}: must divide hidden_size={hidden_size}")
-        for key, val in dict(rms_norm_eps=rms_norm_eps, norm_eps=norm_eps, rope_theta=rope_theta).items():
-            if not val > 0:
-                raise ValueError(f"{key}={val!r}: must be > 0")
-        self.vocab_size, self.hidden_size, self.num_hidden_layers = vocab_size, hidden_size, num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_attention_heads  # ignored: Megalodon shares Q/K from one Z
-        self.intermediate_size, self.max_position_embeddings = intermediate_size, max_position_embeddings
-        self.rope_theta, self.rms_norm_eps, self.initializer_range = rope_theta, rms_norm_eps, initializer_range
-        self.z_dim, self.value_dim, self.cema_ndim, self.chunk_len = z_dim, value_dim, cema_ndim, chunk_len
-        self.norm_num_groups, self.norm_eps = norm_num_groups, norm_eps
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+    model_type = "slm_megalodon"
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    tie_word_embeddings: bool = True
+    z_dim: int | None = None
+    value_dim: int | None = None
+    cema_ndim: int = 16
+    chunk_len: int = 64
+    norm_num_groups: int = 8
+    norm_eps: float = 1e-5
+
+    integer_keys = {**StreamingConfig.integer_keys, **dict.fromkeys(("z_dim", "value_dim", "cema_ndim", "chunk_len", "norm_num_groups"), 1)}
+    positive_keys = (*StreamingConfig.positive_keys, "norm_eps")
+
+    def _fill_defaults(self):
+        self.z_dim = self.hidden_size // 2 if self.z_dim is None else self.z_dim
+        self.value_dim = self.hidden_size if self.value_dim is None else self.value_dim
+        self.num_key_value_heads = self.num_attention_heads
+
+    def _check_structure(self):  # replaces the hidden_size head split: the heads split z_dim / value_dim
+        if self.z_dim % (2 * self.num_attention_heads):
+            raise ValueError(f"z_dim={self.z_dim}: must be divisible by 2*num_attention_heads (even RoPE head dim)")
+        if self.value_dim % self.num_attention_heads:
+            raise ValueError(f"value_dim={self.value_dim}: must be divisible by num_attention_heads")
+        if self.hidden_size % self.norm_num_groups:
+            raise ValueError(f"norm_num_groups={self.norm_num_groups}: must divide hidden_size={self.hidden_size}")
 
 
 @dataclass
