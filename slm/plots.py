@@ -9,6 +9,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from slm.io import atomic_write_bytes  # noqa: E402
+
+
+def save_png(fig, path: str | Path, dpi: int = 120, **savefig_kwargs) -> Path:
+    """Write `fig` as a PNG atomically (rendered in memory, then temp file and rename) and close it."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, **savefig_kwargs)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
 
 def plot_learning_curves(runs: dict[str, list[dict]], path: str | Path, key: str = "heldout_loss", ylabel: str = "held-out loss") -> Path:
     """One line per run: `key` against tokens seen."""
@@ -23,7 +36,4 @@ def plot_learning_curves(runs: dict[str, list[dict]], path: str | Path, key: str
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_png(fig, path)

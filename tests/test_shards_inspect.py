@@ -24,14 +24,6 @@ SEQ_LEN = 32
 WORDS = ["the", "cat", "dog", "sat", "on", "a", "mat", "ran", "to", "red", "big", "house", "and", "café", "naïve"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _meta(seq_len: int, vocab: int = 300) -> ShardMetadata:
     return ShardMetadata(
         format_version=FORMAT_VERSION, tokenizer_name="tiny-bpe", tokenizer_sha256="0" * 64, vocab_size=vocab, seq_len=seq_len,

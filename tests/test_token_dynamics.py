@@ -29,14 +29,6 @@ TINY = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max
 SEQ_LEN = 24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------- the rule
 
 

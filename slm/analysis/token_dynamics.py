@@ -449,7 +449,7 @@ def print_token_dynamics(summary: dict, console=None) -> None:
 def plot_token_dynamics(summary: dict, path: str | Path) -> Path:
     """Like RHO-1 Fig. 2: (a) mean loss of each category across checkpoints, (b) category shares,
     (c) example token trajectories. Written atomically."""
-    from slm.plots import plt
+    from slm.plots import plt, save_png
 
     ck = summary["checkpoints"]
     steps = [c["step"] for c in ck]
@@ -483,11 +483,7 @@ def plot_token_dynamics(summary: dict, path: str | Path) -> Path:
     if any(c["examples"] for c in summary["categories"].values()):
         ax_c.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    return save_png(fig, path, dpi=110)
 
 
 # --------------------------------------------------------------------------- entry for the CLI

@@ -17,7 +17,6 @@ Quantiles use numpy's default ("linear") definition; the AUC counts ties as one 
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -25,7 +24,6 @@ from typing import Iterator
 import numpy as np
 
 from slm.errors import SlmError
-from slm.io import atomic_write_bytes
 from slm.shards.format import fixed_list_to_numpy
 from slm.shards.reader import ShardSet
 
@@ -359,7 +357,7 @@ def print_stats(stats: dict, console=None, max_shards: int = 20) -> None:
 def plot_histogram(shards: ShardSet | str | Path, path: str | Path, bins: int = 100, max_rows: int | None = None) -> Path:
     """Histogram PNG of the reference loss (log-count axis), noise and clean apart when tagged,
     with the quantiles marked. Written atomically."""
-    from slm.plots import plt
+    from slm.plots import plt, save_png
 
     shards = as_shardset(shards)
     if bins < 1:
@@ -396,8 +394,4 @@ def plot_histogram(shards: ShardSet | str | Path, path: str | Path, bins: int = 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    return save_png(fig, path)

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 from slm.evaluation.ruler.scoring import mean, summarize
-from slm.io import atomic_write_bytes
 
 
 def fmt_length(n: int) -> str:
@@ -54,11 +53,9 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: Path) -> None:
-    import io
+    from slm.plots import save_png
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, dpi=fig.dpi, bbox_inches="tight")
 
 
 def plot_heatmap(task: str, task_scores: dict[str, dict], lengths: list[int], path: str | Path) -> Path:
