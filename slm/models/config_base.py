@@ -11,8 +11,8 @@ from transformers import PretrainedConfig
 class StreamingConfig(PretrainedConfig):
     """Llama-style sizes shared by the streaming backbones, with their checks.
 
-    A backbone's config subclasses this, sets `model_type`, gives the defaults the backbones don't
-    agree on (vocab_size, hidden_size, intermediate_size, num_hidden_layers, tie_word_embeddings),
+    A backbone's config subclasses this, sets `model_type`, may override the size defaults (these
+    are a small Llama's, as infini and fam use; megalodon and beacon default to tiny sizes),
     declares its own fields and extends the checks. `__post_init__` runs, in this order:
       1. `_fill_defaults()`: num_key_value_heads None -> num_attention_heads (extend for own derived keys);
       2. `integer_keys`: key -> minimum, checked in order (a subclass adds its own keys);
@@ -21,17 +21,17 @@ class StreamingConfig(PretrainedConfig):
     Each error is one ValueError naming the key, its value and what was expected.
     """
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
+    vocab_size: int = 32000
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int | None = None
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
-    tie_word_embeddings: bool
+    tie_word_embeddings: bool = False
 
     integer_keys: ClassVar[dict[str, int]] = dict.fromkeys(
         ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

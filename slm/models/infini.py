@@ -45,11 +45,6 @@ class InfiniConfig(StreamingConfig):
     """
 
     model_type = "slm_infini"
-    vocab_size: int = 32000
-    hidden_size: int = 256
-    intermediate_size: int = 688
-    num_hidden_layers: int = 4
-    tie_word_embeddings: bool = False
     use_cache: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = None
