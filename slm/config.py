@@ -90,6 +90,9 @@ class OptimConfig(StrictModel):
     warmup_steps: int = Field(20, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     grad_clip: float = Field(1.0, ge=0)
+    gate_lr: float | None = Field(
+        None, gt=0, description="Learning rate of the long-range gates (infini beta, fam gamma); None: lr. Gates get no "
+        "weight decay.")
 
 
 class TrainConfig(StrictModel):

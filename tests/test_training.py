@@ -13,6 +13,7 @@ from slm.errors import SlmError
 from slm.stages import reference
 from slm.training.ds_config import deepspeed_config
 from slm.training.metrics import read_metrics
+from tests.conftest import TINY_MODEL
 
 
 def weights(model_dir):
@@ -107,7 +108,8 @@ def test_vocab_mismatch_between_tokenizer_and_checkpoint(tiny_reference_cfg, tmp
     from slm.config import ModelConfig
     from slm.models import build_model
 
-    small = build_model(ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32), vocab_size=50)
+    # the tiny sizes (explicit sizes that disagree with init_from are refused first), a vocab of 50
+    small = build_model(ModelConfig(**TINY_MODEL), vocab_size=50)
     small.save_pretrained(tmp_path / "small")
     cfg = tiny_reference_cfg(max_steps=2)
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": str(tmp_path / "small")})})

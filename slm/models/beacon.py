@@ -39,8 +39,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from slm.models.causal_lm import StreamingCausalLM
 from slm.models.config_base import StreamingConfig
-from slm.models.layers import RMSNorm, SwiGLU, apply_rope, reject_padding, init_weights, rope_cos_sin
-from slm.models.registry import register_backbone
+from slm.models.layers import AttentionProjections, RMSNorm, SwiGLU, apply_rope, init_weights, reject_padding, rope_cos_sin
+from slm.models.registry import GraftSpec, register_backbone
 
 
 class BeaconConfig(StreamingConfig):
@@ -65,10 +65,7 @@ class BeaconConfig(StreamingConfig):
             raise ValueError(f"condensing_ratio={ratio!r}: must be an integer >= 0 (0 = no beacons)")
         if ratio and self.window_len % ratio:
             raise ValueError(f"condensing_ratio={ratio}: must divide window_len={self.window_len}")
-        if not self._heads_split_evenly():
-            raise ValueError(f"num_attention_heads={self.num_attention_heads}: hidden_size/heads must be an even integer")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_key_value_heads={self.num_key_value_heads}: must divide num_attention_heads")
+        super()._check_structure()
 
 
 @dataclass
@@ -105,29 +102,34 @@ def window_mask(n_mem: int, n_old: int, n_raw: int, n_beacons: int, ratio: int, 
     return torch.cat([raw_q, bcn_q], 0)
 
 
-class BeaconAttention(nn.Module):
+class BeaconAttention(AttentionProjections):
     def __init__(self, config: BeaconConfig):
-        super().__init__()
-        D, self.heads, self.kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
-        self.hd = D // self.heads
-        self.q_proj = nn.Linear(D, self.heads * self.hd, bias=False)
-        self.k_proj = nn.Linear(D, self.kv_heads * self.hd, bias=False)
-        self.v_proj = nn.Linear(D, self.kv_heads * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.heads * self.hd, D, bias=False)
-        # the beacons' own projections (sec 2.3), initialised as copies of the regular ones (see _init_weights)
+        super().__init__(config)
+        # the beacons' own projections (sec 2.3), initialised as copies of the regular ones (see _init_weights),
+        # biases included where the regular projections have them (a grafted Qwen2 / Llama with attention_bias)
         for p in ("q", "k", "v", "o"):
-            setattr(self, f"beacon_{p}_weight", nn.Parameter(torch.empty_like(getattr(self, f"{p}_proj").weight)))
+            regular = getattr(self, f"{p}_proj")
+            setattr(self, f"beacon_{p}_weight", nn.Parameter(torch.empty_like(regular.weight)))
+            if regular.bias is not None:
+                setattr(self, f"beacon_{p}_bias", nn.Parameter(torch.empty_like(regular.bias)))
 
-    def _split(self, x, heads):
-        return x.view(x.shape[0], x.shape[1], heads, self.hd).transpose(1, 2)
+    def beacon_proj(self, p: str, x):
+        return F.linear(x, getattr(self, f"beacon_{p}_weight"), getattr(self, f"beacon_{p}_bias", None))
+
+    def copy_regular_to_beacon(self):
+        """Beacon projections := the regular ones (the paper's initialisation, sec 2.3)."""
+        for p in ("q", "k", "v", "o"):
+            regular = getattr(self, f"{p}_proj")
+            getattr(self, f"beacon_{p}_weight").copy_(regular.weight)
+            if regular.bias is not None:
+                getattr(self, f"beacon_{p}_bias").copy_(regular.bias)
 
     def forward(self, x, n_raw: int, mem, raw, rope_q, rope_k, mask):
         """x: [B, n_raw + n_beacons, D] (normed); mem/raw: (k, v) pre-RoPE caches. Returns the output and the new
         raw and beacon (k, v), pre-RoPE."""
         xr, xb = x[:, :n_raw], x[:, n_raw:]
         q, k, v = (  # raw tokens through the regular projections, beacons through their own
-            self._split(torch.cat([getattr(self, f"{n}_proj")(xr), F.linear(xb, getattr(self, f"beacon_{n}_weight"))],
-                                  1), h)
+            self.split(torch.cat([getattr(self, f"{n}_proj")(xr), self.beacon_proj(n, xb)], 1), h)
             for n, h in (("q", self.heads), ("k", self.kv_heads), ("v", self.kv_heads))
         )
         keys = torch.cat([mem[0], raw[0], k], 2)
@@ -135,7 +137,7 @@ class BeaconAttention(nn.Module):
         q, keys = apply_rope(q, *rope_q), apply_rope(keys, *rope_k)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
         o = o.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
-        out = torch.cat([self.o_proj(o[:, :n_raw]), F.linear(o[:, n_raw:], self.beacon_o_weight)], 1)
+        out = torch.cat([self.o_proj(o[:, :n_raw]), self.beacon_proj("o", o[:, n_raw:])], 1)
         return out, (k[:, :, :n_raw], v[:, :, :n_raw]), (k[:, :, n_raw:], v[:, :, n_raw:])
 
 
@@ -166,8 +168,7 @@ class BeaconPreTrainedModel(PreTrainedModel):
         elif isinstance(module, RMSNorm):
             module.weight.fill_(1.0)
         elif isinstance(module, BeaconAttention):  # runs after its children: copy the regular projections
-            for p in ("q", "k", "v", "o"):
-                getattr(module, f"beacon_{p}_weight").copy_(getattr(module, f"{p}_proj").weight)
+            module.copy_regular_to_beacon()
 
 
 class BeaconModel(BeaconPreTrainedModel):
@@ -244,4 +245,10 @@ class BeaconForCausalLM(StreamingCausalLM, BeaconPreTrainedModel):
     decoder_class = BeaconModel
 
 
-register_backbone("beacon", BeaconConfig, BeaconForCausalLM)
+def _copy_beacon_projections(model: BeaconForCausalLM) -> None:
+    for layer in model.model.layers:
+        layer.self_attn.copy_regular_to_beacon()
+
+
+register_backbone("beacon", BeaconConfig, BeaconForCausalLM, graft=GraftSpec(
+    closed_options={}, new_parameters=("beacon_",), span_key="window_len", after_copy=_copy_beacon_projections))

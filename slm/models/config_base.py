@@ -32,6 +32,8 @@ class StreamingConfig(PretrainedConfig):
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
+    attention_bias: bool = False  # biases on q/k/v (Qwen2; Llama's attention_bias), for grafted checkpoints
+    attention_out_bias: bool = False  # bias on o (Llama's attention_bias)
 
     integer_keys: ClassVar[dict[str, int]] = dict.fromkeys(
         ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -56,6 +58,9 @@ class StreamingConfig(PretrainedConfig):
         return not (self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 2)
 
     def _check_structure(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads={self.num_key_value_heads}: must divide num_attention_heads="
+                             f"{self.num_attention_heads} (grouped-query attention)")
         if not self._heads_split_evenly():
             raise ValueError(f"hidden_size={self.hidden_size}: must split into num_attention_heads="
                              f"{self.num_attention_heads} heads of even size (RoPE)")

@@ -24,7 +24,12 @@ Choices (paper appendix B unless noted):
   F_{tau-1} and the whole current block (Alg. 2); block queries see only the latest FAM (B.4.2).
 - Incomplete blocks (streaming): tokens attend the memory blocks, F_{tau-1} and the causal prefix of
   their block; F is updated only when a block completes.
-- num_key_value_heads is accepted and ignored (plain multi-head attention).
+- Grouped-query attention (num_key_value_heads < num_attention_heads) as in Llama: the FAM keys and values
+  have the KV heads too.
+- `fam_read="joint"` (default, Alg. 2): block tokens attend the FAM keys inside one softmax with the block's
+  keys. `fam_read="gated"`: a_t = Attn(q_t, [K_mem, K_blk,:t]) + tanh(gamma_h) Attn(q_t, K^F), gamma = 0 at init
+  (a zero-initialised tanh gate, as Flamingo's): a model grafted from a Llama checkpoint then computes
+  exactly what the checkpoint does within a block, and the gate learns to open. The FAM update is the same.
 
 State (`FamCache`, only via `past_key_values` / `cache`): per layer F [B, fam_len, C], the RoPE'd keys and
 values of the last `memory_blocks` complete blocks and of the incomplete block, and the absolute position.
@@ -42,8 +47,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from slm.models.causal_lm import StreamingCausalLM
 from slm.models.config_base import StreamingConfig
-from slm.models.layers import RMSNorm, SwiGLU, apply_rope, reject_padding, causal_attention, init_weights, rope_cos_sin
-from slm.models.registry import register_backbone
+from slm.models.layers import (AttentionProjections, RMSNorm, SwiGLU, apply_rope, causal_attention, init_weights,
+                               reject_padding, rope_cos_sin)
+from slm.models.registry import GraftSpec, register_backbone
 
 
 class FamConfig(StreamingConfig):
@@ -53,6 +59,8 @@ class FamConfig(StreamingConfig):
     fam_len (8): feedback memory activations per layer (0 = plain BSWA).
     fam_init ("prompt"): "prompt" (learned prompt embeddings through the layers, paper B.1) or
         "prefix" (a learned initial FAM per layer).
+    fam_read ("joint"): "joint" (one softmax over memory, FAM and block keys, Alg. 2) or "gated" (the FAM
+        read added through a zero-initialised tanh gate per head; see the module docstring).
     """
 
     model_type = "slm_fam"
@@ -64,6 +72,7 @@ class FamConfig(StreamingConfig):
     memory_blocks: int = 1
     fam_len: int = 8
     fam_init: str = "prompt"
+    fam_read: str = "joint"
 
     integer_keys = {**StreamingConfig.integer_keys, "block_len": 1, "memory_blocks": 0, "fam_len": 0}
 
@@ -71,6 +80,8 @@ class FamConfig(StreamingConfig):
         super()._check_structure()
         if self.fam_init not in ("prompt", "prefix"):
             raise ValueError(f"fam_init={self.fam_init!r}: expected 'prompt' or 'prefix'")
+        if self.fam_read not in ("joint", "gated"):
+            raise ValueError(f"fam_read={self.fam_read!r}: expected 'joint' or 'gated'")
 
 
 @dataclass
@@ -99,36 +110,42 @@ class FamCache:
         return self.position
 
 
-class FamDecoderLayer(nn.Module):
+class FamDecoderLayer(AttentionProjections):
+    """One layer; it owns its attention projections (q_proj ... o_proj), which the FAM shares (Alg. 2)."""
+
     def __init__(self, config: FamConfig):
-        super().__init__()
+        super().__init__(config)
         c = config.hidden_size
-        self.n_head, self.head_dim = config.num_attention_heads, c // config.num_attention_heads
         self.block_len, self.fam_len, self.memory_blocks = config.block_len, config.fam_len, config.memory_blocks
         self.rope_theta = config.rope_theta
         self.input_layernorm = RMSNorm(c, config.rms_norm_eps)
-        self.q_proj = nn.Linear(c, c, bias=False)
-        self.k_proj = nn.Linear(c, c, bias=False)
-        self.v_proj = nn.Linear(c, c, bias=False)
-        self.o_proj = nn.Linear(c, c, bias=False)
         self.post_attention_layernorm = RMSNorm(c, config.rms_norm_eps)
         self.mlp = SwiGLU(c, config.intermediate_size)
         if config.fam_init == "prefix":
             self.fam_init = nn.Parameter(torch.zeros(config.fam_len, c))  # learned F_{-1} of this layer
+        if config.fam_read == "gated":
+            self.fam_gate = nn.Parameter(torch.zeros(self.heads))  # gamma, tanh(0) = 0: the FAM read starts shut
+        self.fam_read_gated = config.fam_read == "gated"
+
+    def memory_gate(self) -> torch.Tensor | None:
+        """Per head, the weight of the gated FAM read (None with the joint softmax read)."""
+        return torch.tanh(self.fam_gate) if self.fam_read_gated else None
+
+    @property
+    def gate_parameter(self) -> nn.Parameter:
+        return self.fam_gate
 
     def qkv(self, x, q_start: int, kv_start: int):
         """Q, K, V = QKV(PreLN(x)), heads split, RoPE at positions q_start+i (Q) and kv_start+i (K)."""
-        B, T, _ = x.shape
-        h = self.input_layernorm(x)
-        q, k, v = (p(h).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
-        ar = torch.arange(T, device=x.device)
+        q, k, v = super().qkv(self.input_layernorm(x))
+        ar = torch.arange(x.shape[1], device=x.device)
         cq, sq = rope_cos_sin(ar + q_start, self.head_dim, self.rope_theta, x.dtype)
         ck, sk = rope_cos_sin(ar + kv_start, self.head_dim, self.rope_theta, x.dtype)
         return apply_rope(q, cq, sq), apply_rope(k, ck, sk), v
 
-    def out(self, a):  # [B, H, T, D] -> [B, T, C] through W_O
-        return self.o_proj(a.transpose(1, 2).flatten(2))
+    def attend(self, q, k, v):
+        """Full (unmasked) softmax attention, grouped-query when k/v have fewer heads."""
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
 
     def ffn(self, a):  # O = FF(PreLN(A)) + A  (Alg. 2)
         return a + self.mlp(self.post_attention_layernorm(a))
@@ -136,7 +153,7 @@ class FamDecoderLayer(nn.Module):
     def prompt_forward(self, p):
         """The FAM prompt through this layer: full attention among its tokens (paper B.1)."""
         q, k, v = self.qkv(p, -self.fam_len, -self.fam_len)
-        return self.ffn(p + self.out(F.scaled_dot_product_attention(q, k, v)))
+        return self.ffn(p + self.merge(self.attend(q, k, v)))
 
     def forward(self, x, state: FamLayerState, pos: int):
         B, T, _ = x.shape
@@ -152,20 +169,25 @@ class FamDecoderLayer(nn.Module):
             blk_v = torch.cat([blk_v, v[:, :, piece]], dim=-2)
             # F_{tau-1}: keys at the last positions of the previous block; update queries at those of this one (B.2.1)
             fq, fk, fv = self.qkv(fam, blk_start + L - nF, blk_start - nF)
-            # a_t = Attn(q_t, Concat(K_{tau-m:tau-1}, K^F_{tau-1}, K_{tau,:t})) -- eq. (1), Alg. 2
-            keys, vals = torch.cat([mem_k, fk, blk_k], dim=-2), torch.cat([mem_v, fv, blk_v], dim=-2)
-            outs.append(causal_attention(q[:, :, piece], keys, vals, q_offset=keys.shape[-2] - n))
+            if self.fam_read_gated:  # a_t = Attn(q_t, [K_mem, K_{tau,:t}]) + tanh(gamma) Attn(q_t, K^F_{tau-1})
+                keys, vals = torch.cat([mem_k, blk_k], dim=-2), torch.cat([mem_v, blk_v], dim=-2)
+                local = causal_attention(q[:, :, piece], keys, vals, q_offset=keys.shape[-2] - n)
+                gate = self.memory_gate().view(1, -1, 1, 1)
+                outs.append(local + gate * self.attend(q[:, :, piece], fk, fv) if nF else local)
+            else:  # a_t = Attn(q_t, Concat(K_{tau-m:tau-1}, K^F_{tau-1}, K_{tau,:t})) -- eq. (1), Alg. 2
+                keys, vals = torch.cat([mem_k, fk, blk_k], dim=-2), torch.cat([mem_v, fv, blk_v], dim=-2)
+                outs.append(causal_attention(q[:, :, piece], keys, vals, q_offset=keys.shape[-2] - n))
             if p + n == L:  # block complete
                 if nF:  # AF = Attn(Q^F, Concat(K^F_{tau-1}, K_tau)) + F_{tau-1}; F_tau = FF(PreLN(AF)) + AF  (Alg. 2)
                     kf, vf = torch.cat([fk, blk_k], -2), torch.cat([fv, blk_v], -2)
-                    af = self.out(F.scaled_dot_product_attention(fq, kf, vf))
+                    af = self.merge(self.attend(fq, kf, vf))
                     fam = self.ffn(af if blk_start == 0 else af + fam)  # first update: zero residual (B.1)
                 drop = max(0, mem_k.shape[-2] + L - self.memory_blocks * L)  # BSWA: keep memory_blocks blocks
                 # (contiguous copies: a view would keep the whole concatenation alive in the carried state)
                 mem_k, mem_v = torch.cat([mem_k, blk_k], -2)[:, :, drop:].contiguous(), torch.cat([mem_v, blk_v], -2)[:, :, drop:].contiguous()
                 blk_k, blk_v = blk_k[:, :, :0], blk_v[:, :, :0]
             start += n
-        x = x + self.out(torch.cat(outs, dim=-2))  # a_t = SelfAttention(...) + i_t
+        x = x + self.merge(torch.cat(outs, dim=-2))  # a_t = SelfAttention(...) + i_t
         return self.ffn(x), FamLayerState(fam, mem_k, mem_v, blk_k, blk_v)
 
 
@@ -179,11 +201,13 @@ class FamPreTrainedModel(PreTrainedModel):
         init_weights(module, std)
         if isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
-        elif isinstance(module, FamDecoderLayer) and hasattr(module, "fam_init"):
-            nn.init.normal_(module.fam_init, mean=0.0, std=std)
+        elif isinstance(module, FamDecoderLayer):
+            if hasattr(module, "fam_init"):
+                nn.init.normal_(module.fam_init, mean=0.0, std=std)
+            if hasattr(module, "fam_gate"):
+                nn.init.zeros_(module.fam_gate)
         elif isinstance(module, FamModel):
             nn.init.normal_(module.fam_prompt, mean=0.0, std=std)
-
 
 
 class FamModel(FamPreTrainedModel):
@@ -203,8 +227,8 @@ class FamModel(FamPreTrainedModel):
         self.embed_tokens = value
 
     def initial_state(self, x) -> list[FamLayerState]:
-        B, H = x.shape[0], self.config.num_attention_heads
-        D = self.config.hidden_size // H
+        B, H = x.shape[0], self.config.num_key_value_heads
+        D = self.config.hidden_size // self.config.num_attention_heads
         if self.config.fam_init == "prompt":
             fams, p = [], self.fam_prompt[None].to(x.dtype)
             for layer in self.layers:  # the prompt activation at layer l's input is its F_{-1}
@@ -235,4 +259,6 @@ class FamForCausalLM(StreamingCausalLM, FamPreTrainedModel):
     decoder_class = FamModel
 
 
-register_backbone("fam", FamConfig, FamForCausalLM)
+register_backbone("fam", FamConfig, FamForCausalLM, graft=GraftSpec(
+    closed_options={"fam_read": "gated"}, new_parameters=("fam_prompt", "fam_gate", "fam_init"), span_key="block_len",
+    renames=((".self_attn.", "."),)))  # the layer owns its projections: layers.i.q_proj

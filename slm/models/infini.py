@@ -13,10 +13,16 @@ Choices made here (the paper leaves them open):
 - M and z are fp32 (float64 for a float64 model). The division of eq. 3 / eq. 5 gets `memory_eps`
   added to its denominator so the first segment (M = 0, z = 0) reads exactly 0 instead of 0/0 = NaN.
 - Retrieve before update: segment s reads M_{s-1}; a segment is written to memory when it completes.
-- num_key_value_heads is accepted and ignored (every head has its own K/V, needed for its memory).
+- Grouped-query attention (num_key_value_heads < num_attention_heads, as in a grafted Llama-3/Mistral/
+  Qwen2): the memory is kept per KV head, and query head h reads the memory of KV head h // (H / KVH).
+- `gate_mode="mix"` is eq. (6). `gate_mode="add"` is A = A_dot + tanh(beta) A_mem with beta = 0 at init
+  (Flamingo's zero-initialised tanh gate, Alayrac et al. 2022): exactly local attention at step 0 yet with a
+  full gradient on beta. A grafted model uses it, so that it starts as the source checkpoint (a sigmoid mix
+  would halve A_dot at beta = 0, and a sigmoid pushed shut has almost no gradient: a public reproduction
+  whose gates stayed near 0.5 never retrieved).
 
-State (`InfiniCache`, carried only through `past_key_values` / `cache`): per layer M [B,H,D,D],
-z [B,H,D] and the keys (post-RoPE and pre-RoPE) and values of the current incomplete segment
+State (`InfiniCache`, carried only through `past_key_values` / `cache`): per layer M [B,KVH,D,D],
+z [B,KVH,D] and the keys (post-RoPE and pre-RoPE) and values of the current incomplete segment
 (< segment_len tokens), plus the absolute position. Its size is bounded by the segment length.
 """
 
@@ -32,15 +38,18 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from slm.models.causal_lm import StreamingCausalLM
 from slm.models.config_base import StreamingConfig
-from slm.models.layers import RMSNorm, SwiGLU, apply_rope, reject_padding, causal_attention, init_weights, rope_cos_sin
-from slm.models.registry import register_backbone
+from slm.models.layers import (AttentionProjections, RMSNorm, SwiGLU, apply_rope, causal_attention, init_weights,
+                               reject_padding, rope_cos_sin)
+from slm.models.registry import GraftSpec, register_backbone
 
 
 class InfiniConfig(StreamingConfig):
     """Llama-style sizes (`StreamingConfig`) plus:
     segment_len (64): tokens per segment (local attention span, memory write unit).
     memory_update ("delta"): "linear" (eq. 4) or "delta" (eq. 5).
-    gate_init (0.0): initial gate logit beta of every head (sigmoid(0) = even mix of memory and local).
+    gate_init (0.0): initial gate logit beta of every head (mix: sigmoid(0) = even mix of memory and local;
+        add: tanh(0) = 0, memory shut).
+    gate_mode ("mix"): "mix" (eq. 6, a sigmoid convex mix) or "add" (local + tanh(beta) * memory).
     memory_eps (1e-6): added to the memory read/delta denominators sigma(.) z (guards z = 0).
     """
 
@@ -52,6 +61,7 @@ class InfiniConfig(StreamingConfig):
     segment_len: int = 64
     memory_update: str = "delta"
     gate_init: float = 0.0
+    gate_mode: str = "mix"
     memory_eps: float = 1e-6
 
     integer_keys = {**StreamingConfig.integer_keys, "segment_len": 1}
@@ -61,6 +71,8 @@ class InfiniConfig(StreamingConfig):
         super()._check_structure()
         if self.memory_update not in ("linear", "delta"):
             raise ValueError(f"memory_update={self.memory_update!r}: expected 'linear' or 'delta'")
+        if self.gate_mode not in ("mix", "add"):
+            raise ValueError(f"gate_mode={self.gate_mode!r}: expected 'mix' (eq. 6) or 'add' (zero-initialised tanh gate)")
 
     def _check_numbers(self):
         super()._check_numbers()
@@ -70,11 +82,11 @@ class InfiniConfig(StreamingConfig):
 
 @dataclass
 class InfiniLayerState:
-    M: torch.Tensor  # [B, H, D, D] compressive memory (fp32 / fp64)
-    z: torch.Tensor  # [B, H, D] normalisation term (fp32 / fp64)
-    k: torch.Tensor  # [B, H, t, D] pre-RoPE keys of the incomplete segment (t < segment_len)
-    k_rope: torch.Tensor  # [B, H, t, D] their RoPE'd keys, for the local attention
-    v: torch.Tensor  # [B, H, t, D] their values
+    M: torch.Tensor  # [B, KVH, D, D] compressive memory (fp32 / fp64)
+    z: torch.Tensor  # [B, KVH, D] normalisation term (fp32 / fp64)
+    k: torch.Tensor  # [B, KVH, t, D] pre-RoPE keys of the incomplete segment (t < segment_len)
+    k_rope: torch.Tensor  # [B, KVH, t, D] their RoPE'd keys, for the local attention
+    v: torch.Tensor  # [B, KVH, t, D] their values
 
 
 @dataclass
@@ -99,28 +111,32 @@ def sigma(x: torch.Tensor) -> torch.Tensor:
     return F.elu(x) + 1.0
 
 
-class InfiniAttention(nn.Module):
+class InfiniAttention(AttentionProjections):
     def __init__(self, config: InfiniConfig):
-        super().__init__()
-        self.n_head = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
+        super().__init__(config)
         self.segment_len = config.segment_len
         self.delta = config.memory_update == "delta"
+        self.additive_gate = config.gate_mode == "add"
         self.eps = config.memory_eps
         self.rope_theta = config.rope_theta
-        c = config.hidden_size
-        self.q_proj = nn.Linear(c, c, bias=False)
-        self.k_proj = nn.Linear(c, c, bias=False)
-        self.v_proj = nn.Linear(c, c, bias=False)
-        self.o_proj = nn.Linear(c, c, bias=False)
-        self.beta = nn.Parameter(torch.full((self.n_head,), float(config.gate_init)))  # gate, eq. (6)
+        self.beta = nn.Parameter(torch.full((self.heads,), float(config.gate_init)))  # gate, eq. (6)
+
+    def memory_gate(self) -> torch.Tensor:
+        """Per head, the weight of the memory read: sigmoid(beta) (mix, eq. 6) or tanh(beta) (add)."""
+        return torch.tanh(self.beta) if self.additive_gate else torch.sigmoid(self.beta)
+
+    @property
+    def gate_parameter(self) -> nn.Parameter:
+        return self.beta
 
     @torch.autocast("cuda", enabled=False)  # memory math stays in M's dtype (fp32 / fp64)
     @torch.autocast("cpu", enabled=False)
     def retrieve(self, q, M, z):
-        """A_mem = sigma(Q) M_{s-1} / (sigma(Q) z_{s-1})  -- eq. (3); eps guards z = 0."""
-        sq = sigma(q.to(M.dtype))
-        return (sq @ M) / (sq @ z.unsqueeze(-1) + self.eps)
+        """A_mem = sigma(Q) M_{s-1} / (sigma(Q) z_{s-1})  -- eq. (3); eps guards z = 0.
+        q: [B, H, T, D]; the G = H / KVH query heads of a group read their KV head's memory."""
+        B, H, T, D = q.shape
+        sq = sigma(q.to(M.dtype)).reshape(B, M.shape[1], -1, D)  # [B, KVH, G*T, D]
+        return ((sq @ M) / (sq @ z.unsqueeze(-1) + self.eps)).view(B, H, T, D)
 
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
@@ -134,20 +150,18 @@ class InfiniAttention(nn.Module):
         return M, z
 
     def forward(self, x: torch.Tensor, state: InfiniLayerState | None, pos: int):
-        B, T, C = x.shape
-        H, D, L = self.n_head, self.head_dim, self.segment_len
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D], no PE (memory path)
-        k = self.k_proj(x).view(B, T, H, D).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)
+        B, T, _ = x.shape
+        KVH, D, L = self.kv_heads, self.head_dim, self.segment_len
+        q, k, v = self.qkv(x)  # [B, H | KVH, T, D], no PE (memory path)
         cos, sin = rope_cos_sin(torch.arange(pos, pos + T, device=x.device), D, self.rope_theta, x.dtype)
         q_rope, k_rope = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # local attention path
         if state is None:
             mem_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            empty = x.new_zeros(B, H, 0, D)
-            state = InfiniLayerState(x.new_zeros(B, H, D, D, dtype=mem_dtype), x.new_zeros(B, H, D, dtype=mem_dtype),
+            empty = x.new_zeros(B, KVH, 0, D)
+            state = InfiniLayerState(x.new_zeros(B, KVH, D, D, dtype=mem_dtype), x.new_zeros(B, KVH, D, dtype=mem_dtype),
                                      empty, empty, empty)
         M, z, seg_k, seg_k_rope, seg_v = state.M, state.z, state.k, state.k_rope, state.v
-        gate = torch.sigmoid(self.beta).view(1, H, 1, 1)
+        gate = self.memory_gate().view(1, self.heads, 1, 1)
         outs, start = [], 0
         while start < T:  # pieces of the input that fall in one segment
             p = seg_k.shape[-2]  # tokens of the current segment already seen
@@ -159,13 +173,15 @@ class InfiniAttention(nn.Module):
             # A_dot: causal softmax attention within the segment (sec. 2.1.1)
             a_dot = causal_attention(q_rope[:, :, piece], seg_k_rope, seg_v, q_offset=p)
             a_mem = self.retrieve(q[:, :, piece], M, z).to(x.dtype)  # reads M_{s-1}, eq. (3)
-            outs.append(gate * a_mem + (1.0 - gate) * a_dot)  # A = sig(beta) A_mem + (1 - sig(beta)) A_dot, eq. (6)
+            if self.additive_gate:  # A = A_dot + tanh(beta) A_mem
+                outs.append(a_dot + gate * a_mem)
+            else:  # A = sig(beta) A_mem + (1 - sig(beta)) A_dot, eq. (6)
+                outs.append(gate * a_mem + (1.0 - gate) * a_dot)
             if p + n == L:  # segment complete: memory update, eq. (4)/(5)
                 M, z = self.update(M, z, seg_k, seg_v)
-                seg_k = seg_k_rope = seg_v = x.new_zeros(B, H, 0, D)
+                seg_k = seg_k_rope = seg_v = x.new_zeros(B, KVH, 0, D)
             start += n
-        out = torch.cat(outs, dim=-2).transpose(1, 2).reshape(B, T, C)
-        return self.o_proj(out), InfiniLayerState(M, z, seg_k, seg_k_rope, seg_v)
+        return self.merge(torch.cat(outs, dim=-2)), InfiniLayerState(M, z, seg_k, seg_k_rope, seg_v)
 
 
 class InfiniDecoderLayer(nn.Module):
@@ -229,4 +245,5 @@ class InfiniForCausalLM(StreamingCausalLM, InfiniPreTrainedModel):
     decoder_class = InfiniModel
 
 
-register_backbone("infini", InfiniConfig, InfiniForCausalLM)
+register_backbone("infini", InfiniConfig, InfiniForCausalLM, graft=GraftSpec(
+    closed_options={"gate_mode": "add", "gate_init": 0.0}, new_parameters=("self_attn.beta",), span_key="segment_len"))

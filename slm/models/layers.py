@@ -65,13 +65,43 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def causal_attention(q, k, v, q_offset: int = 0) -> torch.Tensor:
-    """Softmax attention where query i (absolute index q_offset+i within k) sees keys 0..q_offset+i."""
+    """Softmax attention where query i (absolute index q_offset+i within k) sees keys 0..q_offset+i.
+
+    k/v may have fewer heads than q (grouped-query attention: query head h reads kv head h // (H / KVH))."""
     tq, tk = q.shape[-2], k.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
     if tq == tk and q_offset == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     i = torch.arange(tq, device=q.device)[:, None] + q_offset
     j = torch.arange(tk, device=q.device)[None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=j <= i)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=j <= i, enable_gqa=gqa)
+
+
+class AttentionProjections(nn.Module):
+    """The four Llama attention projections with its names (q_proj, k_proj, v_proj, o_proj), so that a
+    Llama / Mistral / Qwen2 checkpoint's weights load as they are: grouped-query layout (k/v project to
+    num_key_value_heads heads), optional q/k/v biases (Qwen2; Llama's `attention_bias`) and o bias (Llama's
+    `attention_bias` only). `split` returns [B, heads, T, head_dim] tensors."""
+
+    def __init__(self, config):
+        super().__init__()
+        c, self.heads, self.kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = c // self.heads
+        self.q_proj = nn.Linear(c, self.heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(c, self.kv_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(c, self.kv_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, c, bias=config.attention_out_bias)
+
+    def split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], heads, self.head_dim).transpose(1, 2)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (self.split(self.q_proj(x), self.heads), self.split(self.k_proj(x), self.kv_heads),
+                self.split(self.v_proj(x), self.kv_heads))
+
+    def merge(self, a: torch.Tensor) -> torch.Tensor:
+        """[B, H, T, D] -> [B, T, C] through W_O."""
+        return self.o_proj(a.transpose(1, 2).flatten(2))
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:

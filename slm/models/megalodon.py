@@ -75,6 +75,8 @@ class MegalodonConfig(StreamingConfig):
         self.num_key_value_heads = self.num_attention_heads
 
     def _check_structure(self):  # replaces the hidden_size head split: the heads split z_dim / value_dim
+        if self.attention_bias or self.attention_out_bias:
+            raise ValueError("attention_bias / attention_out_bias: megalodon has no Llama attention projections to bias")
         if self.z_dim % (2 * self.num_attention_heads):
             raise ValueError(f"z_dim={self.z_dim}: must be divisible by 2*num_attention_heads (even RoPE head dim)")
         if self.value_dim % self.num_attention_heads:
@@ -355,4 +357,5 @@ class MegalodonForCausalLM(StreamingCausalLM, MegalodonPreTrainedModel):
     decoder_class = MegalodonModel
 
 
-register_backbone("megalodon", MegalodonConfig, MegalodonForCausalLM)
+register_backbone("megalodon", MegalodonConfig, MegalodonForCausalLM,
+                  graft_refusal="its CEMA and timestep-norm layers replace attention: no source weight has a place in them")

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from slm.config import TrainConfig
 from slm.errors import SlmError
+from slm.models.gates import gate_parameters, gate_stats
 from slm.token_loss import token_losses
 from slm.training import checkpoint as ckpt
 from slm.training.distributed import all_reduce_sum, barrier, device, init_distributed, rank, world_size
@@ -53,6 +54,17 @@ def heldout_loss(model, rows, batch_size: int, max_batches: int | None, dev: tor
         count += int(valid.sum())
     model.train(was_training)
     return total / max(count, 1)
+
+
+def parameter_groups(model: torch.nn.Module, optim) -> list[dict]:
+    """AdamW groups: the long-range gates with their own learning rate and no weight decay, then the rest."""
+    gates = {id(p) for p in gate_parameters(model)}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in gates]
+    groups = [{"params": rest}]
+    gate_params = [p for p in model.parameters() if p.requires_grad and id(p) in gates]
+    if gate_params:
+        groups.append({"params": gate_params, "weight_decay": 0.0, "lr": optim.gate_lr or optim.lr})
+    return groups
 
 
 @dataclass
@@ -92,7 +104,7 @@ class Trainer:
         if resolve_precision(cfg.precision) == "fp32":
             model = model.float()
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=deepspeed_config(cfg, world_size())
+            model=model, model_parameters=parameter_groups(model, cfg.optim), config=deepspeed_config(cfg, world_size())
         )
         self.loader = DeterministicLoader(train_rows, cfg.micro_batch_size, cfg.grad_accum, rank(), world_size(), cfg.seed, columns)
         self.metrics = MetricsLog(self.out_dir, enabled=rank() == 0)
@@ -148,6 +160,7 @@ class Trainer:
             tokens += self.loader.global_batch * self.loader.source.seq_len
             record = {"loss": all_reduce_sum(loss_sum / cfg.grad_accum) / world_size(), "lr": self.engine.get_lr()[0], "tokens": tokens, **logs}
             if step % cfg.log_every == 0 or step == cfg.max_steps:
+                record.update(gate_stats(self.model))
                 now = time.time()
                 tokens_per_s = record["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
                 window_tokens, window_start = 0, now
