@@ -9,8 +9,8 @@ from typing import List, Optional
 import typer
 
 import slm
-from slm.config import DemoDataConfig, EvalConfig, PretrainConfig, ReferenceConfig, ScoreConfig, load_config
-from slm.errors import SlmError
+from slm.config import DemoDataConfig, EvalConfig, FinetuneConfig, PretrainConfig, ReferenceConfig, ScoreConfig, load_config
+from slm.errors import EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_BUG, EXIT_OK, SlmError, describe
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Selective Language Modeling (RHO-1) on long-context backbones: reference -> score -> pretrain -> eval.")
@@ -66,6 +66,15 @@ def reference(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = Se
     from slm.stages import reference as stage
 
     stage.run(load_config(_need_config(config, ReferenceConfig), ReferenceConfig, set_), force=force, resume=_resume(resume))
+
+
+@app.command()
+def finetune(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt,
+             resume: str = typer.Option("auto", "--resume", help="auto: continue from the newest whole checkpoint; never: start fresh.")):
+    """Continue a checkpoint, or graft a long-context backbone onto one (model.init_from + model.backbone), on a corpus."""
+    from slm.stages import finetune as stage
+
+    stage.run(load_config(_need_config(config, FinetuneConfig), FinetuneConfig, set_), force=force, resume=_resume(resume))
 
 
 @app.command()
@@ -127,15 +136,18 @@ def _resume(value: str) -> bool:
 
 @shards_app.command("verify")
 def shards_verify(directory: Path = typer.Argument(..., help="Shard directory."),
-                  quick: bool = typer.Option(False, "--quick", help="Check sizes and schemas, skip sha256.")):
-    """Check schema, metadata and checksums; name every bad shard (exit 1 when any)."""
-    from slm.shards.reader import verify_shards
+                  quick: bool = typer.Option(False, "--quick", help="Check sizes and schemas, skip sha256 and token counts.")):
+    """Check schema, metadata, checksums and counts; name every bad or unlisted shard (exit 2 when any)."""
+    from slm.shards.reader import leftover_temp_files, verify_shards
 
     problems = verify_shards(directory, check_sha=not quick)
     for p in problems:
         typer.echo(f"BAD {p}")
+    for tmp in leftover_temp_files(directory):
+        typer.echo(f"WARN {tmp.relative_to(directory)}: leftover temp file of an interrupted write; not part of the data, safe to delete")
     if problems:
-        raise typer.Exit(1)
+        typer.echo(f"{directory}: {len(problems)} problem(s); rerun `slm score` with the same config to repair", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
     typer.echo(f"{directory}: all shards whole")
 
 
@@ -276,26 +288,80 @@ def token_dynamics(run_dir: Optional[Path] = typer.Option(None, "--run", help="A
                            str(validation) if validation else None, str(out), config=config, overrides=set_, max_rows=max_rows, seq_len=seq_len)
 
 
-def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2 (no traceback)."""
-    import click
-
-    debug = "--debug" in sys.argv
+def _cli_exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(exit, abort, usage-error) exception classes: typer's own (recent typer, 0.29 here, runs on a vendored
+    copy of click, `typer._click`, whose classes are not the click package's) and those of the click
+    package where it is installed (older typer runs on it and re-exports its Exit and Abort)."""
+    exits: list[type] = [typer.Exit]
+    aborts: list[type] = [typer.Abort]
+    errors: list[type] = []
     try:
-        app(prog_name="slm", standalone_mode=False)
+        from typer.exceptions import TyperException
+
+        errors.append(TyperException)  # base of the vendored click's ClickException
+    except ImportError:
+        pass
+    try:
+        import click
+    except ImportError:
+        pass
+    else:
+        exits.append(click.exceptions.Exit)
+        aborts.append(click.exceptions.Abort)
+        errors.append(click.exceptions.ClickException)
+    return tuple(exits), tuple(aborts), tuple(errors)
+
+
+def run_cli(args: list[str] | None = None) -> int:
+    """Run the app on `args` (default: sys.argv[1:]) and return the process exit status.
+
+    0 ok; 2 bad input or bad data (SlmError, config and usage errors, a failed check); 1 a bug (an
+    unexpected exception, shown with its traceback); 130 aborted. `--debug` adds the traceback of an
+    SlmError. Every `typer.Exit(code)` a command raises becomes the status: with standalone_mode=False
+    click does not exit but returns that code from `app(...)` (and raises its usage errors).
+    """
+    import traceback
+
+    args = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in args
+    exits, aborts, usage_errors = _cli_exception_types()
+    try:
+        rv = app(args=args, prog_name="slm", standalone_mode=False)
     except SlmError as e:
         if debug:
-            raise
+            traceback.print_exc()
         typer.echo(f"error: {e}", err=True)
-        sys.exit(SlmError.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+        return getattr(e, "exit_code", EXIT_BAD_INPUT)
+    except exits as e:  # a safety net: under standalone_mode=False click returns their code instead
+        return _status(getattr(e, "exit_code", EXIT_OK))
+    except (*aborts, KeyboardInterrupt):
         typer.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+        return EXIT_ABORTED
+    except usage_errors as e:
+        if not hasattr(e, "show"):
+            typer.echo(f"error: {e}", err=True)
+        elif type(e).__name__ != "NoArgsIsHelpError" or e.format_message():  # rich printed a bare group's help already
+            e.show()  # the usage line, a hint and `Error: ...`
+        return EXIT_BAD_INPUT
+    except Exception as e:  # noqa: BLE001 -- anything else is a bug: traceback and exit 1
+        traceback.print_exc()
+        typer.echo(f"error: {describe(e)} -- this is a bug in slm; please report it with the traceback above", err=True)
+        return EXIT_BUG
+    # `rv` is the exit code of a typer.Exit / ctx.exit() (typer turns Ctrl-C into Exit(130)), else what
+    # the command returned: slm's commands return None, so only an int is a status
+    code = _status(rv)
+    if code == EXIT_ABORTED:
+        typer.echo("aborted", err=True)
+    return code
+
+
+def _status(value) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else EXIT_OK
+
+
+def main() -> None:
+    """Console entry point: the status of `run_cli` becomes the process exit status."""
+    sys.exit(run_cli())
 
 
 if __name__ == "__main__":

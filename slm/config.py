@@ -38,6 +38,9 @@ class CorpusConfig(StrictModel):
     noise_field: str | None = Field(
         None, description="Column of [start, end) character spans tagged as noise (demo only; measured, never selected on)."
     )
+    packing: Literal["concat", "whole"] = Field(
+        "concat", description="concat: documents joined by EOS and cut into rows; whole: a document that fits in a row "
+        "never crosses into the next (the row is padded instead), as retrieval documents need.")
 
 
 class DemoDataConfig(StrictModel):
@@ -52,6 +55,12 @@ class DemoDataConfig(StrictModel):
     retrieval_share: float = Field(0.15, ge=0, le=1, description="Share of domain documents that are long-context retrieval.")
     noise_share: float = Field(0.4, ge=0, lt=1, description="Target share of noise characters in the training corpus.")
     retrieval_chars: int = Field(1200, ge=200, description="Length of a retrieval document in characters.")
+    retrieval_finetune_documents: int = Field(
+        0, ge=0, description="Standalone pass-key / key-value documents for a retrieval fine-tuning stage (retrieval.jsonl, "
+        "pack them whole); 0: none. Drawn from their own seed; the tokenizer never sees them.")
+    retrieval_finetune_short_share: float = Field(
+        0.5, ge=0, le=1, description="Share of those that are short (a needle a few tokens before its question): a length "
+        "curriculum; the rest are up to retrieval_chars long.")
     vocab_size: int = Field(2048, ge=300)
 
 
@@ -136,6 +145,17 @@ class ReferenceConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 
+class FinetuneConfig(ReferenceConfig):
+    """`slm finetune`: continue a checkpoint, or graft a backbone onto one (`model.init_from` + `model.backbone`), as a
+    causal LM on a corpus: e.g. Infini-attention's pass-key fine-tuning. The same loop as `slm reference`."""
+
+    @model_validator(mode="after")
+    def _needs_a_checkpoint(self):
+        if not self.model.init_from:
+            raise ValueError("model.init_from: a fine-tuning stage starts from a checkpoint; set model.init_from")
+        return self
+
+
 class ScoreConfig(StrictModel):
     """`slm score`: per-token reference loss over the training corpus, into Arrow shards."""
 
@@ -197,7 +217,7 @@ class StageSpec(StrictModel):
     """One step of a pipeline: a stage kind and its config (same keys as the stage's own YAML)."""
 
     name: str
-    kind: Literal["demo_data", "reference", "score", "pretrain", "eval"]
+    kind: Literal["demo_data", "reference", "finetune", "score", "pretrain", "eval"]
     config: dict[str, Any]
     slurm: dict[str, Any] = Field(default_factory=dict, description="Slurm resources for `slm jobs`.")
 
@@ -229,6 +249,7 @@ class PipelineConfig(StrictModel):
 STAGE_CONFIGS: dict[str, type[StrictModel]] = {
     "demo_data": DemoDataConfig,
     "reference": ReferenceConfig,
+    "finetune": FinetuneConfig,
     "score": ScoreConfig,
     "pretrain": PretrainConfig,
     "eval": EvalConfig,

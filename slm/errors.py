@@ -1,10 +1,22 @@
-"""The one exception type users see: a one-line message, exit code 2, no traceback."""
+"""The one exception type users see: a one-line message, exit code 2, no traceback.
+
+Exit codes of the `slm` command (README "Exit codes"):
+  0   success
+  1   a bug in slm: an unexpected exception, printed with its traceback
+  2   bad input or bad data: an SlmError (config, files, shards), a usage error, a failed check
+  130 aborted (Ctrl-C)
+"""
+
+EXIT_OK = 0
+EXIT_BUG = 1
+EXIT_BAD_INPUT = 2
+EXIT_ABORTED = 130
 
 
 class SlmError(Exception):
     """An error caused by the user's input (config, files, data), reported in one line."""
 
-    exit_code = 2
+    exit_code = EXIT_BAD_INPUT
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))

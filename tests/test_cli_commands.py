@@ -32,7 +32,7 @@ def test_shards_verify_stats_plot_inspect(scored, tmp_path):
     victim = sorted(shards.glob("shard-*.arrow"))[1]
     victim.write_bytes(victim.read_bytes()[:-10])
     bad = invoke("shards", "verify", shards)
-    assert bad.exit_code == 1 and f"BAD {victim.name}" in bad.output
+    assert bad.exit_code == 2 and f"BAD {victim.name}" in bad.output
 
 
 def test_eval_ruler_and_token_dynamics_commands(scored, tiny_demo, tmp_path):

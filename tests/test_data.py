@@ -70,6 +70,17 @@ def test_packing_puts_eos_between_documents_and_records_starts():
     assert padded[-1].input_ids == [5, 0, 99, 99] and padded[-1].loss_mask == [1, 1, 0, 0] and padded[-1].doc_starts == [0]
 
 
+def test_whole_packing_never_splits_a_document_that_fits():
+    docs = [([1, 2], [0, 1]), ([3, 4, 5], [1, 1, 0]), ([6], [0]), ([7, 8, 9, 10, 11, 12], [0] * 6)]
+    rows = list(pack_documents(docs, seq_len=5, eos_id=0, pad_id=99, whole=True))
+    assert [r.input_ids for r in rows] == [[1, 2, 0, 99, 99], [3, 4, 5, 0, 99], [6, 0, 99, 99, 99],
+                                           [7, 8, 9, 10, 11], [12, 0, 99, 99, 99]]  # the last is longer than a row: split
+    assert rows[0].loss_mask == [1, 1, 1, 0, 0] and [r.doc_starts for r in rows] == [[0], [0], [0], [0], []]
+    assert rows[1].noise == [1, 1, 0, 0, 0]
+    flat = [t for r in rows for t, m in zip(r.input_ids, r.loss_mask) if m]
+    assert flat == [1, 2, 0, 3, 4, 5, 0, 6, 0, 7, 8, 9, 10, 11, 12, 0]  # nothing lost, order kept
+
+
 def test_noise_tags_follow_character_spans():
     offsets = [(0, 3), (3, 6), (6, 9), (9, 12)]
     assert noise_tags_from_spans(offsets, [[3, 9]]) == [0, 1, 1, 0]

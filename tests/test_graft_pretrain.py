@@ -53,3 +53,26 @@ def test_gates_get_their_own_learning_rate_no_decay_and_are_logged(scored, tiny_
 
     student = AutoModelForCausalLM.from_pretrained(record["outputs"]["model"])
     assert student.config.model_type == "slm_infini" and student.config.gate_mode == "add"
+
+
+def test_slm_finetune_grafts_and_continues_from_the_cli(scored, tiny_demo, tmp_path, capsys):
+    import yaml
+
+    from slm.cli import run_cli
+
+    cfg = {"out_dir": str(tmp_path / "ft"), "tokenizer": str(tiny_demo.tokenizer),
+           "corpus": {"path": str(tiny_demo.hq), "packing": "whole"},
+           "model": {"backbone": "beacon", "init_from": scored["reference"], "options": {"window_len": 16, "condensing_ratio": 4}},
+           "train": {**TINY_TRAIN, "max_steps": 3, "checkpoint_every": 3}}
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert run_cli(["finetune", "--config", str(path)]) == 0
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "ft" / "model").config.model_type == "slm_beacon"
+    record = __import__("json").loads((tmp_path / "ft" / "stage.json").read_text())
+    assert record["kind"] == "finetune" and record["status"] == "complete"
+    del cfg["model"]["init_from"]
+    path.write_text(yaml.safe_dump(cfg))
+    assert run_cli(["finetune", "--config", str(path)]) == 2
+    assert "model.init_from: a fine-tuning stage starts from a checkpoint" in capsys.readouterr().err

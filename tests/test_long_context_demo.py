@@ -1,5 +1,6 @@
-"""pipelines/long-context-demo.yaml (issue 6.4): it validates, trains every backbone at one L with the
-selective loss, and its retrieval documents are present. Fast: loads configs only, trains nothing."""
+"""pipelines/long-context-demo.yaml (issue 12): it validates, trains every backbone at one L with the selective
+loss, fine-tunes each on whole retrieval documents, grafts the pretrained llama to infini and beacon, and keeps
+retrieval documents whole. Fast: loads configs only, trains nothing."""
 
 from __future__ import annotations
 
@@ -50,10 +51,24 @@ def test_one_training_length_selective_loss_and_segments_below_it(loaded):
             assert s.cfg.model.rope_scaling is None  # plain llama; scaling is applied at eval time
 
 
-def test_corpus_has_retrieval_documents(loaded):
+def test_corpus_has_retrieval_documents_kept_whole(loaded):
     _, stages, _ = loaded
     data = next(s for s in stages if s.kind == "demo_data")
-    assert data.cfg.retrieval_share >= 0.3
+    assert data.cfg.retrieval_share >= 0.3 and data.cfg.retrieval_finetune_documents >= 1000
+    assert all(s.cfg.corpus.packing == "whole" for s in stages if s.kind in ("reference", "score", "finetune"))
+
+
+def test_every_model_is_fine_tuned_on_retrieval_and_the_llama_is_grafted(loaded):
+    _, stages, _ = loaded
+    by_name = {s.name: s for s in stages}
+    finetune = [s for s in stages if s.kind == "finetune"]
+    L = by_name["score"].cfg.seq_len
+    for s in finetune:
+        assert s.cfg.corpus.path.endswith("retrieval.jsonl") and s.cfg.train.seq_len == L, s.name
+    continued = {s.cfg.model.init_from for s in finetune if s.name.startswith("finetune_")}
+    assert continued == {f"{by_name[f'pretrain_{b}'].cfg.out_dir}/model" for b in ("infini", "megalodon", "fam", "beacon", "llama")}
+    grafts = {s.cfg.model.backbone: s.cfg.model.init_from for s in finetune if s.name.startswith("graft_")}
+    assert grafts == dict.fromkeys(("infini", "beacon"), f"{by_name['pretrain_llama'].cfg.out_dir}/model")
 
 
 def test_override_reaches_only_the_named_stage():
@@ -72,6 +87,7 @@ def test_driver_quick_overrides_validate(tmp_path):
         quick, pipeline, work_dir, set, rope = True, PIPELINE, tmp_path / "w", [], list(mod.ROPE_VARIANTS)
 
     _, stages, _ = load_pipeline(PIPELINE, mod.pipeline_overrides(Args))
-    assert all(s.cfg.train.max_steps <= 20 for s in stages if s.kind in ("reference", "pretrain"))
+    assert all(s.cfg.train.max_steps <= 20 for s in stages if s.kind in ("reference", "pretrain", "finetune"))
     labels = [v["label"] for v in mod.variants(stages, Args)]
-    assert labels == ["infini", "megalodon", "fam", "beacon", "llama", "llama+yarn", "llama+dynamic"]
+    assert labels == ["infini", "megalodon", "fam", "beacon", "llama", "llama+yarn", "llama+dynamic",
+                      "llama->infini (graft)", "llama->beacon (graft)"]

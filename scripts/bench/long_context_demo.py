@@ -1,12 +1,15 @@
-"""Long-context demo (issue 6.4): pass-key and multi-key retrieval at L..16L of every backbone
-pretrained with the selective loss at training length L.
+"""Long-context demo (issue 12): pass-key and multi-key retrieval at L..32L of every backbone pretrained
+with the selective loss at training length L and fine-tuned briefly on retrieval documents, and of a
+pretrained llama grafted to infini and to beacon and continued the same way.
 
 1. Runs `pipelines/long-context-demo.yaml` through `slm.pipeline.run_pipeline` (finished stages are
    skipped on a rerun): the demo corpus with retrieval documents of about L tokens
-   (retrieval_share 0.5, retrieval_chars 320), a llama reference, scoring, then selective-loss
+   (retrieval_share 0.5, retrieval_chars 320, packed whole), a llama reference, scoring, selective-loss
    pretraining of infini, megalodon, fam, beacon and plain llama at L = 128 (segment, chunk, block
-   and window lengths 32 = L/4, so the memory carries needles across segments during training).
-2. Evaluates each trained checkpoint with `slm.evaluation.ruler.run_ruler` (template_set compact, the
+   and window lengths 32 = L/4, so the memory carries needles across segments during training), then
+   one `finetune` stage per model on data/retrieval.jsonl (whole pass-key / key-value documents of at
+   most L tokens, half of them short), and two grafts of the pretrained llama (infini, beacon).
+2. Evaluates each fine-tuned checkpoint with `slm.evaluation.ruler.run_ruler` (template_set compact, the
    demo corpus' wording; tasks passkey and niah_multikey; lengths L, 2L, 4L, 8L, 16L; samples cycle
    through the depth grid 0, 0.25, 0.5, 0.75, 1). Plain llama is evaluated three times: as trained, and
    with RoPE scaling applied at eval time only (a copy of the checkpoint whose config.json carries the
@@ -50,9 +53,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PIPELINE = ROOT / "pipelines" / "long-context-demo.yaml"
 TASKS = ("passkey", "niah_multikey")
 TASK_TITLES = {"passkey": "pass-key accuracy (%)", "niah_multikey": "multi-key NIAH accuracy (%)"}
-MULTIPLIERS = (1, 2, 4, 8, 16)
+MULTIPLIERS = (1, 2, 4, 8, 16, 32)
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-GOAL_MULTIPLIER, GOAL_SCORE = 8, 90.0
+GOAL_MULTIPLIER, GOAL_SCORE = 8, 90.0  # the best streaming backbone at 8L (moonshot: 32L)
+GOAL_AT_L = 95.0  # every backbone at L
 
 # eval-time RoPE scalings of the plain llama checkpoint: name -> function(L, longest multiplier) -> (rope_scaling, max_position_embeddings or None)
 ROPE_VARIANTS = {
@@ -63,7 +67,7 @@ ROPE_VARIANTS = {
 # --quick: a tiny corpus and a few steps per stage (a smoke check of the whole path, not a result)
 QUICK_SETS = [
     "stages.data.hq_documents=400", "stages.data.train_documents=400", "stages.data.validation_documents=40",
-    "stages.data.questions=10", "stages.score.documents_per_shard=200",
+    "stages.data.questions=10", "stages.data.retrieval_finetune_documents=200", "stages.score.documents_per_shard=200",
 ]
 QUICK_TRAIN = ["max_steps=20", "eval_every=10", "eval_batches=2", "checkpoint_every=20"]
 
@@ -78,26 +82,45 @@ def pipeline_overrides(args) -> list[str]:
 
         sets += QUICK_SETS
         for stage in read_yaml(args.pipeline)["stages"]:
-            if stage["kind"] in ("reference", "pretrain"):
+            if stage["kind"] in ("reference", "pretrain", "finetune"):
                 sets += [f"stages.{stage['name']}.train.{t}" for t in QUICK_TRAIN]
     return sets + list(args.set or [])
 
 
 def variants(stages, args) -> list[dict]:
-    """One evaluation per pretrain stage; plain llama also with each eval-time RoPE scaling."""
+    """One evaluation per fine-tuning stage (the pipeline's end products); plain llama also with each eval-time
+    RoPE scaling. The backbone is read from the checkpoint (a graft's config names the new backbone)."""
     out = []
-    pretrain = [s for s in stages if s.kind == "pretrain"]
-    backbones = [s.cfg.model.backbone for s in pretrain]
-    for s in pretrain:
-        backbone = s.cfg.model.backbone
-        label = backbone if backbones.count(backbone) == 1 else s.name
-        base = {"stage": s.name, "backbone": backbone, "model": str(Path(s.cfg.out_dir) / "model"), "seq_len": s.cfg.train.seq_len,
+    for s in stages:
+        if s.kind != "finetune":
+            continue
+        model = Path(s.cfg.out_dir) / "model"
+        backbone = stage_backbone(s, stages)
+        grafted = "backbone" in s.cfg.model.model_fields_set and backbone != stage_backbone_of_checkpoint(s.cfg.model.init_from, stages)
+        label = f"llama->{backbone} (graft)" if grafted else backbone
+        base = {"stage": s.name, "backbone": backbone, "grafted": grafted, "model": str(model), "seq_len": s.cfg.train.seq_len,
                 "options": dict(s.cfg.model.options), "rope_scaling": s.cfg.model.rope_scaling, "eval_rope": None}
         out.append({**base, "label": label})
         if backbone == "llama" and not s.cfg.model.rope_scaling:
             for name in args.rope:
                 out.append({**base, "label": f"{label}+{name}", "eval_rope": name})
     return out
+
+
+def stage_backbone_of_checkpoint(path: str, stages) -> str:
+    """The backbone of the model a pipeline stage writes to `path` (or of the checkpoint there)."""
+    for s in stages:
+        if s.kind in ("reference", "pretrain", "finetune") and Path(s.cfg.out_dir) / "model" == Path(path):
+            return stage_backbone(s, stages)
+    return json.loads((Path(path) / "config.json").read_text())["model_type"].removeprefix("slm_")
+
+
+def stage_backbone(stage, stages) -> str:
+    """A training stage's backbone: the one it names, or (continuing a checkpoint) the checkpoint's."""
+    model = stage.cfg.model
+    if model.init_from is None or "backbone" in model.model_fields_set:
+        return model.backbone
+    return stage_backbone_of_checkpoint(model.init_from, stages)
 
 
 def scaled_copy(src: Path, dst: Path, rope: str, L: int, longest: int) -> dict:
@@ -296,20 +319,24 @@ def plot(report: dict, path: Path) -> None:
 
 
 def goal(report: dict) -> dict:
-    """Best pass-key score at GOAL_MULTIPLIER x L, and the best at L itself: a model that does not
-    retrieve at its training length says nothing about length extension."""
-    key = str(GOAL_MULTIPLIER)
-    if GOAL_MULTIPLIER not in report["settings"]["multipliers"]:
-        return {"status": "not measured", "reason": f"{GOAL_MULTIPLIER}L is not among the evaluated lengths"}
-    vs = report["variants"]
-    best = max(vs, key=lambda v: v["scores"]["passkey"][key]["score"])
-    e = best["scores"]["passkey"][key]
-    out = {"target": f"pass-key accuracy >= {GOAL_SCORE:.0f}% at {GOAL_MULTIPLIER}L = {GOAL_MULTIPLIER * report['settings']['seq_len']} tokens",
-           "best": best["label"] if e["score"] > 0 else "none (every model scores 0)", "score": e["score"],
-           "ci_low": round(e["ci_low"], 1), "ci_high": round(e["ci_high"], 1), "n": e["n"], "met": e["score"] >= GOAL_SCORE}
-    first = str(min(report["settings"]["multipliers"]))
-    at_l = max(vs, key=lambda v: v["scores"]["passkey"][first]["score"])
-    out["best_at_shortest"] = {"length": f"{fmt_mult(int(first))}", "best": at_l["label"], "score": at_l["scores"]["passkey"][first]["score"]}
+    """The issue's goals, measured: every model >= GOAL_AT_L at L; the best streaming backbone >= GOAL_SCORE at
+    GOAL_MULTIPLIER x L; and the moonshot, the same at the longest length."""
+    mults, vs = report["settings"]["multipliers"], report["variants"]
+    first, longest = str(min(mults)), str(max(mults))
+    score = lambda v, m: v["scores"]["passkey"][m]["score"]  # noqa: E731
+    out = {"at_L": {"target": f"every model >= {GOAL_AT_L:.0f}% pass key at L", "scores": {v["label"]: score(v, first) for v in vs}}}
+    out["at_L"]["met"] = all(x >= GOAL_AT_L for x in out["at_L"]["scores"].values())
+    streaming = [v for v in vs if v["backbone"] != "llama"]
+    for name, m in (("extension", str(GOAL_MULTIPLIER)), ("moonshot", longest)):
+        if int(m) not in mults or not streaming:
+            out[name] = {"status": "not measured"}
+            continue
+        best = max(streaming, key=lambda v: score(v, m))
+        e = best["scores"]["passkey"][m]
+        out[name] = {"target": f"best streaming backbone >= {GOAL_SCORE:.0f}% pass key at {fmt_mult(int(m))} = "
+                               f"{int(m) * report['settings']['seq_len']} tokens",
+                     "best": best["label"], "score": e["score"], "ci_low": round(e["ci_low"], 1), "ci_high": round(e["ci_high"], 1),
+                     "n": e["n"], "met": e["score"] >= GOAL_SCORE}
     return out
 
 
@@ -368,7 +395,7 @@ def main() -> None:
     if bad or len(summary) != len(stages):
         raise SystemExit(f"pipeline stopped at {bad[0]['stage'] if bad else summary[-1]['stage']}: {bad or summary[-1]}")
 
-    seq_lens = {s.cfg.train.seq_len for s in stages if s.kind == "pretrain"}
+    seq_lens = {s.cfg.train.seq_len for s in stages if s.kind in ("pretrain", "finetune")}
     if len(seq_lens) != 1:
         raise SystemExit(f"the pretrain stages train at different lengths {sorted(seq_lens)}; the table needs one L")
     L = seq_lens.pop()
@@ -393,7 +420,8 @@ def main() -> None:
     report = {
         "benchmark": "long_context_demo",
         "description": "selective-loss pretraining of each backbone at training length L on the demo corpus with L-sized retrieval "
-                       "documents, then RULER-style pass-key and multi-key NIAH (template_set compact) at L..16L; scores are % of "
+                       "documents packed whole, a short fine-tuning on whole retrieval documents (and two grafts of the pretrained "
+                       "llama), then RULER-style pass-key and multi-key NIAH (template_set compact) at L..32L; scores are % of "
                        "samples answered exactly (string_match_all), with 95% Wilson intervals",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": info,
@@ -417,11 +445,14 @@ def main() -> None:
                           "repeated inside the needle; ln 10 = 2.30 is a uniform guess (see copy_probe)\n")
         print(report["tables"][task])
     g = report["goal"]
-    if "best" in g:
-        verdict = "[green]met[/]" if g["met"] else "[red]not met[/]"
-        console.print(f"\ngoal ({g['target']}): {verdict}: best {g['best']} {g['score']:.0f}% "
-                      f"(95% CI {g['ci_low']:.0f}-{g['ci_high']:.0f}, n={g['n']}); "
-                      f"best pass-key score at {g['best_at_shortest']['length']}: {g['best_at_shortest']['score']:.0f}%")
+    verdict = lambda ok: "[green]met[/]" if ok else "[red]not met[/]"  # noqa: E731
+    console.print(f"\ngoal ({g['at_L']['target']}): {verdict(g['at_L']['met'])}: "
+                  + ", ".join(f"{k} {x:.0f}" for k, x in g["at_L"]["scores"].items()))
+    for name in ("extension", "moonshot"):
+        if "best" in g[name]:
+            e = g[name]
+            console.print(f"goal ({e['target']}): {verdict(e['met'])}: best {e['best']} {e['score']:.0f}% "
+                          f"(95% CI {e['ci_low']:.0f}-{e['ci_high']:.0f}, n={e['n']})")
     console.print(f"pipeline {pipeline_seconds:.0f} s, ruler {ruler_seconds:.0f} s, total {time.time() - started:.0f} s; "
                   f"wrote {args.out} and {args.plot}")
 

@@ -89,6 +89,8 @@ def corpus_fingerprint(cfg: CorpusConfig) -> str:
 
     files = resolve_files(cfg.path)
     fields = {"text_field": cfg.text_field, "max_documents": cfg.max_documents, "noise_field": cfg.noise_field}
+    if cfg.packing != "concat":  # (only when set, so that fingerprints of earlier runs stay valid)
+        fields["packing"] = cfg.packing
     if files is None:
         return sha256_json({"hub": cfg.path, "split": cfg.split, **fields})
     return sha256_json({"files": sha256_files([Path(f) for f in files]), **fields})

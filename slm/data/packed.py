@@ -71,7 +71,7 @@ def packed_corpus(cfg: CorpusConfig, tokenizer, tokenizer_dir: str, seq_len: int
             buffer.clear()
 
         docs = iter_documents(corpus, tokenizer, cfg.text_field)
-        for row in pack_documents(docs, seq_len, tokenizer.eos_token_id, pad_id):
+        for row in pack_documents(docs, seq_len, tokenizer.eos_token_id, pad_id, whole=cfg.packing == "whole"):
             buffer.append(row)
             n_rows += 1
             if len(buffer) == 1024:

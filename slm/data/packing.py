@@ -2,6 +2,11 @@
 
 Each row records where documents start inside it (`doc_starts`), so that document boundaries
 survive packing. The last row is padded with `pad_id` and its `loss_mask` is 0 on padding.
+
+`whole=True` keeps every document that fits in a row within one row: a document that would cross
+the end of the current row starts the next one instead, and the rest of the row is padding
+(loss_mask 0). Retrieval documents need it: a pass key split from its question teaches nothing.
+A document longer than a row is still split, as with plain packing.
 """
 
 from __future__ import annotations
@@ -24,15 +29,29 @@ def pack_documents(
     seq_len: int,
     eos_id: int,
     pad_id: int,
+    whole: bool = False,
 ) -> Iterator[PackedRow]:
     """docs: (token ids, optional per-token noise tags). Yields rows of exactly `seq_len` tokens."""
     ids: list[int] = []
     noise: list[int] = []
     starts: list[int] = []
     has_noise = None
+
+    def padded_row() -> PackedRow:
+        pad = seq_len - len(ids)
+        return PackedRow(
+            input_ids=ids + [pad_id] * pad,
+            loss_mask=[1] * len(ids) + [0] * pad,
+            doc_starts=starts,
+            noise=(noise + [0] * pad) if has_noise else None,
+        )
+
     for doc_ids, doc_noise in docs:
         if has_noise is None:
             has_noise = doc_noise is not None
+        if whole and ids and len(ids) + len(doc_ids) + 1 > seq_len:  # it would cross the row's end: next row
+            yield padded_row()
+            ids, noise, starts = [], [], []
         starts.append(len(ids))
         ids.extend(doc_ids)
         ids.append(eos_id)
@@ -49,13 +68,7 @@ def pack_documents(
             ids, noise = ids[seq_len:], noise[seq_len:]
             starts = [s - seq_len for s in starts if s >= seq_len]
     if ids:
-        pad = seq_len - len(ids)
-        yield PackedRow(
-            input_ids=ids + [pad_id] * pad,
-            loss_mask=[1] * len(ids) + [0] * pad,
-            doc_starts=starts,
-            noise=(noise + [0] * pad) if has_noise else None,
-        )
+        yield padded_row()
 
 
 def noise_tags_from_spans(offsets: list[tuple[int, int]], spans: list[list[int]], codes: list[int] | None = None) -> list[int]:

@@ -32,8 +32,8 @@ from slm.errors import SlmError
 from slm.jobs.resources import SlurmResources, stage_resources
 from slm.pipeline import load_pipeline
 
-TRAINING = ("reference", "pretrain")
-COMMANDS = {"demo_data": "slm data demo", "reference": "slm reference", "score": "slm score", "pretrain": "slm pretrain", "eval": "slm eval"}
+TRAINING = ("reference", "finetune", "pretrain")
+COMMANDS = {"demo_data": "slm data demo", "reference": "slm reference", "finetune": "slm finetune", "score": "slm score", "pretrain": "slm pretrain", "eval": "slm eval"}
 FROZEN_PIPELINE = "pipeline.yaml"
 
 

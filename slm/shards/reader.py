@@ -11,7 +11,7 @@ import pyarrow as pa
 from slm.errors import SlmError, describe
 from slm.io import sha256_file
 from slm.shards.format import ShardMetadata, fixed_list_to_numpy, metadata_from_schema, shard_schema
-from slm.shards.manifest import Manifest, load_manifest
+from slm.shards.manifest import DONE_DIR, Manifest, load_manifest
 
 FIXED_COLUMNS = ("input_ids", "ref_loss", "loss_mask", "base_loss", "noise")
 
@@ -87,12 +87,21 @@ class ShardSet:
 
 
 def verify_shards(directory: str | Path, check_sha: bool = True) -> list[str]:
-    """Every problem found, one line each, naming the shard; empty when all is well."""
+    """Every problem found, one line each, naming the shard; empty when all is well.
+
+    A problem is a listed shard that is missing, of another size, sha256 (full check only), schema,
+    metadata, row count, or token / NaN-token count (full check only) than its manifest entry, and a
+    `shard-*.arrow` file the manifest does not list (a partial write, or a stray copy).
+    Leftover temp files are not problems (readers never see them): see `leftover_temp_files`.
+    """
     directory = Path(directory)
     manifest = load_manifest(directory)
     problems: list[str] = []
     if not manifest.complete:
         problems.append(f"{directory}: {len(manifest.shards)} of {manifest.num_shards} shards whole")
+    for path in sorted(directory.glob("shard-*.arrow")):
+        if path.name not in manifest.shards:
+            problems.append(f"{path.name}: not listed in the manifest (a partial or stray shard; rerun `slm score` or delete it)")
     meta = manifest.metadata
     for name, entry in sorted(manifest.shards.items()):
         path = directory / name
@@ -124,4 +133,33 @@ def verify_shards(directory: str | Path, check_sha: bool = True) -> list[str]:
             problems.append(f"{name}: schema differs from format version {meta.format_version}")
         if table.num_rows != entry["rows"]:
             problems.append(f"{name}: {table.num_rows} rows, manifest says {entry['rows']}")
+        elif check_sha:
+            problems.extend(_count_problems(name, table, entry, meta.seq_len))
     return problems
+
+
+def _count_problems(name: str, table: pa.Table, entry: dict, seq_len: int) -> list[str]:
+    """Token and NaN-token counts recomputed from the data, as the writer counts them, against the entry."""
+    if "loss_mask" not in table.schema.names or "ref_loss" not in table.schema.names:
+        return []
+    mask = fixed_list_to_numpy(table.column("loss_mask"), seq_len).astype(bool)
+    problems = []
+    if "tokens" in entry and int(mask.sum()) != int(entry["tokens"]):
+        problems.append(f"{name}: {int(mask.sum())} tokens, manifest says {entry['tokens']}")
+    if "nan_tokens" in entry:
+        # position 0 is NaN by definition (no context); the writer counts only NaNs the model produced
+        nan = int((np.isnan(fixed_list_to_numpy(table.column("ref_loss"), seq_len))[:, 1:] & mask[:, 1:]).sum())
+        if nan != int(entry["nan_tokens"]):
+            problems.append(f"{name}: {nan} NaN token losses, manifest says {entry['nan_tokens']}")
+    return problems
+
+
+def leftover_temp_files(directory: str | Path) -> list[Path]:
+    """Temp files of interrupted atomic writes (`slm.io.atomic_open`: `.NAME.XXXXXXXX.tmp`) in a shard
+    directory and its `.done/` sidecars: dead weight a crash (SIGKILL, node loss) left behind, safe to delete."""
+    directory = Path(directory)
+    found = []
+    for folder in (directory, directory / DONE_DIR):
+        if folder.is_dir():
+            found.extend(p for p in folder.iterdir() if p.name.endswith(".tmp") and p.is_file())
+    return sorted(found)

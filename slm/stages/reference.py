@@ -18,10 +18,15 @@ from slm.training.loop import Trainer, causal_lm_step
 
 
 def run(cfg: ReferenceConfig, force: bool = False, resume: bool = True, stop_after: int | None = None) -> dict:
+    return train_causal_lm("reference", cfg, force, resume, stop_after)
+
+
+def train_causal_lm(kind: str, cfg: ReferenceConfig, force: bool, resume: bool, stop_after: int | None) -> dict:
+    """Train (or continue) a causal LM on `cfg.corpus`: the body of the `reference` and `finetune` stages."""
     out = Path(cfg.out_dir)
-    stage = StageRun("reference", cfg, out)
+    stage = StageRun(kind, cfg, out)
     if (done := stage.prepare(force)) is not None:
-        say(f"[green]reference[/]: {out} is complete for this config; skipping (use --force to redo)")
+        say(f"[green]{kind}[/]: {out} is complete for this config; skipping (use --force to redo)")
         return done
     started = time.time()
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -35,13 +40,14 @@ def run(cfg: ReferenceConfig, force: bool = False, resume: bool = True, stop_aft
         "tokenizer": tokenizer_fingerprint(cfg.tokenizer),
         "data": corpus_fingerprint(cfg.corpus),
     }
-    say(f"reference: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_rows)} rows of {seq_len} tokens")
+    say(f"{kind}: {cfg.model.backbone if cfg.model.init_from is None else type(model).__name__}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_rows)} rows of {seq_len} tokens")
     trainer = Trainer(model, cfg.train, out, train_rows, ("input_ids", "loss_mask"), causal_lm_step, fingerprints, heldout, stop_after)
     result = trainer.fit(resume=resume)
     if result.step < cfg.train.max_steps:  # stopped early on purpose (tests)
         return {"status": "stopped", "step": result.step}
     model_dir = trainer.export(out / "model", tokenizer)
     if rank() == 0:
-        plot_learning_curves({"reference": result.history}, out / "learning_curve.png")
+        plot_learning_curves({kind: result.history}, out / "learning_curve.png")
     metrics = {"steps": result.step, "tokens_seen": result.tokens_seen, "final_heldout_loss": result.final_heldout_loss, "resumed_from": result.resumed_from}
     return stage.complete(fingerprints, metrics, started, {"model": str(model_dir), "metrics": str(out / "metrics.jsonl")})

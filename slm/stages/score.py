@@ -126,7 +126,7 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
         forget_shard(out, name)
         lo, hi = k * cfg.documents_per_shard, min((k + 1) * cfg.documents_per_shard, len(corpus))
         docs = iter_documents(corpus, tokenizer, cfg.corpus.text_field, cfg.corpus.noise_field, lo, hi)
-        rows = pack_documents(docs, cfg.seq_len, tokenizer.eos_token_id, pad_id)
+        rows = pack_documents(docs, cfg.seq_len, tokenizer.eos_token_id, pad_id, whole=cfg.corpus.packing == "whole")
         batches = score_rows(rows, reference, cfg.batch_size, cfg.logprob_chunk_tokens, k * ROW_STRIDE, base, dev, bar.update)
         writer.write(k, batches, extra={"documents": hi - lo, "part": cfg.part})
     bar.close()
