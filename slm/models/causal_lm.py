@@ -36,6 +36,20 @@ class StreamingCausalLM(GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As transformers saves, plus the backbone's code and an `auto_map` (slm.models.remote_code), so the
+        export loads with `trust_remote_code=True` where slm is not installed. A model loaded that way saves
+        as transformers saves remote-code models (it copies the files it was loaded from)."""
+        try:
+            from slm.models.remote_code import auto_map, write_remote_code
+        except ImportError:  # this is the exported copy, running without slm
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        self.config.auto_map = auto_map(type(self))
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_remote_code(type(self), save_directory)
+        return out
+
     @classmethod
     def can_generate(cls) -> bool:  # transformers looks for GenerationMixin among the direct bases
         return True
