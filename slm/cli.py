@@ -115,6 +115,26 @@ def eval_ruler(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = S
     typer.echo(summary_table(run_ruler(load_config(_need_config(config, RulerConfig), RulerConfig, set_), progress=True)))
 
 
+@eval_app.command("harness")
+def eval_harness(model: Path = typer.Option(..., "--model", help="Model directory (any slm export)."),
+                 tasks: str = typer.Option(..., "--tasks", help="Comma-separated lm-eval task names."),
+                 out: Path = typer.Option(..., "--out", help="Where results.json and samples.jsonl go."),
+                 include_path: Optional[Path] = typer.Option(None, "--include-path", help="Directory of local task YAMLs."),
+                 batch_size: int = typer.Option(1, "--batch-size"),
+                 max_length: Optional[int] = typer.Option(None, "--max-length", help="Default: the model's max_position_embeddings."),
+                 limit: Optional[int] = typer.Option(None, "--limit", help="At most this many documents per task."),
+                 num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot"),
+                 device: str = typer.Option("cpu", "--device")):
+    """lm-evaluation-harness on an slm export (its `hf` model; local task YAMLs with --include-path)."""
+    from slm.evaluation.harness import run_harness
+
+    results = run_harness(model, [t.strip() for t in tasks.split(",") if t.strip()], out, include_path, batch_size,
+                          max_length, limit, num_fewshot, device)
+    for task, metrics in results.items():
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        typer.echo(f"{task}: {shown}")
+
+
 @app.command()
 def run(pipeline: Optional[Path] = typer.Argument(None, help="Pipeline YAML; default: the built-in demo."),
         set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt,
