@@ -41,6 +41,9 @@ class CorpusConfig(StrictModel):
     packing: Literal["concat", "whole"] = Field(
         "concat", description="concat: documents joined by EOS and cut into rows; whole: a document that fits in a row "
         "never crosses into the next (the row is padded instead), as retrieval documents need.")
+    errors: Literal["strict", "replace"] = Field(
+        "strict", description="Bytes that are not UTF-8 in jsonl, json or text files: strict: an error naming the file "
+        "and byte offset; replace: read them as U+FFFD.")
 
 
 class DemoDataConfig(StrictModel):
@@ -193,6 +196,9 @@ class PretrainConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    verify_shards: Literal["full", "size"] = Field(
+        "full", description="Start-up check of every listed shard: full: size and sha256; size: size only, and the "
+        "sha256 when a shard is first read (faster start on large corpora).")
 
 
 class EvalConfig(StrictModel):
@@ -211,6 +217,9 @@ class EvalConfig(StrictModel):
     batch_size: int = Field(8, ge=1)
     max_batches: int | None = Field(None, ge=1)
     max_new_tokens: int = Field(8, ge=1)
+    verify_shards: Literal["full", "size"] = Field(
+        "full", description="Start-up check of every listed shard: full: size and sha256; size: size only, and the "
+        "sha256 when a shard is first read (faster start on large corpora).")
 
 
 class StageSpec(StrictModel):

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, BinaryIO, Iterator
+
+from slm.errors import SlmError
 
 
 def fsync_dir(path: Path) -> None:
@@ -19,10 +23,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class DiskFull(SlmError):
+    """No space left on the device while writing `path` (exit 2): `written` bytes had gone to its temp file."""
+
+    def __init__(self, path: Path, written: int):
+        self.path, self.written = Path(path), written
+        self.free = shutil.disk_usage(self.path.parent).free
+        super().__init__(f"{path}: no space left on the device: it needs more than {written} bytes, {self.free} bytes are free; "
+                         f"free some space or write elsewhere, then rerun (nothing partial was kept)")
+
+
 @contextmanager
 def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     """A binary file that appears at `path` only whole: temp file in the same directory, fsync,
-    rename on success; removed on any error, so a crash never leaves a partial `path`."""
+    rename on success; removed on any error, so a crash never leaves a partial `path`.
+    A full disk (ENOSPC, EDQUOT) becomes `DiskFull`, a one-line error naming the path and the bytes needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -33,6 +48,12 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except OSError as e:
+        written = Path(tmp).stat().st_size if Path(tmp).exists() else 0
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(path, written) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -52,8 +73,6 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    from slm.errors import SlmError
-
     path = Path(path)
     try:
         return json.loads(path.read_text())

@@ -15,7 +15,7 @@ and per row:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +44,10 @@ class ShardMetadata:
     base_model: str | None = None
     base_sha256: str | None = None
     tokenizer_path: str | None = None
+    # the reference's own sizes (None in shards written before slm recorded them): a tokenizer is checked against the
+    # embedding even when the reference folder holds no tokenizer files
+    reference_vocab_size: int | None = None
+    reference_embedding_shape: list[int] | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -51,7 +55,7 @@ class ShardMetadata:
     @classmethod
     def from_json(cls, obj: dict, source: str) -> "ShardMetadata":
         names = {f.name for f in fields(cls)}
-        missing = [n for n in names if n not in obj and cls.__dataclass_fields__[n].default is not None and n not in ("base_model", "base_sha256", "tokenizer_path")]
+        missing = [f.name for f in fields(cls) if f.name not in obj and f.default is MISSING]  # the rest are optional
         if missing:
             raise SlmError(f"{source}: shard metadata lacks {sorted(missing)}")
         if obj.get("format_version") != FORMAT_VERSION:

@@ -24,10 +24,21 @@ def open_shard(path: Path) -> pa.Table:
         raise SlmError(f"{path}: corrupt or truncated shard ({describe(e)}); run `slm shards verify` and rerun `slm score` to repair") from None
 
 
-class ShardSet:
-    """All whole shards of a directory, seen as one sequence of rows."""
+REPAIR = "run `slm shards verify` for the full list; rerun `slm score` with the same config to repair"
 
-    def __init__(self, directory: str | Path, require_complete: bool = True):
+
+class ShardSet:
+    """All whole shards of a directory, seen as one sequence of rows.
+
+    At start-up every listed shard must exist with its manifest size, and (verify="full") its sha256; with
+    verify="size" the sha256 is checked when the shard is first loaded instead. Loading a shard also checks its
+    rows, metadata, token ids (< the metadata's vocab_size) and token / NaN-token counts against the manifest.
+    Any difference is one SlmError naming the shard, before a row of it is used.
+    """
+
+    def __init__(self, directory: str | Path, require_complete: bool = True, verify: str = "full"):
+        if verify not in ("full", "size"):
+            raise ValueError(f"verify={verify!r}: expected full or size")
         self.directory = Path(directory)
         self.manifest: Manifest = load_manifest(self.directory)
         if require_complete and not self.manifest.complete:
@@ -40,6 +51,36 @@ class ShardSet:
         counts = np.array([self.manifest.shards[n]["rows"] for n in self.names], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
         self._tables: dict[str, pa.Table] = {}
+        self._hashed: set[str] = set()
+        for name in self.names:
+            self._check_file(name, hash_it=verify == "full")
+
+    def _check_file(self, name: str, hash_it: bool) -> None:
+        path, entry = self.directory / name, self.manifest.shards[name]
+        if not path.is_file():
+            raise SlmError(f"{path}: shard listed in the manifest is missing; {REPAIR}")
+        if (size := path.stat().st_size) != entry["bytes"]:
+            raise SlmError(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or altered); {REPAIR}")
+        if hash_it and name not in self._hashed:
+            if (digest := sha256_file(path)) != entry["sha256"]:
+                raise SlmError(f"{path}: sha256 {digest[:12]}..., the manifest says {entry['sha256'][:12]}... (altered); {REPAIR}")
+            self._hashed.add(name)
+
+    def _check_table(self, name: str, table: pa.Table) -> None:
+        path, entry, meta = self.directory / name, self.manifest.shards[name], self.metadata
+        if table.num_rows != entry["rows"]:
+            raise SlmError(f"{path}: {table.num_rows} rows, the manifest says {entry['rows']}; {REPAIR}")
+        if (mine := metadata_from_schema(table.schema, str(path))) != meta:
+            diff = [k for k, v in meta.to_json().items() if mine.to_json()[k] != v]
+            raise SlmError(f"{path}: schema metadata differs from the manifest in {diff}; {REPAIR}")
+        ids = fixed_list_to_numpy(table.column("input_ids"), meta.seq_len)
+        bad = (ids < 0) | (ids >= meta.vocab_size)
+        if bad.any():
+            row, pos = (int(i) for i in np.argwhere(bad)[0])
+            raise SlmError(f"{path}: token id {int(ids[row, pos])} at row {row} position {pos} is outside the vocabulary "
+                           f"[0, {meta.vocab_size}) of the shards' metadata ({int(bad.sum())} such ids; corrupt ids); {REPAIR}")
+        if problems := count_problems(table, entry, meta.seq_len):
+            raise SlmError(f"{path}: {problems[0]}; {REPAIR}")
 
     @property
     def metadata(self) -> ShardMetadata:
@@ -54,12 +95,9 @@ class ShardSet:
 
     def table(self, name: str) -> pa.Table:
         if name not in self._tables:
-            path = self.directory / name
-            if not path.is_file():
-                raise SlmError(f"{path}: shard listed in the manifest is missing; rerun `slm score` to repair")
-            table = open_shard(path)
-            if table.num_rows != self.manifest.shards[name]["rows"]:
-                raise SlmError(f"{path}: {table.num_rows} rows, the manifest says {self.manifest.shards[name]['rows']}; rerun `slm score` to repair")
+            self._check_file(name, hash_it=True)  # its size again, and its sha256 unless start-up checked it
+            table = open_shard(self.directory / name)
+            self._check_table(name, table)
             self._tables[name] = table
         return self._tables[name]
 
@@ -134,23 +172,23 @@ def verify_shards(directory: str | Path, check_sha: bool = True) -> list[str]:
         if table.num_rows != entry["rows"]:
             problems.append(f"{name}: {table.num_rows} rows, manifest says {entry['rows']}")
         elif check_sha:
-            problems.extend(_count_problems(name, table, entry, meta.seq_len))
+            problems.extend(f"{name}: {p}" for p in count_problems(table, entry, meta.seq_len))
     return problems
 
 
-def _count_problems(name: str, table: pa.Table, entry: dict, seq_len: int) -> list[str]:
+def count_problems(table: pa.Table, entry: dict, seq_len: int) -> list[str]:
     """Token and NaN-token counts recomputed from the data, as the writer counts them, against the entry."""
     if "loss_mask" not in table.schema.names or "ref_loss" not in table.schema.names:
         return []
     mask = fixed_list_to_numpy(table.column("loss_mask"), seq_len).astype(bool)
     problems = []
     if "tokens" in entry and int(mask.sum()) != int(entry["tokens"]):
-        problems.append(f"{name}: {int(mask.sum())} tokens, manifest says {entry['tokens']}")
+        problems.append(f"{int(mask.sum())} tokens, manifest says {entry['tokens']}")
     if "nan_tokens" in entry:
         # position 0 is NaN by definition (no context); the writer counts only NaNs the model produced
         nan = int((np.isnan(fixed_list_to_numpy(table.column("ref_loss"), seq_len))[:, 1:] & mask[:, 1:]).sum())
         if nan != int(entry["nan_tokens"]):
-            problems.append(f"{name}: {nan} NaN token losses, manifest says {entry['nan_tokens']}")
+            problems.append(f"{nan} NaN token losses, manifest says {entry['nan_tokens']}")
     return problems
 
 

@@ -54,5 +54,9 @@ class ShardWriter:
                 # position 0 is NaN by definition; count only NaNs the model produced
                 nan_tokens += int((np.isnan(np.asarray(batch["ref_loss"]))[:, 1:] & mask[:, 1:]).sum())
         entry = {"rows": rows, "tokens": tokens, "nan_tokens": nan_tokens, "bytes": final.stat().st_size, "sha256": sha256_file(final), **(extra or {})}
-        record_shard(self.directory, name, entry)
+        try:
+            record_shard(self.directory, name, entry)
+        except BaseException:  # (a full disk) a shard no sidecar records is redone by the next run: free its space now
+            final.unlink(missing_ok=True)
+            raise
         return entry

@@ -48,9 +48,25 @@ class StageRun:
         if record.get("status") != "complete":
             return None
         if record.get("config_fingerprint") != config_fingerprint(self.cfg):
+
+            def flat(d: dict, prefix: str = "") -> dict:  # {"train": {"lr": 1}} -> {"train.lr": 1}
+                out = {}
+                for k, v in d.items():
+                    out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+                return out
+
+            def show(v) -> str:
+                text = "unset" if v is absent else repr(v)
+                return text if len(text) <= 80 else text[:77] + "..."
+
+            absent = object()
+            theirs, mine = flat(record.get("config") or {}), flat(dump_config(self.cfg))
+            keys = [k for k in sorted(theirs.keys() | mine.keys()) if theirs.get(k, absent) != mine.get(k, absent)]
+            said = "; ".join(f"{k} was {show(theirs.get(k, absent))}, now {show(mine.get(k, absent))}" for k in keys[:5])
+            more = f"; and {len(keys) - 5} more" if len(keys) > 5 else ""
             raise SlmError(
                 f"{self.out_dir}: holds a finished {self.kind} run with another config; "
-                f"use --force to redo it or choose another out_dir"
+                f"use --force to redo it or choose another out_dir (differs: {said or 'the config hash'}{more})"
             )
         return record
 

@@ -28,6 +28,7 @@ def run(cfg: EvalConfig, force: bool = False) -> dict:
         say(f"[green]eval[/]: {out} is complete for this config; skipping (use --force to redo)")
         return done
     started = time.time()
+    shards = ShardSet(cfg.shards, verify=cfg.verify_shards) if cfg.shards else None  # refuse bad shards before any work
     dev = device()
     model = load_pretrained(cfg.model).to(dev).eval()
     tokenizer = load_tokenizer(cfg.model)
@@ -39,8 +40,7 @@ def run(cfg: EvalConfig, force: bool = False) -> dict:
         acc = domain_accuracy(model, tokenizer, read_questions(cfg.questions), cfg.max_new_tokens)
         metrics["domain_accuracy"] = acc["accuracy"]
         atomic_write_json(out / "answers.json", acc["samples"])
-    if cfg.shards:
-        shards = ShardSet(cfg.shards)
+    if shards is not None:
         codes, kinds = None, None
         if cfg.noise_corpus:
             n_rows = len(shards) if cfg.max_batches is None else min(len(shards), cfg.max_batches * cfg.batch_size)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from slm.config import PretrainConfig
@@ -18,8 +19,10 @@ from slm.io import sha256_json
 from slm.models import build_model
 from slm.models.checks import check_vocab
 from slm.plots import plot_learning_curves
+from slm.scoring import check_seq_len
 from slm.selection import selective_loss
 from slm.shards import ShardSet
+from slm.shards.format import fixed_list_to_numpy
 from slm.stages.common import StageRun, config_fingerprint, say
 from slm.token_loss import token_losses
 from slm.training.distributed import rank
@@ -63,6 +66,26 @@ def check_shards_match(shards: ShardSet, cfg: PretrainConfig, tokenizer_dir: str
         raise SlmError(f"{where}: selection.mode=static needs base_loss in the shards; score with base_model set")
 
 
+def check_something_to_learn(shards: ShardSet, cfg: PretrainConfig) -> None:
+    """A run whose selection can keep no token learns nothing (loss 0 at every step): refuse it before the first step.
+
+    Valid tokens are loss_mask 1 with a finite ref_loss (and base_loss for mode=static), past position 0, which has no
+    context. The manifest bounds them: at least tokens - nan_tokens - rows; when that is not positive, count them.
+    """
+    t = shards.manifest.totals()
+    if cfg.selection.mode != "static" and t["tokens"] - t["nan_tokens"] - t["rows"] > 0:
+        return
+    cols = ("loss_mask", "ref_loss") + (("base_loss",) if cfg.selection.mode == "static" else ())
+    for name in shards.names:
+        table = shards.table(name)
+        mask, *scores = (fixed_list_to_numpy(table.column(c), shards.seq_len)[:, 1:] for c in cols)
+        if (mask.astype(bool) & np.logical_and.reduce([np.isfinite(s) for s in scores])).any():
+            return
+    scored = "base_loss and ref_loss" if cfg.selection.mode == "static" else "ref_loss"
+    raise SlmError(f"{cfg.shards}: no token can be trained on: of {t['tokens']} tokens in {t['rows']} rows none has "
+                   f"loss_mask 1 and a finite {scored} (all NaN, or every position masked); rescore the shards with `slm score`")
+
+
 def run(cfg: PretrainConfig, force: bool = False, resume: bool = True, stop_after: int | None = None) -> dict:
     out = Path(cfg.out_dir)
     stage = StageRun("pretrain", cfg, out)
@@ -70,14 +93,17 @@ def run(cfg: PretrainConfig, force: bool = False, resume: bool = True, stop_afte
         say(f"[green]pretrain[/]: {out} is complete for this config; skipping (use --force to redo)")
         return done
     started = time.time()
-    shards = ShardSet(cfg.shards)
+    shards = ShardSet(cfg.shards, verify=cfg.verify_shards)
     tokenizer_dir = cfg.tokenizer or shards.metadata.tokenizer_path
     if not tokenizer_dir:
         raise SlmError(f"{cfg.shards}: shards record no tokenizer path; set tokenizer")
     tokenizer = load_tokenizer(tokenizer_dir)
     check_shards_match(shards, cfg, tokenizer_dir, len(tokenizer))
+    check_something_to_learn(shards, cfg)
     model = build_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.train.seed)
     check_vocab(model, tokenizer, tokenizer_dir)
+    if warning := check_seq_len(model.config, cfg.train.seq_len, "train.seq_len", f"the {cfg.model.backbone} model"):
+        say(f"[yellow]pretrain[/]: {warning}")
     heldout = packed_corpus(cfg.validation, tokenizer, tokenizer_dir, cfg.train.seq_len, out / "data") if cfg.validation else None
     columns = ["input_ids", "ref_loss", "loss_mask"]
     columns += [c for c in ("base_loss", "noise") if c in shards.columns]

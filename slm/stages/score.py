@@ -22,10 +22,10 @@ from slm.data.packed import iter_documents
 from slm.data.packing import pack_documents
 from slm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from slm.errors import SlmError
-from slm.io import read_json, sha256_file
+from slm.io import DiskFull, read_json, sha256_file
 from slm.models import load_pretrained
 from slm.models.checks import check_vocab
-from slm.scoring import score_rows, weights_fingerprint
+from slm.scoring import check_seq_len, score_rows, weights_fingerprint
 from slm.shards.format import ROW_STRIDE, FORMAT_VERSION, ShardMetadata, shard_name
 from slm.shards.manifest import DONE_DIR, MANIFEST, forget_shard, load_manifest, merge_manifest
 from slm.shards.writer import ShardWriter
@@ -42,14 +42,39 @@ def _load_scorer(path: str, what: str, dtype: torch.dtype, dev: torch.device):
     return model
 
 
-def _check_tokenizer_matches(tokenizer_dir: str, model_dir: str, what: str) -> None:
-    """The shards' tokenizer must be the one the model was trained with (when the model ships one)."""
+def _check_tokenizer_matches(tokenizer_dir: str, model_dir: str, what: str) -> bool:
+    """The shards' tokenizer must be the one the model was trained with; True when the model ships one to compare."""
     if (Path(model_dir) / "tokenizer.json").is_file() or (Path(model_dir) / "tokenizer_config.json").is_file():
         mine, theirs = tokenizer_fingerprint(tokenizer_dir), tokenizer_fingerprint(model_dir)
         if mine != theirs:
             raise SlmError(
                 f"tokenizer {tokenizer_dir!r} (sha256 {mine[:12]}) is not the tokenizer of {what} {model_dir!r} (sha256 {theirs[:12]})"
             )
+        return True
+    return False
+
+
+def check_tokenizer_fits(model, tokenizer, tokenizer_dir: str, model_dir: str, what: str) -> None:
+    """Without tokenizer files beside the model, its embedding is the only witness: beyond `check_vocab` (every token
+    id has a row), the rows no token reaches must be no more than padding explains (embeddings are padded to a
+    multiple of 64-256, or for tensor parallelism): at most max(256, 2%) of them."""
+    rows, tokens = model.get_input_embeddings().weight.shape[0], len(tokenizer)
+    allowed = max(256, rows // 50)
+    if rows - tokens > allowed:
+        raise SlmError(
+            f"tokenizer {tokenizer_dir!r} has {tokens} tokens, the embedding of {what} {model_dir!r} has {rows} rows: "
+            f"{rows - tokens} rows no token reaches, more than padding explains (at most {allowed}); it is not the tokenizer "
+            f"the model was trained with"
+        )
+
+
+def _check_model(model, cfg: ScoreConfig, tokenizer, tokenizer_dir: str, model_dir: str, what: str) -> None:
+    proven = _check_tokenizer_matches(tokenizer_dir, model_dir, what)
+    check_vocab(model, tokenizer, tokenizer_dir)
+    if not proven:
+        check_tokenizer_fits(model, tokenizer, tokenizer_dir, model_dir, what)
+    if warning := check_seq_len(model.config, cfg.seq_len, "seq_len", f"{what} {model_dir!r}"):
+        say(f"[yellow]score[/]: {warning}")
 
 
 def _whole(directory: Path, name: str) -> bool:
@@ -59,6 +84,17 @@ def _whole(directory: Path, name: str) -> bool:
         return False
     rec = read_json(entry)
     return shard.stat().st_size == rec["bytes"] and sha256_file(shard) == rec["sha256"]
+
+
+def _disk_full(e: DiskFull, out: Path, shards_left: int) -> SlmError:
+    """A full disk while scoring: the bytes the shards left to score need (from the whole shards' mean size)."""
+    sizes = [read_json(p)["bytes"] for p in (out / DONE_DIR).glob("*.json")]
+    per_shard = max(sum(sizes) // len(sizes), e.written) if sizes else e.written
+    return SlmError(
+        f"{e.path}: no space left on the device ({e.free} bytes free); the {shards_left} shard(s) left to score need about "
+        f"{per_shard * shards_left} bytes ({per_shard} each{'' if sizes else ' at least'}); free space or choose another "
+        f"out_dir, then rerun: whole shards are kept, nothing partial is listed"
+    )
 
 
 def my_shards(num_shards: int, part: int, parts: int, rank_: int, world: int) -> list[int]:
@@ -82,13 +118,11 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
     tokenizer_dir = cfg.tokenizer or cfg.reference
     reference = _load_scorer(cfg.reference, "reference model", dtype, dev)
     tokenizer = load_tokenizer(tokenizer_dir)
-    _check_tokenizer_matches(tokenizer_dir, cfg.reference, "reference model")
-    check_vocab(reference, tokenizer, tokenizer_dir)
+    _check_model(reference, cfg, tokenizer, tokenizer_dir, cfg.reference, "reference model")
     base = None
     if cfg.base_model:
         base = _load_scorer(cfg.base_model, "base model", dtype, dev)
-        _check_tokenizer_matches(tokenizer_dir, cfg.base_model, "base model")
-        check_vocab(base, tokenizer, tokenizer_dir)
+        _check_model(base, cfg, tokenizer, tokenizer_dir, cfg.base_model, "base model")
 
     corpus = load_corpus(cfg.corpus)
     meta = ShardMetadata(
@@ -105,6 +139,8 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
         base_model=cfg.base_model,
         base_sha256=weights_fingerprint(cfg.base_model) if cfg.base_model else None,
         tokenizer_path=str(Path(tokenizer_dir).resolve()),
+        reference_vocab_size=getattr(reference.config, "vocab_size", None),
+        reference_embedding_shape=list(reference.get_input_embeddings().weight.shape),
     )
     if (out / MANIFEST).is_file():
         existing = load_manifest(out).metadata
@@ -114,11 +150,12 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
 
     num_shards = math.ceil(len(corpus) / cfg.documents_per_shard)
     todo = my_shards(num_shards, cfg.part, cfg.parts, rank(), world_size())
+    merge_manifest(out, meta, num_shards)  # from the start, the manifest says which shards are whole so far
     writer = ShardWriter(out, meta, with_base=base is not None, with_noise=cfg.corpus.noise_field is not None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bar = tqdm(desc=f"score part {cfg.part}/{cfg.parts} rank {rank()}", unit="tok", unit_scale=True, dynamic_ncols=True)
     skipped = 0
-    for k in todo:
+    for i, k in enumerate(todo):
         name = shard_name(k)
         if _whole(out, name):
             skipped += 1
@@ -128,7 +165,11 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
         docs = iter_documents(corpus, tokenizer, cfg.corpus.text_field, cfg.corpus.noise_field, lo, hi)
         rows = pack_documents(docs, cfg.seq_len, tokenizer.eos_token_id, pad_id, whole=cfg.corpus.packing == "whole")
         batches = score_rows(rows, reference, cfg.batch_size, cfg.logprob_chunk_tokens, k * ROW_STRIDE, base, dev, bar.update)
-        writer.write(k, batches, extra={"documents": hi - lo, "part": cfg.part})
+        try:
+            writer.write(k, batches, extra={"documents": hi - lo, "part": cfg.part})
+            merge_manifest(out, meta, num_shards)  # list each whole shard as it lands
+        except DiskFull as e:
+            raise _disk_full(e, out, shards_left=len(todo) - i) from None
     bar.close()
     scored_now = int(all_reduce_sum(len(todo) - skipped))
     barrier()
