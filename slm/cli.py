@@ -4,21 +4,34 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
 import slm
-from slm.config import DemoDataConfig, EvalConfig, FinetuneConfig, PretrainConfig, ReferenceConfig, ScoreConfig, load_config
+from slm.config import (
+    DemoDataConfig,
+    EvalConfig,
+    FinetuneConfig,
+    PretrainConfig,
+    ReferenceConfig,
+    ScoreConfig,
+    load_config,
+)
 from slm.errors import EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_BUG, EXIT_OK, SlmError, describe
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
-                  help="Selective Language Modeling (RHO-1) on long-context backbones: reference -> score -> pretrain -> eval.")
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    help="Selective Language Modeling (RHO-1) on long-context backbones: reference -> score -> pretrain -> eval.",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Corpora: generate the embedded demo.")
 shards_app = typer.Typer(no_args_is_help=True, help="Inspect, summarise, plot and verify token-score shards.")
 jobs_app = typer.Typer(no_args_is_help=True, help="Render, submit and follow pipelines as Slurm jobs.")
 analyze_app = typer.Typer(no_args_is_help=True, help="Analyses: LongRoPE factor search, RHO-1 token dynamics.")
-eval_app = typer.Typer(help="Evaluate a model: held-out loss, domain accuracy, selection quality; `ruler` for long context.")
+eval_app = typer.Typer(
+    help="Evaluate a model: held-out loss, domain accuracy, selection quality; `ruler` for long context."
+)
 app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
 app.add_typer(shards_app, name="shards")
@@ -38,20 +51,22 @@ def _version(value: bool):
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error."),
 ):
     pass
 
 
-def _need_config(config: Optional[Path], cls):
+def _need_config(config: Path | None, cls):
     if config is None:
         raise SlmError(f"--config FILE is required (a YAML file of {cls.__name__} keys)")
     return config
 
 
 @data_app.command("demo")
-def data_demo(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt):
+def data_demo(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt, force: bool = ForceOpt):
     """Generate the embedded demo corpus (high-quality domain, noisy web corpus, held-out splits, tokenizer)."""
     from slm.stages import demo_data
 
@@ -60,27 +75,47 @@ def data_demo(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = Se
 
 
 @app.command()
-def reference(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt,
-              resume: str = typer.Option("auto", "--resume", help="auto: continue from the newest whole checkpoint; never: start fresh.")):
+def reference(
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+    force: bool = ForceOpt,
+    resume: str = typer.Option(
+        "auto", "--resume", help="auto: continue from the newest whole checkpoint; never: start fresh."
+    ),
+):
     """Train the reference model on high-quality text (from sizes or from a Hugging Face checkpoint)."""
     from slm.stages import reference as stage
 
-    stage.run(load_config(_need_config(config, ReferenceConfig), ReferenceConfig, set_), force=force, resume=_resume(resume))
+    stage.run(
+        load_config(_need_config(config, ReferenceConfig), ReferenceConfig, set_), force=force, resume=_resume(resume)
+    )
 
 
 @app.command()
-def finetune(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt,
-             resume: str = typer.Option("auto", "--resume", help="auto: continue from the newest whole checkpoint; never: start fresh.")):
+def finetune(
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+    force: bool = ForceOpt,
+    resume: str = typer.Option(
+        "auto", "--resume", help="auto: continue from the newest whole checkpoint; never: start fresh."
+    ),
+):
     """Continue a checkpoint, or graft a long-context backbone onto one (model.init_from + model.backbone), on a corpus."""
     from slm.stages import finetune as stage
 
-    stage.run(load_config(_need_config(config, FinetuneConfig), FinetuneConfig, set_), force=force, resume=_resume(resume))
+    stage.run(
+        load_config(_need_config(config, FinetuneConfig), FinetuneConfig, set_), force=force, resume=_resume(resume)
+    )
 
 
 @app.command()
-def score(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt,
-          part: Optional[int] = typer.Option(None, "--part", help="This task's part (0-based), e.g. $SLURM_ARRAY_TASK_ID."),
-          parts: Optional[int] = typer.Option(None, "--parts", help="Number of parts the corpus is split into.")):
+def score(
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+    force: bool = ForceOpt,
+    part: int | None = typer.Option(None, "--part", help="This task's part (0-based), e.g. $SLURM_ARRAY_TASK_ID."),
+    parts: int | None = typer.Option(None, "--parts", help="Number of parts the corpus is split into."),
+):
     """Score every token of the training corpus with the reference model into Arrow shards."""
     from slm.stages import score as stage
 
@@ -89,16 +124,26 @@ def score(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt
 
 
 @app.command()
-def pretrain(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt,
-             resume: str = typer.Option("auto", "--resume", help="auto: continue from the newest whole checkpoint; never: start fresh.")):
+def pretrain(
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+    force: bool = ForceOpt,
+    resume: str = typer.Option(
+        "auto", "--resume", help="auto: continue from the newest whole checkpoint; never: start fresh."
+    ),
+):
     """Pretrain a backbone on token-score shards with the selective loss (selection.enabled=false: baseline)."""
     from slm.stages import pretrain as stage
 
-    stage.run(load_config(_need_config(config, PretrainConfig), PretrainConfig, set_), force=force, resume=_resume(resume))
+    stage.run(
+        load_config(_need_config(config, PretrainConfig), PretrainConfig, set_), force=force, resume=_resume(resume)
+    )
 
 
 @eval_app.callback(invoke_without_command=True)
-def evaluate(ctx: typer.Context, config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt):
+def evaluate(
+    ctx: typer.Context, config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt, force: bool = ForceOpt
+):
     """Held-out loss, domain accuracy and (on the demo) selection precision/recall; JSON and a table."""
     if ctx.invoked_subcommand is not None:
         return
@@ -108,37 +153,55 @@ def evaluate(ctx: typer.Context, config: Optional[Path] = ConfigOpt, set_: Optio
 
 
 @eval_app.command("ruler")
-def eval_ruler(config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+def eval_ruler(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt):
     """RULER-style long-context tasks: scores per task x length, effective context length, heatmaps."""
     from slm.evaluation.ruler import RulerConfig, run_ruler, summary_table
 
-    typer.echo(summary_table(run_ruler(load_config(_need_config(config, RulerConfig), RulerConfig, set_), progress=True)))
+    typer.echo(
+        summary_table(run_ruler(load_config(_need_config(config, RulerConfig), RulerConfig, set_), progress=True))
+    )
 
 
 @eval_app.command("harness")
-def eval_harness(model: Path = typer.Option(..., "--model", help="Model directory (any slm export)."),
-                 tasks: str = typer.Option(..., "--tasks", help="Comma-separated lm-eval task names."),
-                 out: Path = typer.Option(..., "--out", help="Where results.json and samples.jsonl go."),
-                 include_path: Optional[Path] = typer.Option(None, "--include-path", help="Directory of local task YAMLs."),
-                 batch_size: int = typer.Option(1, "--batch-size"),
-                 max_length: Optional[int] = typer.Option(None, "--max-length", help="Default: the model's max_position_embeddings."),
-                 limit: Optional[int] = typer.Option(None, "--limit", help="At most this many documents per task."),
-                 num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot"),
-                 device: str = typer.Option("cpu", "--device")):
+def eval_harness(
+    model: Path = typer.Option(..., "--model", help="Model directory (any slm export)."),
+    tasks: str = typer.Option(..., "--tasks", help="Comma-separated lm-eval task names."),
+    out: Path = typer.Option(..., "--out", help="Where results.json and samples.jsonl go."),
+    include_path: Path | None = typer.Option(None, "--include-path", help="Directory of local task YAMLs."),
+    batch_size: int = typer.Option(1, "--batch-size"),
+    max_length: int | None = typer.Option(
+        None, "--max-length", help="Default: the model's max_position_embeddings."
+    ),
+    limit: int | None = typer.Option(None, "--limit", help="At most this many documents per task."),
+    num_fewshot: int | None = typer.Option(None, "--num-fewshot"),
+    device: str = typer.Option("cpu", "--device"),
+):
     """lm-evaluation-harness on an slm export (its `hf` model; local task YAMLs with --include-path)."""
     from slm.evaluation.harness import run_harness
 
-    results = run_harness(model, [t.strip() for t in tasks.split(",") if t.strip()], out, include_path, batch_size,
-                          max_length, limit, num_fewshot, device)
+    results = run_harness(
+        model,
+        [t.strip() for t in tasks.split(",") if t.strip()],
+        out,
+        include_path,
+        batch_size,
+        max_length,
+        limit,
+        num_fewshot,
+        device,
+    )
     for task, metrics in results.items():
         shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         typer.echo(f"{task}: {shown}")
 
 
 @app.command()
-def run(pipeline: Optional[Path] = typer.Argument(None, help="Pipeline YAML; default: the built-in demo."),
-        set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt,
-        from_stage: Optional[str] = typer.Option(None, "--from", help="Redo this stage and every later one.")):
+def run(
+    pipeline: Path | None = typer.Argument(None, help="Pipeline YAML; default: the built-in demo."),
+    set_: list[str] | None = SetOpt,
+    force: bool = ForceOpt,
+    from_stage: str | None = typer.Option(None, "--from", help="Redo this stage and every later one."),
+):
     """Run a whole pipeline (default: the embedded demo), skipping stages that are already complete."""
     from slm.pipeline import run_pipeline
 
@@ -155,8 +218,10 @@ def _resume(value: str) -> bool:
 
 
 @shards_app.command("verify")
-def shards_verify(directory: Path = typer.Argument(..., help="Shard directory."),
-                  quick: bool = typer.Option(False, "--quick", help="Check sizes and schemas, skip sha256 and token counts.")):
+def shards_verify(
+    directory: Path = typer.Argument(..., help="Shard directory."),
+    quick: bool = typer.Option(False, "--quick", help="Check sizes and schemas, skip sha256 and token counts."),
+):
     """Check schema, metadata, checksums and counts; name every bad or unlisted shard (exit 2 when any)."""
     from slm.shards.reader import leftover_temp_files, verify_shards
 
@@ -164,19 +229,26 @@ def shards_verify(directory: Path = typer.Argument(..., help="Shard directory.")
     for p in problems:
         typer.echo(f"BAD {p}")
     for tmp in leftover_temp_files(directory):
-        typer.echo(f"WARN {tmp.relative_to(directory)}: leftover temp file of an interrupted write; not part of the data, safe to delete")
+        typer.echo(
+            f"WARN {tmp.relative_to(directory)}: leftover temp file of an interrupted write; not part of the data, safe to delete"
+        )
     if problems:
-        typer.echo(f"{directory}: {len(problems)} problem(s); rerun `slm score` with the same config to repair", err=True)
+        typer.echo(
+            f"{directory}: {len(problems)} problem(s); rerun `slm score` with the same config to repair", err=True
+        )
         raise typer.Exit(EXIT_BAD_INPUT)
     typer.echo(f"{directory}: all shards whole")
 
 
 @shards_app.command("inspect")
-def shards_inspect(directory: Path = typer.Argument(...), row: int = typer.Option(0, "--row"),
-                   model: Optional[Path] = typer.Option(None, "--model", help="Colour by excess loss of this model."),
-                   threshold: Optional[float] = typer.Option(None, "--threshold", help="Keep tokens with excess >= threshold."),
-                   ratio: Optional[float] = typer.Option(None, "--ratio", help="Keep the top ratio of the row by excess."),
-                   html: Optional[Path] = typer.Option(None, "--html", help="Also write the view as an HTML page.")):
+def shards_inspect(
+    directory: Path = typer.Argument(...),
+    row: int = typer.Option(0, "--row"),
+    model: Path | None = typer.Option(None, "--model", help="Colour by excess loss of this model."),
+    threshold: float | None = typer.Option(None, "--threshold", help="Keep tokens with excess >= threshold."),
+    ratio: float | None = typer.Option(None, "--ratio", help="Keep the top ratio of the row by excess."),
+    html: Path | None = typer.Option(None, "--html", help="Also write the view as an HTML page."),
+):
     """Print one sequence's tokens coloured by reference loss (or excess loss / kept-dropped)."""
     from rich.console import Console
 
@@ -195,8 +267,11 @@ def shards_inspect(directory: Path = typer.Argument(...), row: int = typer.Optio
 
 
 @shards_app.command("stats")
-def shards_stats(directory: Path = typer.Argument(...), ratio: float = typer.Option(0.6, "--ratio"),
-                 json_out: Optional[Path] = typer.Option(None, "--json")):
+def shards_stats(
+    directory: Path = typer.Argument(...),
+    ratio: float = typer.Option(0.6, "--ratio"),
+    json_out: Path | None = typer.Option(None, "--json"),
+):
     """Token counts, score quantiles, per-shard figures, and noise separation where tagged."""
     from rich.console import Console
 
@@ -225,8 +300,11 @@ JobsOutOpt = typer.Option(..., "--out", help="Folder for the scripts, frozen con
 
 
 @jobs_app.command("render")
-def jobs_render(pipeline: Path = typer.Argument(..., help="Pipeline YAML (its `slurm:` blocks set the resources)."),
-                out: Path = JobsOutOpt, set_: Optional[List[str]] = SetOpt):
+def jobs_render(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML (its `slurm:` blocks set the resources)."),
+    out: Path = JobsOutOpt,
+    set_: list[str] | None = SetOpt,
+):
     """Write one sbatch script per stage (job array for scoring, multi-node launcher for training); submit nothing."""
     from slm.jobs import render_pipeline
 
@@ -236,15 +314,20 @@ def jobs_render(pipeline: Path = typer.Argument(..., help="Pipeline YAML (its `s
 
 
 @jobs_app.command("submit")
-def jobs_submit(pipeline: Path = typer.Argument(..., help="Pipeline YAML."), out: Path = JobsOutOpt,
-                set_: Optional[List[str]] = SetOpt):
+def jobs_submit(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML."),
+    out: Path = JobsOutOpt,
+    set_: list[str] | None = SetOpt,
+):
     """Render and sbatch the unfinished stages, chained with afterok; rerun to resubmit only what is left."""
     from slm.jobs import submit_pipeline
 
     result = submit_pipeline(pipeline, out, set_)
     for stage, job in result["submitted"].items():
         after = f" after {', '.join(f'{s} ({i})' for s, i in job['depends_on'].items())}" if job["depends_on"] else ""
-        typer.echo(f"{stage:<16} submitted job {job['job_id']}" + (f" --array={job['array']}" if job["array"] else "") + after)
+        typer.echo(
+            f"{stage:<16} submitted job {job['job_id']}" + (f" --array={job['array']}" if job["array"] else "") + after
+        )
     for stage, job_id in result["reused"].items():
         typer.echo(f"{stage:<16} still queued as job {job_id}")
     for stage, why in result["skipped"].items():
@@ -266,13 +349,21 @@ def jobs_status(out: Path = JobsOutOpt):
 
 
 @analyze_app.command("longrope-search")
-def longrope_search(model: Path = typer.Option(..., "--model", help="Llama checkpoint directory."),
-                    data: Path = typer.Option(..., "--data", help="Held-out text (jsonl/txt/parquet/arrow)."),
-                    target_len: int = typer.Option(..., "--target-len"),
-                    original_len: Optional[int] = typer.Option(None, "--original-len", help="Training length (default: the model's max_position_embeddings)."),
-                    samples: int = typer.Option(4, "--samples"), population: int = typer.Option(16, "--population"),
-                    generations: int = typer.Option(8, "--generations"), seed: int = typer.Option(0, "--seed"),
-                    out: Path = typer.Option(Path("longrope.yaml"), "--out", help="Writes the factors as model.rope_scaling (YAML or JSON).")):
+def longrope_search(
+    model: Path = typer.Option(..., "--model", help="Llama checkpoint directory."),
+    data: Path = typer.Option(..., "--data", help="Held-out text (jsonl/txt/parquet/arrow)."),
+    target_len: int = typer.Option(..., "--target-len"),
+    original_len: int | None = typer.Option(
+        None, "--original-len", help="Training length (default: the model's max_position_embeddings)."
+    ),
+    samples: int = typer.Option(4, "--samples"),
+    population: int = typer.Option(16, "--population"),
+    generations: int = typer.Option(8, "--generations"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(
+        Path("longrope.yaml"), "--out", help="Writes the factors as model.rope_scaling (YAML or JSON)."
+    ),
+):
     """Evolutionary search of LongRoPE per-dimension rescale factors (Ding et al. 2024, Alg. 1)."""
     import torch
 
@@ -289,23 +380,43 @@ def longrope_search(model: Path = typer.Option(..., "--model", help="Llama check
         raise SlmError(f"{data}: not enough text for one row of {target_len} tokens")
     ids = torch.from_numpy(rows.rows(range(min(samples, len(rows))), ("input_ids",))["input_ids"]).long()
     orig = original_len or net.config.max_position_embeddings
-    result = search_longrope_factors(net, ids, orig, target_len, population=population, generations=generations, seed=seed)
+    result = search_longrope_factors(
+        net, ids, orig, target_len, population=population, generations=generations, seed=seed
+    )
     save_rope_scaling(result, out)
-    typer.echo(f"perplexity at {target_len}: {result['perplexity']:.3f} (PI {result['baselines']['pi']:.3f}); wrote {out}")
+    typer.echo(
+        f"perplexity at {target_len}: {result['perplexity']:.3f} (PI {result['baselines']['pi']:.3f}); wrote {out}"
+    )
 
 
 @analyze_app.command("token-dynamics")
-def token_dynamics(run_dir: Optional[Path] = typer.Option(None, "--run", help="A reference/pretrain run directory: its whole checkpoints, in order."),
-                   checkpoint: Optional[List[Path]] = typer.Option(None, "--checkpoint", help="HF model directories in training order (repeatable)."),
-                   validation: Optional[Path] = typer.Option(None, "--validation", help="Validation text (jsonl/txt/parquet/arrow)."),
-                   out: Path = typer.Option(Path("token_dynamics"), "--out"),
-                   config: Optional[Path] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
-                   max_rows: Optional[int] = typer.Option(None, "--max-rows"), seq_len: Optional[int] = typer.Option(None, "--seq-len")):
+def token_dynamics(
+    run_dir: Path | None = typer.Option(
+        None, "--run", help="A reference/pretrain run directory: its whole checkpoints, in order."
+    ),
+    checkpoint: list[Path] | None = typer.Option(
+        None, "--checkpoint", help="HF model directories in training order (repeatable)."
+    ),
+    validation: Path | None = typer.Option(None, "--validation", help="Validation text (jsonl/txt/parquet/arrow)."),
+    out: Path = typer.Option(Path("token_dynamics"), "--out"),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+    max_rows: int | None = typer.Option(None, "--max-rows"),
+    seq_len: int | None = typer.Option(None, "--seq-len"),
+):
     """RHO-1 token categories (H->H, L->H, H->L, L->L) over a series of checkpoints, with shares and a plot."""
     from slm.analysis.token_dynamics import token_dynamics_command
 
-    token_dynamics_command([str(c) for c in checkpoint] if checkpoint else None, str(run_dir) if run_dir else None,
-                           str(validation) if validation else None, str(out), config=config, overrides=set_, max_rows=max_rows, seq_len=seq_len)
+    token_dynamics_command(
+        [str(c) for c in checkpoint] if checkpoint else None,
+        str(run_dir) if run_dir else None,
+        str(validation) if validation else None,
+        str(out),
+        config=config,
+        overrides=set_,
+        max_rows=max_rows,
+        seq_len=seq_len,
+    )
 
 
 def _cli_exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:

@@ -36,14 +36,19 @@ class CorpusConfig(StrictModel):
     split: str = "train"
     max_documents: int | None = Field(None, ge=1, description="Read at most this many documents.")
     noise_field: str | None = Field(
-        None, description="Column of [start, end) character spans tagged as noise (demo only; measured, never selected on)."
+        None,
+        description="Column of [start, end) character spans tagged as noise (demo only; measured, never selected on).",
     )
     packing: Literal["concat", "whole"] = Field(
-        "concat", description="concat: documents joined by EOS and cut into rows; whole: a document that fits in a row "
-        "never crosses into the next (the row is padded instead), as retrieval documents need.")
+        "concat",
+        description="concat: documents joined by EOS and cut into rows; whole: a document that fits in a row "
+        "never crosses into the next (the row is padded instead), as retrieval documents need.",
+    )
     errors: Literal["strict", "replace"] = Field(
-        "strict", description="Bytes that are not UTF-8 in jsonl, json or text files: strict: an error naming the file "
-        "and byte offset; replace: read them as U+FFFD.")
+        "strict",
+        description="Bytes that are not UTF-8 in jsonl, json or text files: strict: an error naming the file "
+        "and byte offset; replace: read them as U+FFFD.",
+    )
 
 
 class DemoDataConfig(StrictModel):
@@ -55,15 +60,24 @@ class DemoDataConfig(StrictModel):
     train_documents: int = Field(6000, ge=1, description="Web-like training documents (domain mixed with noise).")
     validation_documents: int = Field(300, ge=1)
     questions: int = Field(200, ge=1, description="Held-out questions with exact answers (domain accuracy).")
-    retrieval_share: float = Field(0.15, ge=0, le=1, description="Share of domain documents that are long-context retrieval.")
+    retrieval_share: float = Field(
+        0.15, ge=0, le=1, description="Share of domain documents that are long-context retrieval."
+    )
     noise_share: float = Field(0.4, ge=0, lt=1, description="Target share of noise characters in the training corpus.")
     retrieval_chars: int = Field(1200, ge=200, description="Length of a retrieval document in characters.")
     retrieval_finetune_documents: int = Field(
-        0, ge=0, description="Standalone pass-key / key-value documents for a retrieval fine-tuning stage (retrieval.jsonl, "
-        "pack them whole); 0: none. Drawn from their own seed; the tokenizer never sees them.")
+        0,
+        ge=0,
+        description="Standalone pass-key / key-value documents for a retrieval fine-tuning stage (retrieval.jsonl, "
+        "pack them whole); 0: none. Drawn from their own seed; the tokenizer never sees them.",
+    )
     retrieval_finetune_short_share: float = Field(
-        0.5, ge=0, le=1, description="Share of those that are short (a needle a few tokens before its question): a length "
-        "curriculum; the rest are up to retrieval_chars long.")
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of those that are short (a needle a few tokens before its question): a length "
+        "curriculum; the rest are up to retrieval_chars long.",
+    )
     vocab_size: int = Field(2048, ge=300)
 
 
@@ -83,7 +97,8 @@ class ModelConfig(StrictModel):
     max_position_embeddings: int = Field(8192, ge=16)
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = Field(
-        None, description="transformers rope parameters, e.g. {rope_type: yarn, factor: 4, original_max_position_embeddings: 256}."
+        None,
+        description="transformers rope parameters, e.g. {rope_type: yarn, factor: 4, original_max_position_embeddings: 256}.",
     )
     tie_embeddings: bool = True
     options: dict[str, Any] = Field(default_factory=dict, description="Backbone-specific config keys.")
@@ -103,8 +118,11 @@ class OptimConfig(StrictModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     grad_clip: float = Field(1.0, ge=0)
     gate_lr: float | None = Field(
-        None, gt=0, description="Learning rate of the long-range gates (infini beta, fam gamma); None: lr. Gates get no "
-        "weight decay.")
+        None,
+        gt=0,
+        description="Learning rate of the long-range gates (infini beta, fam gamma); None: lr. Gates get no "
+        "weight decay.",
+    )
 
 
 class TrainConfig(StrictModel):
@@ -170,7 +188,9 @@ class ScoreConfig(StrictModel):
     seq_len: int = Field(256, ge=8)
     batch_size: int = Field(16, ge=1)
     documents_per_shard: int = Field(
-        1000, ge=1, description="Documents packed into one shard: the unit of resume, of --part splits and of data-parallel ranks."
+        1000,
+        ge=1,
+        description="Documents packed into one shard: the unit of resume, of --part splits and of data-parallel ranks.",
     )
     logprob_chunk_tokens: int = Field(
         1024, ge=1, description="Tokens per chunk of the output projection; bounds the logits tensor to chunk x vocab."
@@ -197,8 +217,10 @@ class PretrainConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     verify_shards: Literal["full", "size"] = Field(
-        "full", description="Start-up check of every listed shard: full: size and sha256; size: size only, and the "
-        "sha256 when a shard is first read (faster start on large corpora).")
+        "full",
+        description="Start-up check of every listed shard: full: size and sha256; size: size only, and the "
+        "sha256 when a shard is first read (faster start on large corpora).",
+    )
 
 
 class EvalConfig(StrictModel):
@@ -210,16 +232,20 @@ class EvalConfig(StrictModel):
     questions: str | None = Field(None, description="jsonl with `question` and `answer` (exact match).")
     shards: str | None = Field(None, description="Shards with a noise column: measure selection precision/recall.")
     noise_corpus: CorpusConfig | None = Field(
-        None, description="The corpus the shards were scored from, with `noise_field` and a `noise_kinds` field per span "
-        "(the demo's train.jsonl): selection quality broken down by kind of noise.")
+        None,
+        description="The corpus the shards were scored from, with `noise_field` and a `noise_kinds` field per span "
+        "(the demo's train.jsonl): selection quality broken down by kind of noise.",
+    )
     selection_ratio: float = Field(0.6, gt=0, le=1)
     seq_len: int = Field(256, ge=8)
     batch_size: int = Field(8, ge=1)
     max_batches: int | None = Field(None, ge=1)
     max_new_tokens: int = Field(8, ge=1)
     verify_shards: Literal["full", "size"] = Field(
-        "full", description="Start-up check of every listed shard: full: size and sha256; size: size only, and the "
-        "sha256 when a shard is first read (faster start on large corpora).")
+        "full",
+        description="Start-up check of every listed shard: full: size and sha256; size: size only, and the "
+        "sha256 when a shard is first read (faster start on large corpora).",
+    )
 
 
 class StageSpec(StrictModel):
@@ -349,7 +375,9 @@ def substitute(obj: Any, variables: dict[str, str]) -> Any:
     return obj
 
 
-def load_config(path: str | Path | None, cls: type[C], overrides: list[str] | None = None, base: dict | None = None) -> C:
+def load_config(
+    path: str | Path | None, cls: type[C], overrides: list[str] | None = None, base: dict | None = None
+) -> C:
     """Read `path` (or start from `base`), apply `--set` overrides, validate against `cls`."""
     raw = read_yaml(path) if path is not None else dict(base or {})
     raw = apply_overrides(raw, overrides)

@@ -8,9 +8,10 @@ import json
 import os
 import shutil
 import tempfile
-from pathlib import Path
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from slm.errors import SlmError
 
@@ -29,8 +30,10 @@ class DiskFull(SlmError):
     def __init__(self, path: Path, written: int):
         self.path, self.written = Path(path), written
         self.free = shutil.disk_usage(self.path.parent).free
-        super().__init__(f"{path}: no space left on the device: it needs more than {written} bytes, {self.free} bytes are free; "
-                         f"free some space or write elsewhere, then rerun (nothing partial was kept)")
+        super().__init__(
+            f"{path}: no space left on the device: it needs more than {written} bytes, {self.free} bytes are free; "
+            f"free some space or write elsewhere, then rerun (nothing partial was kept)"
+        )
 
 
 @contextmanager

@@ -47,9 +47,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch

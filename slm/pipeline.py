@@ -38,7 +38,11 @@ def _apply_pipeline_overrides(raw: dict, overrides: list[str]) -> dict:
     """`--set work_dir=...` or `--set stages.NAME.key=value` (stage NAME's config key)."""
     stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
     # each stage gets its own copy: stages that share a YAML anchor must not share an override
-    by_name = {s.get("name"): copy.deepcopy({"config": s.get("config", {}), "slurm": s.get("slurm", {})}) for s in stages if isinstance(s, dict)}
+    by_name = {
+        s.get("name"): copy.deepcopy({"config": s.get("config", {}), "slurm": s.get("slurm", {})})
+        for s in stages
+        if isinstance(s, dict)
+    }
     top = {k: v for k, v in raw.items() if k != "stages"}
     top["stages"] = by_name
     fixed = []
@@ -59,20 +63,32 @@ def _apply_pipeline_overrides(raw: dict, overrides: list[str]) -> dict:
     return {**top, "stages": stages}
 
 
-def load_pipeline(path: str | Path | None, overrides: list[str] | None = None) -> tuple[PipelineConfig, list[LoadedStage], Path]:
+def load_pipeline(
+    path: str | Path | None, overrides: list[str] | None = None
+) -> tuple[PipelineConfig, list[LoadedStage], Path]:
     path = Path(path) if path else builtin_recipe()
     raw = _apply_pipeline_overrides(read_yaml(path), overrides or [])
     if "work_dir" in raw:
         raw = substitute(raw, {"work_dir": raw["work_dir"]})
     pipeline = validate(raw, PipelineConfig, str(path))
     stages = [
-        LoadedStage(s.name, s.kind, validate(s.config, stage_config_class(s.kind), f"{path}: stages[{s.name}].config"), {**pipeline.slurm, **s.slurm})
+        LoadedStage(
+            s.name,
+            s.kind,
+            validate(s.config, stage_config_class(s.kind), f"{path}: stages[{s.name}].config"),
+            {**pipeline.slurm, **s.slurm},
+        )
         for s in pipeline.stages
     ]
     return pipeline, stages, path
 
 
-def run_pipeline(path: str | Path | None = None, overrides: list[str] | None = None, from_stage: str | None = None, force: bool = False) -> list[dict]:
+def run_pipeline(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    from_stage: str | None = None,
+    force: bool = False,
+) -> list[dict]:
     pipeline, stages, path = load_pipeline(path, overrides)
     names = [s.name for s in stages]
     if from_stage is not None and from_stage not in names:
@@ -87,8 +103,16 @@ def run_pipeline(path: str | Path | None = None, overrides: list[str] | None = N
         started = time.time()
         record = stage_runner(stage.kind)(stage.cfg, force=i >= redo_from)
         status = record.get("status", "complete")
-        summary.append({"stage": stage.name, "kind": stage.kind, "status": "skipped" if was_done and status == "complete" else status,
-                        "seconds": round(time.time() - started, 1), "output": str(out_dir), "metrics": record.get("metrics", {})})
+        summary.append(
+            {
+                "stage": stage.name,
+                "kind": stage.kind,
+                "status": "skipped" if was_done and status == "complete" else status,
+                "seconds": round(time.time() - started, 1),
+                "output": str(out_dir),
+                "metrics": record.get("metrics", {}),
+            }
+        )
         if status != "complete":
             break
     print_summary(summary)

@@ -23,7 +23,9 @@ def save_png(fig, path: str | Path, dpi: int = 120, **savefig_kwargs) -> Path:
     return Path(path)
 
 
-def plot_learning_curves(runs: dict[str, list[dict]], path: str | Path, key: str = "heldout_loss", ylabel: str = "held-out loss") -> Path:
+def plot_learning_curves(
+    runs: dict[str, list[dict]], path: str | Path, key: str = "heldout_loss", ylabel: str = "held-out loss"
+) -> Path:
     """One line per run: `key` against tokens seen."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, history in runs.items():

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -39,8 +39,10 @@ def check_seq_len(config, seq_len: int, where: str, model: str) -> str | None:
         return f"{said}; allowed: {config.model_type} carries state across segments and attends within one"
     if scaling:
         return f"{said}; allowed with RoPE scaling {'/'.join(scaling)}, but positions past {limit} were not trained"
-    raise SlmError(f"{said}: positions past {limit} were never trained; use {where} <= {limit}, or a model with a "
-                   f"larger max_position_embeddings or RoPE scaling (model.rope_scaling)")
+    raise SlmError(
+        f"{said}: positions past {limit} were never trained; use {where} <= {limit}, or a model with a "
+        f"larger max_position_embeddings or RoPE scaling (model.rope_scaling)"
+    )
 
 
 def _batched(rows: Iterable[PackedRow], size: int) -> Iterator[list[PackedRow]]:

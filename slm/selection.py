@@ -137,5 +137,9 @@ def selective_loss(
         # so scale by world size to get exactly the global mean
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         total_weight = _all_reduce_sum(total_weight.detach()) / world
-    loss = (safe_ce * weights).sum() / total_weight.clamp_min(1e-12) if total_weight > 0 else (safe_ce * weights).sum() * 0.0
+    loss = (
+        (safe_ce * weights).sum() / total_weight.clamp_min(1e-12)
+        if total_weight > 0
+        else (safe_ce * weights).sum() * 0.0
+    )
     return Selection(loss=loss, weights=weights.detach(), excess=excess, valid=valid)

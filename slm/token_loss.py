@@ -24,7 +24,9 @@ def hidden_states(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
     return model.get_decoder()(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
 
 
-def token_losses_from_hidden(hidden: torch.Tensor, lm_head: torch.nn.Module, input_ids: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:
+def token_losses_from_hidden(
+    hidden: torch.Tensor, lm_head: torch.nn.Module, input_ids: torch.Tensor, chunk_tokens: int = 8192
+) -> torch.Tensor:
     """[B, T] losses (NaN at t=0) from hidden states [B, T, H]; chunked over the B*(T-1) predictions."""
     B, T, H = hidden.shape
     flat_h = hidden[:, :-1].reshape(-1, H)  # hidden at t-1 predicts token t
@@ -42,4 +44,6 @@ def token_losses_from_hidden(hidden: torch.Tensor, lm_head: torch.nn.Module, inp
 
 
 def token_losses(model, input_ids: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:
-    return token_losses_from_hidden(hidden_states(model, input_ids), model.get_output_embeddings(), input_ids, chunk_tokens)
+    return token_losses_from_hidden(
+        hidden_states(model, input_ids), model.get_output_embeddings(), input_ids, chunk_tokens
+    )

@@ -24,11 +24,30 @@ def tiny_demo(tmp_path_factory):
     from slm.data.demo import generate_demo
 
     root = tmp_path_factory.mktemp("demo")
-    return generate_demo(DemoDataConfig(out_dir=str(root), hq_documents=200, train_documents=200, validation_documents=20, questions=10, vocab_size=400, retrieval_chars=400))
+    return generate_demo(
+        DemoDataConfig(
+            out_dir=str(root),
+            hq_documents=200,
+            train_documents=200,
+            validation_documents=20,
+            questions=10,
+            vocab_size=400,
+            retrieval_chars=400,
+        )
+    )
 
 
 TINY_MODEL = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=512)
-TINY_TRAIN = dict(seq_len=64, micro_batch_size=4, max_steps=6, eval_every=3, eval_batches=2, checkpoint_every=3, log_every=1, optim=dict(lr=3e-3, warmup_steps=2))
+TINY_TRAIN = dict(
+    seq_len=64,
+    micro_batch_size=4,
+    max_steps=6,
+    eval_every=3,
+    eval_batches=2,
+    checkpoint_every=3,
+    log_every=1,
+    optim=dict(lr=3e-3, warmup_steps=2),
+)
 
 
 @pytest.fixture
@@ -36,14 +55,16 @@ def tiny_reference_cfg(tiny_demo, tmp_path):
     from slm.config import ReferenceConfig
 
     def make(out="ref", **train):
-        return ReferenceConfig.model_validate(dict(
-            out_dir=str(tmp_path / out),
-            tokenizer=str(tiny_demo.tokenizer),
-            corpus={"path": str(tiny_demo.hq)},
-            validation={"path": str(tiny_demo.validation)},
-            model=TINY_MODEL,
-            train={**TINY_TRAIN, **train},
-        ))
+        return ReferenceConfig.model_validate(
+            dict(
+                out_dir=str(tmp_path / out),
+                tokenizer=str(tiny_demo.tokenizer),
+                corpus={"path": str(tiny_demo.hq)},
+                validation={"path": str(tiny_demo.validation)},
+                model=TINY_MODEL,
+                train={**TINY_TRAIN, **train},
+            )
+        )
 
     return make
 
@@ -55,11 +76,26 @@ def scored(tiny_demo, tmp_path_factory):
     from slm.stages import reference, score
 
     root = tmp_path_factory.mktemp("scored")
-    ref = reference.run(ReferenceConfig.model_validate(dict(
-        out_dir=str(root / "ref"), tokenizer=str(tiny_demo.tokenizer), corpus={"path": str(tiny_demo.hq)},
-        model=TINY_MODEL, train={**TINY_TRAIN, "max_steps": 30, "checkpoint_every": 30, "eval_every": 30})))
-    cfg = ScoreConfig.model_validate(dict(
-        out_dir=str(root / "shards"), reference=ref["outputs"]["model"], seq_len=64, batch_size=8, documents_per_shard=50,
-        corpus={"path": str(tiny_demo.train), "noise_field": "noise_spans"}))
+    ref = reference.run(
+        ReferenceConfig.model_validate(
+            dict(
+                out_dir=str(root / "ref"),
+                tokenizer=str(tiny_demo.tokenizer),
+                corpus={"path": str(tiny_demo.hq)},
+                model=TINY_MODEL,
+                train={**TINY_TRAIN, "max_steps": 30, "checkpoint_every": 30, "eval_every": 30},
+            )
+        )
+    )
+    cfg = ScoreConfig.model_validate(
+        dict(
+            out_dir=str(root / "shards"),
+            reference=ref["outputs"]["model"],
+            seq_len=64,
+            batch_size=8,
+            documents_per_shard=50,
+            corpus={"path": str(tiny_demo.train), "noise_field": "noise_spans"},
+        )
+    )
     score.run(cfg)
     return {"reference": ref["outputs"]["model"], "shards": cfg.out_dir, "score_cfg": cfg, "root": root}

@@ -77,7 +77,11 @@ def run_stage(task: dict, results: Path) -> None:
     from slm.stages import pretrain, reference, score
 
     kind = task["kind"]
-    cls, module = {"reference": (ReferenceConfig, reference), "score": (ScoreConfig, score), "pretrain": (PretrainConfig, pretrain)}[kind]
+    cls, module = {
+        "reference": (ReferenceConfig, reference),
+        "score": (ScoreConfig, score),
+        "pretrain": (PretrainConfig, pretrain),
+    }[kind]
     cfg = cls.model_validate(task["config"])
     if kind == "pretrain":
         _install_kill(task.get("kill"), cfg.train.grad_accum)
@@ -151,7 +155,9 @@ def run_global_selection(task: dict, results: Path) -> None:
         theta, b = selection_params()
         ce = selection_ce(inputs["x"], theta, b)
         ce.retain_grad()
-        sel = selective_loss(ce, inputs["ref_loss"], SelectionConfig(mode="global", ratio=task["ratio"]), inputs["loss_mask"])
+        sel = selective_loss(
+            ce, inputs["ref_loss"], SelectionConfig(mode="global", ratio=task["ratio"]), inputs["loss_mask"]
+        )
         sel.loss.backward()
         # what DeepSpeed does with parameter gradients (and what the logged loss now is): mean over ranks
         param_grads = torch.stack([theta.grad, b.grad])

@@ -27,7 +27,19 @@ def test_shards_verify_stats_plot_inspect(scored, tmp_path):
     assert json.loads((tmp_path / "stats.json").read_text())["tokens"] > 0
     plot = invoke("shards", "plot", shards, "--out", tmp_path / "h.png")
     assert plot.exit_code == 0 and (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
-    view = invoke("shards", "inspect", shards, "--row", 2, "--model", scored["reference"], "--ratio", "0.6", "--html", tmp_path / "row.html")
+    view = invoke(
+        "shards",
+        "inspect",
+        shards,
+        "--row",
+        2,
+        "--model",
+        scored["reference"],
+        "--ratio",
+        "0.6",
+        "--html",
+        tmp_path / "row.html",
+    )
     assert view.exit_code == 0 and "<html" in (tmp_path / "row.html").read_text().lower()
     victim = sorted(shards.glob("shard-*.arrow"))[1]
     victim.write_bytes(victim.read_bytes()[:-10])
@@ -46,7 +58,21 @@ def test_eval_ruler_and_token_dynamics_commands(scored, tiny_demo, tmp_path):
     results = json.loads((tmp_path / "ruler" / "results.json").read_text())
     assert "effective_length" in json.dumps(results)
     ref_run = scored["root"] / "ref"
-    dyn = invoke("analyze", "token-dynamics", "--checkpoint", ref_run / "model", "--checkpoint", ref_run / "model",
-                 "--validation", tiny_demo.validation, "--out", tmp_path / "dyn", "--max-rows", 4, "--seq-len", 64)
+    dyn = invoke(
+        "analyze",
+        "token-dynamics",
+        "--checkpoint",
+        ref_run / "model",
+        "--checkpoint",
+        ref_run / "model",
+        "--validation",
+        tiny_demo.validation,
+        "--out",
+        tmp_path / "dyn",
+        "--max-rows",
+        4,
+        "--seq-len",
+        64,
+    )
     assert dyn.exit_code == 0, dyn.output
     assert (tmp_path / "dyn" / "token_dynamics.png").is_file()

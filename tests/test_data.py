@@ -28,7 +28,9 @@ def corpus_files(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("name,field", [("c.jsonl", "body"), ("c.parquet", "body"), ("c.arrow", "body"), ("c.txt", "text")])
+@pytest.mark.parametrize(
+    "name,field", [("c.jsonl", "body"), ("c.parquet", "body"), ("c.arrow", "body"), ("c.txt", "text")]
+)
 def test_every_local_format_reads_the_same_documents_in_order(corpus_files, name, field):
     ds = load_corpus(CorpusConfig(path=str(corpus_files / name), text_field=field))
     assert ds[field] == DOCS
@@ -67,14 +69,21 @@ def test_packing_puts_eos_between_documents_and_records_starts():
     assert all(len(r.input_ids) == 4 for r in rows)
     assert [r.doc_starts for r in rows] == [[0], [0, 3], []]
     padded = list(pack_documents(docs + [([5], None)], seq_len=4, eos_id=0, pad_id=99))
-    assert padded[-1].input_ids == [5, 0, 99, 99] and padded[-1].loss_mask == [1, 1, 0, 0] and padded[-1].doc_starts == [0]
+    assert (
+        padded[-1].input_ids == [5, 0, 99, 99] and padded[-1].loss_mask == [1, 1, 0, 0] and padded[-1].doc_starts == [0]
+    )
 
 
 def test_whole_packing_never_splits_a_document_that_fits():
     docs = [([1, 2], [0, 1]), ([3, 4, 5], [1, 1, 0]), ([6], [0]), ([7, 8, 9, 10, 11, 12], [0] * 6)]
     rows = list(pack_documents(docs, seq_len=5, eos_id=0, pad_id=99, whole=True))
-    assert [r.input_ids for r in rows] == [[1, 2, 0, 99, 99], [3, 4, 5, 0, 99], [6, 0, 99, 99, 99],
-                                           [7, 8, 9, 10, 11], [12, 0, 99, 99, 99]]  # the last is longer than a row: split
+    assert [r.input_ids for r in rows] == [
+        [1, 2, 0, 99, 99],
+        [3, 4, 5, 0, 99],
+        [6, 0, 99, 99, 99],
+        [7, 8, 9, 10, 11],
+        [12, 0, 99, 99, 99],
+    ]  # the last is longer than a row: split
     assert rows[0].loss_mask == [1, 1, 1, 0, 0] and [r.doc_starts for r in rows] == [[0], [0], [0], [0], []]
     assert rows[1].noise == [1, 1, 0, 0, 0]
     flat = [t for r in rows for t, m in zip(r.input_ids, r.loss_mask) if m]
@@ -124,7 +133,9 @@ def test_demo_noise_spans_cover_only_the_noisy_characters():
             seen.add(kind)
             if kind == "wrong_answer":
                 line_start = text.rindex("Question:", 0, a)
-                x, op, y, stated = re.match(r"Question: What is (\d+) ([-+*]) (\d+)\?\nAnswer: \S+ \S \S+ = (-?\d+)\.", text[line_start:]).groups()
+                x, op, y, stated = re.match(
+                    r"Question: What is (\d+) ([-+*]) (\d+)\?\nAnswer: \S+ \S \S+ = (-?\d+)\.", text[line_start:]
+                ).groups()
                 assert text[a:b] == stated != str(eval(f"{x}{op}{y}"))  # noqa: S307 - digits and one operator
             else:
                 assert text[a - 2 : a] in ("", "\n\n") and text[b : b + 2] in ("", "\n\n")  # a whole segment

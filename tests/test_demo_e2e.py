@@ -19,10 +19,21 @@ def test_slm_run_on_the_embedded_demo(tmp_path):
     cmd = [sys.executable, "-m", "slm.cli", "run", "--set", f"work_dir={work}"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
-    for stage in ("data", "reference", "shards", "pretrain_slm", "pretrain_clm", "eval_reference", "eval_slm", "eval_clm"):
+    for stage in (
+        "data",
+        "reference",
+        "shards",
+        "pretrain_slm",
+        "pretrain_clm",
+        "eval_reference",
+        "eval_slm",
+        "eval_clm",
+    ):
         assert json.loads((work / stage / "stage.json").read_text())["status"] == "complete", stage
 
-    ref, slm_eval, clm_eval = (json.loads((work / name / "results.json").read_text()) for name in ("eval_reference", "eval_slm", "eval_clm"))
+    ref, slm_eval, clm_eval = (
+        json.loads((work / name / "results.json").read_text()) for name in ("eval_reference", "eval_slm", "eval_clm")
+    )
     assert ref["domain_accuracy"] >= 0.5  # a competent reference: otherwise accuracy cannot separate the methods
     for res in (slm_eval, clm_eval):
         sel, kinds = res["selection"], res["selection"]["by_kind"]

@@ -34,7 +34,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from dist_worker import KILL_EXIT_CODE, SELECTION_CASES, selection_ce, selection_inputs, selection_params  # noqa: E402
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-MODEL = {"backbone": "llama", "hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}
+MODEL = {
+    "backbone": "llama",
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+}
 SEQ_LEN = 64
 MAX_STEPS = 6
 
@@ -48,17 +55,33 @@ def launch(tmp: Path, name: str, tasks: list[dict], nproc: int, expect_ok: bool 
     """Run dist_worker.py on `nproc` ranks (torchrun for 2, no launcher for 1); log to tmp/<name>.log."""
     spec = tmp / f"{name}.spec.json"
     spec.write_text(json.dumps({"results": str(tmp / "results"), "tasks": tasks}, indent=1))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+    }
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
     if nproc == 1:
         cmd = [sys.executable, str(WORKER), str(spec)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()), str(WORKER), str(spec)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+            str(WORKER),
+            str(spec),
+        ]
     log = tmp / f"{name}.log"
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=600)
     if expect_ok and proc.returncode != 0:
-        pytest.fail(f"{name}: {' '.join(cmd[1:3])} exited with {proc.returncode}; log {log}:\n" + log.read_text()[-6000:])
+        pytest.fail(
+            f"{name}: {' '.join(cmd[1:3])} exited with {proc.returncode}; log {log}:\n" + log.read_text()[-6000:]
+        )
     return proc
 
 
@@ -88,8 +111,16 @@ def pretrain_task(root: Path, name: str, shards: str, micro: int, accum: int, ze
             "shards": str(root / shards),
             "model": MODEL,
             "train": {
-                "seq_len": SEQ_LEN, "micro_batch_size": micro, "grad_accum": accum, "max_steps": MAX_STEPS, "zero_stage": zero,
-                "eval_every": 1000, "checkpoint_every": 2, "keep_checkpoints": 2, "log_every": 1, "optim": {"lr": 3e-3, "warmup_steps": 2},
+                "seq_len": SEQ_LEN,
+                "micro_batch_size": micro,
+                "grad_accum": accum,
+                "max_steps": MAX_STEPS,
+                "zero_stage": zero,
+                "eval_every": 1000,
+                "checkpoint_every": 2,
+                "keep_checkpoints": 2,
+                "log_every": 1,
+                "optim": {"lr": 3e-3, "warmup_steps": 2},
             },
             "selection": {"mode": "batch", "ratio": 0.6},
         },
@@ -119,7 +150,14 @@ def score_task(root: Path, name: str) -> dict:
 def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("distributed")
     generate_demo(
-        DemoDataConfig(out_dir=str(root / "data"), hq_documents=150, train_documents=150, validation_documents=20, questions=10, vocab_size=400),
+        DemoDataConfig(
+            out_dir=str(root / "data"),
+            hq_documents=150,
+            train_documents=150,
+            validation_documents=20,
+            questions=10,
+            vocab_size=400,
+        ),
         progress=False,
     )
     return root
@@ -136,7 +174,14 @@ def one_rank(root: Path) -> Path:
             "tokenizer": str(root / "data" / "tokenizer"),
             "corpus": {"path": str(root / "data" / "hq.jsonl")},
             "model": MODEL,
-            "train": {"seq_len": SEQ_LEN, "micro_batch_size": 8, "max_steps": 4, "eval_every": 1000, "checkpoint_every": 1000, "optim": {"warmup_steps": 1}},
+            "train": {
+                "seq_len": SEQ_LEN,
+                "micro_batch_size": 8,
+                "max_steps": 4,
+                "eval_every": 1000,
+                "checkpoint_every": 1000,
+                "optim": {"warmup_steps": 1},
+            },
         },
     }
     tasks = [
@@ -153,7 +198,10 @@ def one_rank(root: Path) -> Path:
 def two_ranks(one_rank: Path) -> Path:
     """Two ranks (torchrun, gloo): scoring, and uninterrupted ZeRO-2 pretraining (4 x accum 1 per rank)."""
     root = one_rank
-    tasks = [score_task(root, "score_2rank"), pretrain_task(root, "pretrain_2rank", "score_1rank", micro=4, accum=1, zero=2)]
+    tasks = [
+        score_task(root, "score_2rank"),
+        pretrain_task(root, "pretrain_2rank", "score_1rank", micro=4, accum=1, zero=2),
+    ]
     launch(root, "two_ranks", tasks, nproc=2)
     for name in ("score_2rank", "pretrain_2rank"):
         assert [result(root, name, r)["world"] for r in (0, 1)] == [2, 2]
@@ -201,7 +249,12 @@ def test_loader_slot_layout_gives_same_global_batch():
         assert big == [one[0] + one[1]]
         # a 2-rank run with accum 2 interleaves: rank 0 gets slots 0 and 2, rank 1 slots 1 and 3
         two_acc = [_micro_batches(2, 2, r, 2, step) for r in (0, 1)]
-        assert [two_acc[0][0], two_acc[1][0], two_acc[0][1], two_acc[1][1]] == [one[0][:2], one[0][2:], one[1][:2], one[1][2:]]
+        assert [two_acc[0][0], two_acc[1][0], two_acc[0][1], two_acc[1][1]] == [
+            one[0][:2],
+            one[0][2:],
+            one[1][:2],
+            one[1][2:],
+        ]
 
 
 def test_two_rank_zero2_training_matches_one_rank(two_ranks: Path):
@@ -230,7 +283,9 @@ def test_two_rank_zero2_training_matches_one_rank(two_ranks: Path):
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
     # ZeRO-2 really partitioned the optimizer state over the two ranks
     ckpt = root / "pretrain_2rank" / "checkpoints" / f"step-{MAX_STEPS:08d}"
-    assert sorted(p.name for p in ckpt.glob("zero_pp_rank_*_optim_states.pt")) == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+    assert sorted(p.name for p in ckpt.glob("zero_pp_rank_*_optim_states.pt")) == [
+        f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)
+    ]
 
     # the same rows as one micro-batch of 8 is a different computation (selection pool of 8 rows)
     mb8 = metrics(root / "pretrain_1rank_mb8")
@@ -269,7 +324,9 @@ def test_two_rank_scoring_matches_one_rank(two_ranks: Path):
     for c in ("sequence_id", "input_ids", "loss_mask", "noise"):
         np.testing.assert_array_equal(r2[c], r1[c], err_msg=c)
     np.testing.assert_allclose(r2["ref_loss"], r1["ref_loss"], rtol=0, atol=1e-6, equal_nan=True)
-    assert np.isnan(r1["ref_loss"][:, 0]).all() and np.isfinite(r1["ref_loss"][:, 1:][r1["loss_mask"][:, 1:] == 1]).all()
+    assert (
+        np.isnan(r1["ref_loss"][:, 0]).all() and np.isfinite(r1["ref_loss"][:, 1:][r1["loss_mask"][:, 1:] == 1]).all()
+    )
     # both ranks finished the same stage
     assert [result(root, "score_2rank", r)["result"]["status"] for r in (0, 1)] == ["complete", "complete"]
 
@@ -290,9 +347,17 @@ def killed_and_resumed(two_ranks: Path) -> dict[str, tuple[subprocess.CompletedP
     killed, tasks = {}, []
     for where, step in KILLS.items():
         task = pretrain_task(root, f"killed_at_{where}", "score_1rank", micro=4, accum=1, zero=2)
-        proc = launch(root, f"killed_at_{where}", [{**task, "kill": {"rank": 1, "step": step, "where": where}}], nproc=2, expect_ok=False)
+        proc = launch(
+            root,
+            f"killed_at_{where}",
+            [{**task, "kill": {"rank": 1, "step": step, "where": where}}],
+            nproc=2,
+            expect_ok=False,
+        )
         ckpts = root / task["name"] / "checkpoints"
-        left = sorted(f"{p.name}{'' if (p / 'slm-complete.json').is_file() else ' (no marker)'}" for p in ckpts.glob("step-*"))
+        left = sorted(
+            f"{p.name}{'' if (p / 'slm-complete.json').is_file() else ' (no marker)'}" for p in ckpts.glob("step-*")
+        )
         killed[where] = (proc, left)
         tasks.append(task)
     launch(root, "resume", tasks, nproc=2)  # the same configs, resume auto (the stage default)
@@ -316,7 +381,9 @@ def test_killed_rank_resumes_on_both(two_ranks: Path, killed_and_resumed, where:
     proc, left = killed_and_resumed[where]
     log = (root / f"{name}.log").read_text()
     # torchrun reports the first failure as "failed (exitcode: 17) local_rank: 1", then ends rank 0
-    assert proc.returncode != 0 and re.search(rf"exitcode:\s*{KILL_EXIT_CODE}\)\s*local_rank:\s*1\b", log), f"rank 1 was not killed as planned:\n{log[-4000:]}"
+    assert proc.returncode != 0 and re.search(rf"exitcode:\s*{KILL_EXIT_CODE}\)\s*local_rank:\s*1\b", log), (
+        f"rank 1 was not killed as planned:\n{log[-4000:]}"
+    )
     expected_left = {"step": ["step-00000002"], "checkpoint": ["step-00000002", "step-00000004 (no marker)"]}[where]
     assert left == expected_left
 
@@ -328,7 +395,9 @@ def test_killed_rank_resumes_on_both(two_ranks: Path, killed_and_resumed, where:
         assert res["result"]["metrics"]["steps"] == MAX_STEPS
 
     whole = [ck for ck in sorted((out / "checkpoints").glob("step-*")) if (ck / "slm-complete.json").is_file()]
-    assert whole and all({p.name for p in ck.glob("rng-rank*.pt")} == {"rng-rank00000.pt", "rng-rank00001.pt"} for ck in whole)
+    assert whole and all(
+        {p.name for p in ck.glob("rng-rank*.pt")} == {"rng-rank00000.pt", "rng-rank00001.pt"} for ck in whole
+    )
 
     ref_w, got_w = weights(root / "pretrain_2rank"), weights(out)
     assert got_w.keys() == ref_w.keys()
@@ -356,7 +425,12 @@ def test_global_selection_equals_single_process_top_k(tmp_path: Path):
     the zero gradients of dropped tokens).
     """
     ratio = 0.6
-    launch(tmp_path, "selection", [{"name": "selection", "kind": "global_selection", "ratio": ratio, "cases": list(SELECTION_CASES)}], nproc=2)
+    launch(
+        tmp_path,
+        "selection",
+        [{"name": "selection", "kind": "global_selection", "ratio": ratio, "cases": list(SELECTION_CASES)}],
+        nproc=2,
+    )
     ranks = [torch.load(tmp_path / "results" / f"selection.rank{r}.pt") for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
     for case in SELECTION_CASES:
@@ -371,14 +445,28 @@ def test_global_selection_equals_single_process_top_k(tmp_path: Path):
         sel.loss.backward()
 
         got_mask = torch.cat([r[case]["weights"] for r in ranks]).bool()
-        assert torch.equal(got_mask, expected_mask), f"{case}: kept masks differ at {(got_mask != expected_mask).nonzero().tolist()}"
+        assert torch.equal(got_mask, expected_mask), (
+            f"{case}: kept masks differ at {(got_mask != expected_mask).nonzero().tolist()}"
+        )
         assert torch.equal(sel.weights.bool(), expected_mask)
         assert int(got_mask.sum()) == round(ratio * int(valid.sum()))
         for r in ranks:
-            torch.testing.assert_close(r[case]["loss_mean"], sel.loss.detach(), rtol=1e-5, atol=1e-7, msg=lambda m: f"{case} loss: {m}")
-            torch.testing.assert_close(r[case]["param_grads"], torch.stack([theta.grad, b.grad]), rtol=1e-5, atol=1e-7, msg=lambda m: f"{case} grads: {m}")
+            torch.testing.assert_close(
+                r[case]["loss_mean"], sel.loss.detach(), rtol=1e-5, atol=1e-7, msg=lambda m: f"{case} loss: {m}"
+            )
+            torch.testing.assert_close(
+                r[case]["param_grads"],
+                torch.stack([theta.grad, b.grad]),
+                rtol=1e-5,
+                atol=1e-7,
+                msg=lambda m: f"{case} grads: {m}",
+            )
         torch.testing.assert_close(
-            torch.cat([r[case]["ce_grad"] for r in ranks]) / 2, ce.grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{case} token grads: {m}"
+            torch.cat([r[case]["ce_grad"] for r in ranks]) / 2,
+            ce.grad,
+            rtol=1e-5,
+            atol=1e-7,
+            msg=lambda m: f"{case} token grads: {m}",
         )
         if case == "empty_rank":
             assert not ranks[1][case]["weights"].any() and float(ranks[1][case]["loss"]) == 0.0

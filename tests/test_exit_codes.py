@@ -29,9 +29,17 @@ ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 def run_concurrently(commands: dict[str, list[str]], cwd: Path) -> dict[str, subprocess.CompletedProcess]:
     """`slm ARGS...` for each named argument list, all at once; their results by name."""
-    procs = {name: subprocess.Popen([sys.executable, "-m", "slm.cli", *map(str, args)], cwd=cwd, env=ENV,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, args in commands.items()}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "slm.cli", *map(str, args)],
+            cwd=cwd,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, args in commands.items()
+    }
     results = {}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=120)
@@ -47,11 +55,14 @@ def input_cases(tmp_path_factory):
     root = tmp_path_factory.mktemp("exit_codes")
     typo = root / "ref.yaml"
     typo.write_text("out_dir: o\ntokenizer: t\ncorpus: {path: a.jsonl}\ntrain: {max_stpes: 3}\n")
-    return typo, run_concurrently({
-        "version": ["--version"],
-        "unknown_key": ["reference", "--config", typo],
-        "missing_config": ["pretrain"],
-    }, cwd=root)
+    return typo, run_concurrently(
+        {
+            "version": ["--version"],
+            "unknown_key": ["reference", "--config", typo],
+            "missing_config": ["pretrain"],
+        },
+        cwd=root,
+    )
 
 
 def test_version_exits_0(input_cases):
@@ -64,13 +75,18 @@ def test_unknown_config_key_exits_2_with_one_line(input_cases):
     out = results["unknown_key"]
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == 2, out.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: ") and str(typo) in lines[0] and "train.max_stpes" in lines[0]
+    assert (
+        len(lines) == 1 and lines[0].startswith("error: ") and str(typo) in lines[0] and "train.max_stpes" in lines[0]
+    )
     assert "Traceback" not in out.stderr
 
 
 def test_missing_config_exits_2(input_cases):
     out = input_cases[1]["missing_config"]
-    assert out.returncode == 2 and out.stderr.strip() == "error: --config FILE is required (a YAML file of PretrainConfig keys)"
+    assert (
+        out.returncode == 2
+        and out.stderr.strip() == "error: --config FILE is required (a YAML file of PretrainConfig keys)"
+    )
 
 
 # ----------------------------------------------------------------------------- shards verify
@@ -175,7 +191,10 @@ def test_verify_reports_leftover_temp_files_but_passes(scored, tmp_path, capsys)
     assert any(w.startswith(f"WARN {DONE_DIR}/") for w in warns) and "all shards whole" in out
 
 
-@pytest.mark.parametrize("args", [["shards", "nope"], ["shards", "verify"], ["--no-such-option"], ["shards", "stats", "d", "--ratio", "many"]])
+@pytest.mark.parametrize(
+    "args",
+    [["shards", "nope"], ["shards", "verify"], ["--no-such-option"], ["shards", "stats", "d", "--ratio", "many"]],
+)
 def test_usage_error_is_2_without_traceback(capsys, args):
     assert cli.run_cli(args) == 2
     err = capsys.readouterr().err
@@ -188,11 +207,14 @@ def test_debug_shows_the_traceback_and_keeps_2(capsys, tmp_path):
     assert "Traceback" in err and err.rstrip().endswith("shard directory not found")
 
 
-@pytest.mark.parametrize("raised, status, stderr", [
-    (RuntimeError("boom"), 1, "this is a bug in slm"),
-    (KeyboardInterrupt(), 130, "aborted"),
-    (typer.Exit(3), 3, ""),
-])
+@pytest.mark.parametrize(
+    "raised, status, stderr",
+    [
+        (RuntimeError("boom"), 1, "this is a bug in slm"),
+        (KeyboardInterrupt(), 130, "aborted"),
+        (typer.Exit(3), 3, ""),
+    ],
+)
 def test_run_cli_turns_every_outcome_into_a_status(monkeypatch, capsys, tmp_path, raised, status, stderr):
     from slm.shards import reader
 

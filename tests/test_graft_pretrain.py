@@ -20,18 +20,30 @@ SEQ = 64  # the shards' seq_len: one infini segment
 
 def grafted_cfg(scored, tiny_demo, tmp_path, **optim):
     # segments of 16: each 64-token row spans four, so the memory is read and the gate gets a gradient
-    return PretrainConfig.model_validate(dict(
-        out_dir=str(tmp_path / "student"), shards=scored["shards"], validation={"path": str(tiny_demo.validation)},
-        model={"backbone": "infini", "init_from": scored["reference"], "options": {"segment_len": 16}},
-        train={**TINY_TRAIN, "max_steps": 8, "eval_every": 4, "checkpoint_every": 8, "optim": {"lr": 3e-3, "warmup_steps": 1, **optim}},
-    ))
+    return PretrainConfig.model_validate(
+        dict(
+            out_dir=str(tmp_path / "student"),
+            shards=scored["shards"],
+            validation={"path": str(tiny_demo.validation)},
+            model={"backbone": "infini", "init_from": scored["reference"], "options": {"segment_len": 16}},
+            train={
+                **TINY_TRAIN,
+                "max_steps": 8,
+                "eval_every": 4,
+                "checkpoint_every": 8,
+                "optim": {"lr": 3e-3, "warmup_steps": 1, **optim},
+            },
+        )
+    )
 
 
 @torch.no_grad()
 def test_grafted_student_starts_with_zero_excess_loss(scored):
     """Within one segment the graft computes what the reference computed: its token losses equal the shards'
     ref_loss, so every token's excess loss is 0 at step 0."""
-    model = build_model(ModelConfig(backbone="infini", init_from=scored["reference"], options={"segment_len": SEQ}), 0).eval()
+    model = build_model(
+        ModelConfig(backbone="infini", init_from=scored["reference"], options={"segment_len": SEQ}), 0
+    ).eval()
     rows = ShardSet(scored["shards"]).rows(np.arange(4))
     ce = token_losses(model, torch.from_numpy(rows["input_ids"]).long())
     ref = torch.from_numpy(rows["ref_loss"])
@@ -60,10 +72,17 @@ def test_slm_finetune_grafts_and_continues_from_the_cli(scored, tiny_demo, tmp_p
 
     from slm.cli import run_cli
 
-    cfg = {"out_dir": str(tmp_path / "ft"), "tokenizer": str(tiny_demo.tokenizer),
-           "corpus": {"path": str(tiny_demo.hq), "packing": "whole"},
-           "model": {"backbone": "beacon", "init_from": scored["reference"], "options": {"window_len": 16, "condensing_ratio": 4}},
-           "train": {**TINY_TRAIN, "max_steps": 3, "checkpoint_every": 3}}
+    cfg = {
+        "out_dir": str(tmp_path / "ft"),
+        "tokenizer": str(tiny_demo.tokenizer),
+        "corpus": {"path": str(tiny_demo.hq), "packing": "whole"},
+        "model": {
+            "backbone": "beacon",
+            "init_from": scored["reference"],
+            "options": {"window_len": 16, "condensing_ratio": 4},
+        },
+        "train": {**TINY_TRAIN, "max_steps": 3, "checkpoint_every": 3},
+    }
     path = tmp_path / "ft.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert run_cli(["finetune", "--config", str(path)]) == 0

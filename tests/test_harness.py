@@ -13,8 +13,13 @@ from slm.config import ModelConfig  # noqa: E402
 from slm.evaluation.harness import DEMO_TASK, run_harness, write_demo_task  # noqa: E402
 from slm.models import build_model  # noqa: E402
 
-OPTIONS = {"llama": {}, "infini": {"segment_len": 8}, "megalodon": {"chunk_len": 8, "cema_ndim": 4, "norm_num_groups": 4},
-           "fam": {"block_len": 8, "fam_len": 2}, "beacon": {"window_len": 8, "condensing_ratio": 4}}
+OPTIONS = {
+    "llama": {},
+    "infini": {"segment_len": 8},
+    "megalodon": {"chunk_len": 8, "cema_ndim": 4, "norm_num_groups": 4},
+    "fam": {"block_len": 8, "fam_len": 2},
+    "beacon": {"window_len": 8, "condensing_ratio": 4},
+}
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +27,33 @@ def tasks_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tasks")
     with open(root / "mc.jsonl", "w") as f:
         for i in range(6):
-            f.write(json.dumps({"question": f"Question: What is {i} + {i}?\nAnswer:", "choices": [f" {2 * i}", f" {2 * i + 1}", " 7"],
-                                "label": 0}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "question": f"Question: What is {i} + {i}?\nAnswer:",
+                        "choices": [f" {2 * i}", f" {2 * i + 1}", " 7"],
+                        "label": 0,
+                    }
+                )
+                + "\n"
+            )
     with open(root / "gen.jsonl", "w") as f:
         for i in range(5):  # prompts of different lengths: a batch of 4 is left-padded
-            f.write(json.dumps({"question": "The grass is green. " * i + f"The pass key is {111 * (i + 1)}. What is the pass key? "
-                                "The pass key is", "answer": f" {111 * (i + 1)}"}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "question": "The grass is green. "
+                        * i
+                        + f"The pass key is {111 * (i + 1)}. What is the pass key? "
+                        "The pass key is",
+                        "answer": f" {111 * (i + 1)}",
+                    }
+                )
+                + "\n"
+            )
     (root / "slm_toy_mc.yaml").write_text(f"""task: slm_toy_mc
 dataset_path: json
-dataset_kwargs: {{data_files: {{test: {root / 'mc.jsonl'}}}}}
+dataset_kwargs: {{data_files: {{test: {root / "mc.jsonl"}}}}}
 test_split: test
 output_type: multiple_choice
 doc_to_text: "{{{{question}}}}"
@@ -40,7 +63,7 @@ metric_list: [{{metric: acc, aggregation: mean, higher_is_better: true}}]
 """)
     (root / "slm_toy_gen.yaml").write_text(f"""task: slm_toy_gen
 dataset_path: json
-dataset_kwargs: {{data_files: {{test: {root / 'gen.jsonl'}}}}}
+dataset_kwargs: {{data_files: {{test: {root / "gen.jsonl"}}}}}
 test_split: test
 output_type: generate_until
 doc_to_text: "{{{{question}}}}"
@@ -55,7 +78,9 @@ def export(backbone, tiny_demo, directory):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_demo.tokenizer)
-    cfg = ModelConfig(backbone=backbone, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, options=OPTIONS[backbone])
+    cfg = ModelConfig(
+        backbone=backbone, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, options=OPTIONS[backbone]
+    )
     build_model(cfg, vocab_size=len(tokenizer), seed=0).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -68,8 +93,12 @@ def samples(out_dir):
 @pytest.mark.parametrize("backbone", list(OPTIONS))
 def test_loglikelihood_and_generation_agree_across_batch_sizes(backbone, tiny_demo, tasks_dir, tmp_path):
     model = export(backbone, tiny_demo, tmp_path / "model")
-    runs = {bs: run_harness(model, ["slm_toy_mc", "slm_toy_gen"], tmp_path / f"bs{bs}", tasks_dir, batch_size=bs, max_length=256)
-            for bs in (1, 4)}
+    runs = {
+        bs: run_harness(
+            model, ["slm_toy_mc", "slm_toy_gen"], tmp_path / f"bs{bs}", tasks_dir, batch_size=bs, max_length=256
+        )
+        for bs in (1, 4)
+    }
     assert runs[1] == runs[4] and {"slm_toy_mc", "slm_toy_gen"} <= set(runs[1])
     one, four = samples(tmp_path / "bs1"), samples(tmp_path / "bs4")
     assert len(one) == len(four) == 11
@@ -88,10 +117,43 @@ def test_demo_questions_task_and_cli(tiny_demo, tmp_path):
     task_dir = tmp_path / "harness"
     write_demo_task(tiny_demo.questions, task_dir)
     model = export("infini", tiny_demo, tmp_path / "model")
-    code = run_cli(["eval", "harness", "--model", str(model), "--tasks", DEMO_TASK, "--include-path", str(task_dir),
-                    "--out", str(tmp_path / "out"), "--limit", "3", "--batch-size", "2", "--max-length", "128"])
+    code = run_cli(
+        [
+            "eval",
+            "harness",
+            "--model",
+            str(model),
+            "--tasks",
+            DEMO_TASK,
+            "--include-path",
+            str(task_dir),
+            "--out",
+            str(tmp_path / "out"),
+            "--limit",
+            "3",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "128",
+        ]
+    )
     assert code == 0
     record = json.loads((tmp_path / "out" / "results.json").read_text())
     assert record["max_length"] == 128 and "exact_match,stated_answer" in record["results"][DEMO_TASK]
-    assert run_cli(["eval", "harness", "--model", str(model), "--tasks", "no_such_task", "--include-path", str(task_dir),
-                    "--out", str(tmp_path / "x")]) == 2
+    assert (
+        run_cli(
+            [
+                "eval",
+                "harness",
+                "--model",
+                str(model),
+                "--tasks",
+                "no_such_task",
+                "--include-path",
+                str(task_dir),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )

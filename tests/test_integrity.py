@@ -39,7 +39,9 @@ def copy_shards(scored, tmp_path, name="shards") -> tuple[Path, list[str]]:
 def ref_loss_offset(path: Path, row: int = 0, pos: int = 10) -> int:
     """The byte offset in the file of ref_loss[row, pos] (a scored, finite value)."""
     table = open_shard(path)
-    value = fixed_list_to_numpy(table.column("ref_loss"), table.schema.field("ref_loss").type.list_size)[row, pos : pos + 4]
+    value = fixed_list_to_numpy(table.column("ref_loss"), table.schema.field("ref_loss").type.list_size)[
+        row, pos : pos + 4
+    ]
     assert np.isfinite(value).all()
     data = path.read_bytes()
     at = data.find(value.astype(np.float32).tobytes())
@@ -58,8 +60,11 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-100])
 
 
-DAMAGE = {"truncated": (truncate, "bytes, the manifest says"), "ref_loss_flipped": (flip_ref_loss, "sha256"),
-          "deleted": (Path.unlink, "shard listed in the manifest is missing")}
+DAMAGE = {
+    "truncated": (truncate, "bytes, the manifest says"),
+    "ref_loss_flipped": (flip_ref_loss, "sha256"),
+    "deleted": (Path.unlink, "shard listed in the manifest is missing"),
+}
 
 
 def rewrite(d: Path, change) -> list[str]:
@@ -69,17 +74,29 @@ def rewrite(d: Path, change) -> list[str]:
     meta = manifest.metadata
     for name in sorted(manifest.shards):
         table = open_shard(d / name)
-        cols = {c: fixed_list_to_numpy(table.column(c), meta.seq_len).copy() for c in ("input_ids", "ref_loss", "loss_mask", "noise")}
-        cols.update(sequence_id=table.column("sequence_id").to_numpy(), doc_starts=table.column("doc_starts").to_pylist())
+        cols = {
+            c: fixed_list_to_numpy(table.column(c), meta.seq_len).copy()
+            for c in ("input_ids", "ref_loss", "loss_mask", "noise")
+        }
+        cols.update(
+            sequence_id=table.column("sequence_id").to_numpy(), doc_starts=table.column("doc_starts").to_pylist()
+        )
         change(cols)
-        ShardWriter(d, meta, with_noise=True).write(int(name[6:11]), [cols], extra={"documents": manifest.shards[name]["documents"]})
+        ShardWriter(d, meta, with_noise=True).write(
+            int(name[6:11]), [cols], extra={"documents": manifest.shards[name]["documents"]}
+        )
     merge_manifest(d, meta, manifest.num_shards)
     assert verify_shards(d) == []
     return sorted(manifest.shards)
 
 
 def pretrain_cfg(shards, tiny_demo, tmp_path, **over) -> PretrainConfig:
-    base = {"out_dir": str(tmp_path / "pt"), "shards": str(shards), "model": TINY_MODEL, "train": {**TINY_TRAIN, "max_steps": 2}}
+    base = {
+        "out_dir": str(tmp_path / "pt"),
+        "shards": str(shards),
+        "model": TINY_MODEL,
+        "train": {**TINY_TRAIN, "max_steps": 2},
+    }
     return PretrainConfig.model_validate({**base, **over})
 
 
@@ -129,7 +146,10 @@ def test_reader_refuses_token_ids_outside_the_vocabulary(scored, tmp_path):
     vocab = load_manifest(d).metadata.vocab_size
     names = rewrite(d, lambda c: c["input_ids"].__setitem__((2, 7), vocab + 5))
     shards = ShardSet(d)  # the files are whole: start-up passes
-    with pytest.raises(SlmError, match=rf"{names[0]}: token id {vocab + 5} at row 2 position 7 is outside the vocabulary \[0, {vocab}\)"):
+    with pytest.raises(
+        SlmError,
+        match=rf"{names[0]}: token id {vocab + 5} at row 2 position 7 is outside the vocabulary \[0, {vocab}\)",
+    ):
         shards.rows(np.arange(4))
 
 
@@ -146,7 +166,11 @@ def test_pretrain_and_eval_refuse_a_bad_shard_before_any_work(scored, tiny_demo,
     assert not (tmp_path / "ev" / "results.json").exists()
 
 
-@pytest.mark.parametrize("command", [["stats"], ["plot", "--out", "{tmp}/h.png"], ["inspect", "--row", "0"]], ids=["stats", "plot", "inspect"])
+@pytest.mark.parametrize(
+    "command",
+    [["stats"], ["plot", "--out", "{tmp}/h.png"], ["inspect", "--row", "0"]],
+    ids=["stats", "plot", "inspect"],
+)
 def test_shards_commands_refuse_a_bad_shard_with_exit_2(scored, tmp_path, capsys, command):
     d, names = copy_shards(scored, tmp_path)
     flip_ref_loss(d / names[0])
@@ -162,8 +186,14 @@ def test_corrupt_token_ids_exit_2_in_one_line_from_the_process(scored, tmp_path)
 
     d, _ = copy_shards(scored, tmp_path)
     names = rewrite(d, lambda c: c["input_ids"].__setitem__((0, 3), -4))
-    out = subprocess.run([sys.executable, "-m", "slm.cli", "shards", "stats", str(d)], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "slm.cli", "shards", "stats", str(d)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+        check=False,
+    )
     err = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == 2 and len(err) == 1, out.stderr
     assert f"{names[0]}: token id -4 at row 0 position 3 is outside the vocabulary" in err[0]
@@ -202,7 +232,10 @@ def test_pretrain_that_can_select_no_token_fails_at_start_up(scored, tiny_demo, 
     d, _ = copy_shards(scored, tmp_path)
     rewrite(d, change)
     cfg = pretrain_cfg(d, tiny_demo, tmp_path)
-    with pytest.raises(SlmError, match=r"no token can be trained on: of \d+ tokens in \d+ rows none has loss_mask 1 and a finite ref_loss"):
+    with pytest.raises(
+        SlmError,
+        match=r"no token can be trained on: of \d+ tokens in \d+ rows none has loss_mask 1 and a finite ref_loss",
+    ):
         pretrain.run(cfg)
     assert not (Path(cfg.out_dir) / "stage.json").exists() and not (Path(cfg.out_dir) / "metrics.jsonl").exists()
 
@@ -216,7 +249,11 @@ def test_shards_record_the_reference_vocab_and_embedding(scored):
     meta = load_manifest(scored["shards"]).metadata
     emb = load_pretrained(scored["reference"]).get_input_embeddings().weight
     assert meta.reference_vocab_size == emb.shape[0] and meta.reference_embedding_shape == list(emb.shape)
-    older = {k: v for k, v in meta.to_json().items() if not k.startswith("reference_") or k in ("reference_model", "reference_sha256")}
+    older = {
+        k: v
+        for k, v in meta.to_json().items()
+        if not k.startswith("reference_") or k in ("reference_model", "reference_sha256")
+    }
     assert ShardMetadata.from_json(older, "old").reference_embedding_shape is None  # shards of earlier slm still read
 
 
@@ -235,21 +272,40 @@ def _reference_without_tokenizer(scored, tmp_path, vocab: int | None = None) -> 
 def test_scoring_refuses_a_tokenizer_that_does_not_fit_the_embedding(scored, tiny_demo, tmp_path):
     cfg = scored["score_cfg"]
     ref = _reference_without_tokenizer(scored, tmp_path, vocab=1024)
-    with pytest.raises(SlmError, match=r"tokenizer .* has \d+ tokens, the embedding of reference model .* has 1024 rows: \d+ rows no token reaches"):
-        score.run(cfg.model_copy(update={"out_dir": str(tmp_path / "a"), "reference": ref, "tokenizer": str(tiny_demo.tokenizer)}))
+    with pytest.raises(
+        SlmError,
+        match=r"tokenizer .* has \d+ tokens, the embedding of reference model .* has 1024 rows: \d+ rows no token reaches",
+    ):
+        score.run(
+            cfg.model_copy(
+                update={"out_dir": str(tmp_path / "a"), "reference": ref, "tokenizer": str(tiny_demo.tokenizer)}
+            )
+        )
     assert not (tmp_path / "a" / MANIFEST).exists()
     # the same reference without tokenizer files but its own vocab size: scored, with the tokenizer's sha256 recorded
     from slm.data.tokenizer import tokenizer_fingerprint
 
     same = _reference_without_tokenizer(scored, tmp_path)
     one_shard = cfg.corpus.model_copy(update={"max_documents": 20})
-    score.run(cfg.model_copy(update={"out_dir": str(tmp_path / "b"), "reference": same, "tokenizer": str(tiny_demo.tokenizer), "corpus": one_shard}))
+    score.run(
+        cfg.model_copy(
+            update={
+                "out_dir": str(tmp_path / "b"),
+                "reference": same,
+                "tokenizer": str(tiny_demo.tokenizer),
+                "corpus": one_shard,
+            }
+        )
+    )
     assert load_manifest(tmp_path / "b").metadata.tokenizer_sha256 == tokenizer_fingerprint(tiny_demo.tokenizer)
 
 
 def test_seq_len_above_max_position_embeddings(scored, tiny_demo, tmp_path):
     cfg = scored["score_cfg"]
-    with pytest.raises(SlmError, match=r"seq_len=1024 exceeds max_position_embeddings=512 of reference model .*: positions past 512 were never trained"):
+    with pytest.raises(
+        SlmError,
+        match=r"seq_len=1024 exceeds max_position_embeddings=512 of reference model .*: positions past 512 were never trained",
+    ):
         score.run(cfg.model_copy(update={"out_dir": str(tmp_path / "s"), "seq_len": 1024}))
     pcfg = pretrain_cfg(scored["shards"], tiny_demo, tmp_path, model={**TINY_MODEL, "max_position_embeddings": 32})
     with pytest.raises(SlmError, match=r"train.seq_len=64 exceeds max_position_embeddings=32 of the llama model"):
@@ -257,18 +313,31 @@ def test_seq_len_above_max_position_embeddings(scored, tiny_demo, tmp_path):
     assert not (Path(pcfg.out_dir) / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("backbone, options, rope, expect", [
-    ("llama", {}, None, "error"),
-    ("llama", {}, {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16}, "RoPE scaling yarn"),
-    ("infini", {"segment_len": 16}, None, "slm_infini carries state"),
-    ("beacon", {"window_len": 16, "condensing_ratio": 4}, None, "slm_beacon carries state"),
-])
+@pytest.mark.parametrize(
+    "backbone, options, rope, expect",
+    [
+        ("llama", {}, None, "error"),
+        (
+            "llama",
+            {},
+            {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16},
+            "RoPE scaling yarn",
+        ),
+        ("infini", {"segment_len": 16}, None, "slm_infini carries state"),
+        ("beacon", {"window_len": 16, "condensing_ratio": 4}, None, "slm_beacon carries state"),
+    ],
+)
 def test_seq_len_past_the_limit_is_a_warning_where_the_model_is_built_for_it(backbone, options, rope, expect):
     from slm.config import ModelConfig
     from slm.models.registry import build_config
     from slm.scoring import check_seq_len
 
-    config = build_config(ModelConfig(**{**TINY_MODEL, "max_position_embeddings": 32}, backbone=backbone, options=options, rope_scaling=rope), 300)
+    config = build_config(
+        ModelConfig(
+            **{**TINY_MODEL, "max_position_embeddings": 32}, backbone=backbone, options=options, rope_scaling=rope
+        ),
+        300,
+    )
     assert check_seq_len(config, 32, "seq_len", "m") is None
     if expect == "error":
         with pytest.raises(SlmError, match="seq_len=64 exceeds max_position_embeddings=32 of m"):
@@ -281,7 +350,10 @@ def test_other_runs_output_is_refused_naming_the_keys_and_values(scored, tmp_pat
     out = tmp_path / "done"
     shutil.copytree(scored["shards"], out)
     cfg = scored["score_cfg"].model_copy(update={"out_dir": str(out), "batch_size": 4, "seq_len": 32})
-    with pytest.raises(SlmError, match=r"another config; use --force .*\(differs: batch_size was 8, now 4; out_dir was '.*scored.*', now .*; seq_len was 64, now 32\)"):
+    with pytest.raises(
+        SlmError,
+        match=r"another config; use --force .*\(differs: batch_size was 8, now 4; out_dir was '.*scored.*', now .*; seq_len was 64, now 32\)",
+    ):
         score.run(cfg)
 
 
@@ -303,12 +375,21 @@ def test_non_utf8_corpus_names_file_and_offset_or_is_replaced(scored, tiny_demo,
     path = _bad_utf8_corpus(tiny_demo, tmp_path)
     offset = path.read_bytes().index(b"\xe9")
     yaml_cfg = tmp_path / "score.yaml"
-    yaml_cfg.write_text(json.dumps({**scored["score_cfg"].model_dump(mode="json"), "out_dir": str(tmp_path / "s"),
-                                    "corpus": {"path": str(path)}}))
+    yaml_cfg.write_text(
+        json.dumps(
+            {
+                **scored["score_cfg"].model_dump(mode="json"),
+                "out_dir": str(tmp_path / "s"),
+                "corpus": {"path": str(path)},
+            }
+        )
+    )
     assert cli.run_cli(["score", "--config", str(yaml_cfg)]) == 2
     err = capsys.readouterr().err
-    expected = (f"error: {path}: byte {offset} (line 4) is not UTF-8 (1 file(s) have such bytes); fix the file, "
-                f"or set corpus.errors=replace to read them as U+FFFD")
+    expected = (
+        f"error: {path}: byte {offset} (line 4) is not UTF-8 (1 file(s) have such bytes); fix the file, "
+        f"or set corpus.errors=replace to read them as U+FFFD"
+    )
     assert "Traceback" not in err and [line for line in err.splitlines() if line.startswith("error: ")] == [expected]
     ds = load_corpus(CorpusConfig(path=str(path), errors="replace"))
     assert len(ds) == 30 and ds[3]["text"].startswith("caf\ufffd ")
@@ -336,8 +417,11 @@ def test_full_disk_while_scoring_simulated(scored, tmp_path, monkeypatch):
         return real(self, batch)
 
     monkeypatch.setattr(ShardWriter, "record_batch", full_on_third_shard)
-    with pytest.raises(SlmError, match=rf"{out}/shard-00002.arrow: no space left on the device \(\d+ bytes free\); the 2 shard\(s\) "
-                                       r"left to score need about \d+ bytes \(\d+ each\)"):
+    with pytest.raises(
+        SlmError,
+        match=rf"{out}/shard-00002.arrow: no space left on the device \(\d+ bytes free\); the 2 shard\(s\) "
+        r"left to score need about \d+ bytes \(\d+ each\)",
+    ):
         score.run(scored["score_cfg"].model_copy(update={"out_dir": str(out)}))
     _assert_nothing_partial(out, whole=2)
 
@@ -348,7 +432,9 @@ def test_full_disk_while_scoring_on_a_real_tmpfs(scored, tmp_path):
     mount = tmp_path / "small"
     mount.mkdir()
     size_k = (sum(sizes[:2]) + sizes[2] // 2) // 1024 + 16  # + pages for the manifest, sidecars and lock
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_k}k", "tmpfs", str(mount)], capture_output=True, check=False).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_k}k", "tmpfs", str(mount)], capture_output=True, check=False
+    ).returncode:
         pytest.skip("cannot mount a tmpfs here (not root); test_full_disk_while_scoring_simulated covers the error")
     try:
         out = mount / "shards"

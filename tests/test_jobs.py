@@ -26,31 +26,99 @@ from slm.jobs.status import normalize_state, query_jobs
 from slm.pipeline import load_pipeline
 from slm.stages.common import StageRun
 
-MODEL = {"backbone": "llama", "hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128}
-TRAIN = {"seq_len": 64, "micro_batch_size": 4, "max_steps": 10, "eval_every": 5, "eval_batches": 2, "checkpoint_every": 10,
-         "log_every": 5, "optim": {"warmup_steps": 2}}
+MODEL = {
+    "backbone": "llama",
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 128,
+}
+TRAIN = {
+    "seq_len": 64,
+    "micro_batch_size": 4,
+    "max_steps": 10,
+    "eval_every": 5,
+    "eval_batches": 2,
+    "checkpoint_every": 10,
+    "log_every": 5,
+    "optim": {"warmup_steps": 2},
+}
 
 
-def tiny_pipeline(work_dir: Path, score_slurm: dict | None = None, pretrain_slurm: dict | None = None, top_slurm: dict | None = None) -> dict:
+def tiny_pipeline(
+    work_dir: Path, score_slurm: dict | None = None, pretrain_slurm: dict | None = None, top_slurm: dict | None = None
+) -> dict:
     """The demo pipeline at toy sizes: about three minutes through Slurm on two CPU cores."""
     w = "${work_dir}"
     return {
-        "name": "tiny", "work_dir": str(work_dir), "slurm": top_slurm or {"time": "00:20:00"},
+        "name": "tiny",
+        "work_dir": str(work_dir),
+        "slurm": top_slurm or {"time": "00:20:00"},
         "stages": [
-            {"name": "data", "kind": "demo_data",
-             "config": {"out_dir": f"{w}/data", "hq_documents": 200, "train_documents": 200, "validation_documents": 20, "questions": 10, "vocab_size": 512}},
-            {"name": "reference", "kind": "reference", "slurm": {"launcher": "torchrun"},
-             "config": {"out_dir": f"{w}/reference", "tokenizer": f"{w}/data/tokenizer", "corpus": {"path": f"{w}/data/hq.jsonl"},
-                        "validation": {"path": f"{w}/data/validation.jsonl"}, "model": MODEL, "train": TRAIN}},
-            {"name": "score", "kind": "score", "slurm": score_slurm or {"array_parts": 2, "array_concurrency": 2},
-             "config": {"out_dir": f"{w}/shards", "reference": f"{w}/reference/model", "seq_len": 64, "documents_per_shard": 50,
-                        "corpus": {"path": f"{w}/data/train.jsonl", "noise_field": "noise_spans"}}},
-            {"name": "pretrain", "kind": "pretrain", "slurm": pretrain_slurm or {"cpus_per_task": 2, "cpu_ranks_per_node": 2},
-             "config": {"out_dir": f"{w}/pretrain", "shards": f"{w}/shards", "validation": {"path": f"{w}/data/validation.jsonl"},
-                        "model": MODEL, "train": TRAIN}},
-            {"name": "eval", "kind": "eval",
-             "config": {"out_dir": f"{w}/eval", "model": f"{w}/pretrain/model", "validation": {"path": f"{w}/data/validation.jsonl"},
-                        "questions": f"{w}/data/questions.jsonl", "shards": f"{w}/shards", "seq_len": 64, "max_batches": 2, "max_new_tokens": 4}},
+            {
+                "name": "data",
+                "kind": "demo_data",
+                "config": {
+                    "out_dir": f"{w}/data",
+                    "hq_documents": 200,
+                    "train_documents": 200,
+                    "validation_documents": 20,
+                    "questions": 10,
+                    "vocab_size": 512,
+                },
+            },
+            {
+                "name": "reference",
+                "kind": "reference",
+                "slurm": {"launcher": "torchrun"},
+                "config": {
+                    "out_dir": f"{w}/reference",
+                    "tokenizer": f"{w}/data/tokenizer",
+                    "corpus": {"path": f"{w}/data/hq.jsonl"},
+                    "validation": {"path": f"{w}/data/validation.jsonl"},
+                    "model": MODEL,
+                    "train": TRAIN,
+                },
+            },
+            {
+                "name": "score",
+                "kind": "score",
+                "slurm": score_slurm or {"array_parts": 2, "array_concurrency": 2},
+                "config": {
+                    "out_dir": f"{w}/shards",
+                    "reference": f"{w}/reference/model",
+                    "seq_len": 64,
+                    "documents_per_shard": 50,
+                    "corpus": {"path": f"{w}/data/train.jsonl", "noise_field": "noise_spans"},
+                },
+            },
+            {
+                "name": "pretrain",
+                "kind": "pretrain",
+                "slurm": pretrain_slurm or {"cpus_per_task": 2, "cpu_ranks_per_node": 2},
+                "config": {
+                    "out_dir": f"{w}/pretrain",
+                    "shards": f"{w}/shards",
+                    "validation": {"path": f"{w}/data/validation.jsonl"},
+                    "model": MODEL,
+                    "train": TRAIN,
+                },
+            },
+            {
+                "name": "eval",
+                "kind": "eval",
+                "config": {
+                    "out_dir": f"{w}/eval",
+                    "model": f"{w}/pretrain/model",
+                    "validation": {"path": f"{w}/data/validation.jsonl"},
+                    "questions": f"{w}/data/questions.jsonl",
+                    "shards": f"{w}/shards",
+                    "seq_len": 64,
+                    "max_batches": 2,
+                    "max_new_tokens": 4,
+                },
+            },
         ],
     }
 
@@ -76,8 +144,12 @@ def fake_output(tmp_path: Path, name: str, text: str) -> str:
 def fake_sbatch(tmp_path: Path) -> str:
     """Prints ids 101, 102, ... like `sbatch --parsable` and logs each call's arguments."""
     d = tmp_path / "bin"
-    return fake_command(tmp_path, "sbatch", f'n=$(( $(cat {d}/count 2>/dev/null || echo 100) + 1 )); echo $n > {d}/count\n'
-                                            f'echo "$n $*" >> {d}/calls\necho "$n;cluster"')
+    return fake_command(
+        tmp_path,
+        "sbatch",
+        f"n=$(( $(cat {d}/count 2>/dev/null || echo 100) + 1 )); echo $n > {d}/count\n"
+        f'echo "$n $*" >> {d}/calls\necho "$n;cluster"',
+    )
 
 
 def sbatch_calls(tmp_path: Path) -> list[list[str]]:
@@ -119,7 +191,9 @@ def test_array_spec():
 
 def test_render_scripts_array_and_frozen_configs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    path = write_pipeline(tmp_path / "p.yaml", tiny_pipeline(Path("work"), score_slurm={"array_parts": 4, "array_concurrency": 2}))
+    path = write_pipeline(
+        tmp_path / "p.yaml", tiny_pipeline(Path("work"), score_slurm={"array_parts": 4, "array_concurrency": 2})
+    )
     jobs = render_pipeline(path, tmp_path / "jobs", ["stages.score.seq_len=64"])
     by = {j.stage: j for j in jobs}
     score = (tmp_path / "jobs" / "score.sbatch").read_text()
@@ -130,7 +204,11 @@ def test_render_scripts_array_and_frozen_configs(tmp_path, monkeypatch):
     assert f'slm score --config {tmp_path}/jobs/configs/score.yaml --part "$SLURM_ARRAY_TASK_ID" --parts 4' in score
     assert f'export PATH="{Path(sys.executable).parent}:$PATH"' in score  # the jobs run this Python's `slm`
     data = (tmp_path / "jobs" / "data.sbatch").read_text()
-    assert "--array" not in data and "srun" not in data and f"slm data demo --config {tmp_path}/jobs/configs/data.yaml" in data
+    assert (
+        "--array" not in data
+        and "srun" not in data
+        and f"slm data demo --config {tmp_path}/jobs/configs/data.yaml" in data
+    )
     assert "slm eval --config" in (tmp_path / "jobs" / "eval.sbatch").read_text()
     # the frozen pipeline is a valid pipeline with absolute paths; each stage's file is its config
     _, frozen, _ = load_pipeline(tmp_path / "jobs" / "pipeline.yaml")
@@ -145,45 +223,106 @@ def test_render_scripts_array_and_frozen_configs(tmp_path, monkeypatch):
 
 def test_dependencies_follow_the_data(tmp_path):
     pipeline = tiny_pipeline(tmp_path / "w")
-    pipeline["stages"].append({"name": "standalone_eval", "kind": "eval", "config": {"out_dir": str(tmp_path / "x"), "model": "/models/other"}})
+    pipeline["stages"].append(
+        {
+            "name": "standalone_eval",
+            "kind": "eval",
+            "config": {"out_dir": str(tmp_path / "x"), "model": "/models/other"},
+        }
+    )
     jobs = render_pipeline(write_pipeline(tmp_path / "p.yaml", pipeline), tmp_path / "jobs")
     deps = {j.stage: j.depends_on for j in jobs}
-    assert deps == {"data": [], "reference": ["data"], "score": ["data", "reference"], "pretrain": ["data", "score"],
-                    "eval": ["data", "score", "pretrain"], "standalone_eval": ["eval"]}  # names none: waits for the stage before
+    assert deps == {
+        "data": [],
+        "reference": ["data"],
+        "score": ["data", "reference"],
+        "pretrain": ["data", "score"],
+        "eval": ["data", "score", "pretrain"],
+        "standalone_eval": ["eval"],
+    }  # names none: waits for the stage before
 
 
 def test_submit_chains_stages_with_afterok_in_order(tmp_path):
     path = write_pipeline(tmp_path / "p.yaml", tiny_pipeline(tmp_path / "w"))
     result = submit_pipeline(path, tmp_path / "jobs", sbatch=fake_sbatch(tmp_path))
     calls = sbatch_calls(tmp_path)
-    assert [c[-1].rsplit("/", 1)[1] for c in calls] == ["data.sbatch", "reference.sbatch", "score.sbatch", "pretrain.sbatch", "eval.sbatch"]
+    assert [c[-1].rsplit("/", 1)[1] for c in calls] == [
+        "data.sbatch",
+        "reference.sbatch",
+        "score.sbatch",
+        "pretrain.sbatch",
+        "eval.sbatch",
+    ]
     deps = {c[-1].rsplit("/", 1)[1]: [a for a in c if a.startswith("--dependency")] for c in calls}
-    assert deps == {"data.sbatch": [], "reference.sbatch": ["--dependency=afterok:101"], "score.sbatch": ["--dependency=afterok:101:102"],
-                    "pretrain.sbatch": ["--dependency=afterok:101:103"], "eval.sbatch": ["--dependency=afterok:101:103:104"]}
+    assert deps == {
+        "data.sbatch": [],
+        "reference.sbatch": ["--dependency=afterok:101"],
+        "score.sbatch": ["--dependency=afterok:101:102"],
+        "pretrain.sbatch": ["--dependency=afterok:101:103"],
+        "eval.sbatch": ["--dependency=afterok:101:103:104"],
+    }
     assert all("--parsable" in c for c in calls)
     record = json.loads((tmp_path / "jobs" / "jobs.json").read_text())
-    assert record["submissions"][-1]["jobs"]["score"] == {"job_id": "103", "array": "0-1%2", "tasks": [0, 1],
-                                                           "depends_on": {"data": "101", "reference": "102"}}
-    assert result["submitted"]["eval"]["job_id"] == "105" and [s["name"] for s in record["stages"]] == list(result["submitted"])
+    assert record["submissions"][-1]["jobs"]["score"] == {
+        "job_id": "103",
+        "array": "0-1%2",
+        "tasks": [0, 1],
+        "depends_on": {"data": "101", "reference": "102"},
+    }
+    assert result["submitted"]["eval"]["job_id"] == "105" and [s["name"] for s in record["stages"]] == list(
+        result["submitted"]
+    )
 
     # resubmit while data still runs and reference waits: nothing is queued twice, later stages wait for them
-    squeue = fake_output(tmp_path, "squeue", "101|101|RUNNING|None\n102|102|PENDING|Dependency\n103|103_[0-1%2]|PENDING|Dependency\n"
-                                             "104|104|PENDING|Dependency\n105|105|PENDING|Dependency\n")
+    squeue = fake_output(
+        tmp_path,
+        "squeue",
+        "101|101|RUNNING|None\n102|102|PENDING|Dependency\n103|103_[0-1%2]|PENDING|Dependency\n"
+        "104|104|PENDING|Dependency\n105|105|PENDING|Dependency\n",
+    )
     again = submit_pipeline(path, tmp_path / "jobs", sbatch=fake_sbatch(tmp_path), squeue=squeue)
-    assert again["submitted"] == {} and again["reused"] == {"data": "101", "reference": "102", "score": "103", "pretrain": "104", "eval": "105"}
+    assert again["submitted"] == {} and again["reused"] == {
+        "data": "101",
+        "reference": "102",
+        "score": "103",
+        "pretrain": "104",
+        "eval": "105",
+    }
 
 
 def test_multinode_deepspeed_launcher(tmp_path):
     from deepspeed.launcher.runner import parse_args
 
-    path = write_pipeline(tmp_path / "p.yaml", tiny_pipeline(tmp_path / "w", pretrain_slurm={"nodes": 4, "gpus_per_node": 8, "cpus_per_task": 32,
-                                                                                               "master_port": 29555, "partition": "gpu", "mem": "256G"}))
+    path = write_pipeline(
+        tmp_path / "p.yaml",
+        tiny_pipeline(
+            tmp_path / "w",
+            pretrain_slurm={
+                "nodes": 4,
+                "gpus_per_node": 8,
+                "cpus_per_task": 32,
+                "master_port": 29555,
+                "partition": "gpu",
+                "mem": "256G",
+            },
+        ),
+    )
     job = next(j for j in render_pipeline(path, tmp_path / "jobs") if j.stage == "pretrain")
     script = job.script.read_text()
-    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=32", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=gpu", "#SBATCH --mem=256G", 'NODES=$(scontrol show hostnames "$SLURM_JOB_NODELIST")',
-                 'export MASTER_ADDR=$(echo "$NODES" | head -n 1)', "export MASTER_PORT=29555", 'sed "s/$/ slots=8/"',
-                 'srun --nodes=4 --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1', "export OMP_NUM_THREADS=4"):
+    for line in (
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --cpus-per-task=32",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --mem=256G",
+        'NODES=$(scontrol show hostnames "$SLURM_JOB_NODELIST")',
+        'export MASTER_ADDR=$(echo "$NODES" | head -n 1)',
+        "export MASTER_PORT=29555",
+        'sed "s/$/ slots=8/"',
+        'srun --nodes=4 --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1',
+        "export OMP_NUM_THREADS=4",
+    ):
         assert line in script, line
     env = {"$SLM_HOSTFILE": "/h", "$SLURM_NODEID": "2", "$MASTER_ADDR": "node01", "$MASTER_PORT": "29555"}
     cmd = launcher_command(job)
@@ -193,44 +332,87 @@ def test_multinode_deepspeed_launcher(tmp_path):
     argv = shlex.split(cmd)
     assert argv[0] == "deepspeed"
     args = parse_args(argv[1:])  # the installed launcher's own parser
-    assert (args.hostfile, args.no_ssh, args.node_rank, args.master_addr, args.master_port) == ("/h", True, 2, "node01", 29555)
-    assert (args.num_nodes, args.num_gpus, args.no_python, args.no_local_rank, args.user_script) == (4, 8, True, True, "slm")
+    assert (args.hostfile, args.no_ssh, args.node_rank, args.master_addr, args.master_port) == (
+        "/h",
+        True,
+        2,
+        "node01",
+        29555,
+    )
+    assert (args.num_nodes, args.num_gpus, args.no_python, args.no_local_rank, args.user_script) == (
+        4,
+        8,
+        True,
+        True,
+        "slm",
+    )
     assert args.user_args == ["pretrain", "--config", str(job.config)]
 
 
 def test_torchrun_launcher_and_cpu_ranks(tmp_path):
     from torch.distributed.run import get_args_parser
 
-    path = write_pipeline(tmp_path / "p.yaml", tiny_pipeline(tmp_path / "w", pretrain_slurm={"nodes": 2, "launcher": "torchrun", "cpus_per_task": 8,
-                                                                                               "cpu_ranks_per_node": 4}))
+    path = write_pipeline(
+        tmp_path / "p.yaml",
+        tiny_pipeline(
+            tmp_path / "w",
+            pretrain_slurm={"nodes": 2, "launcher": "torchrun", "cpus_per_task": 8, "cpu_ranks_per_node": 4},
+        ),
+    )
     jobs = {j.stage: j for j in render_pipeline(path, tmp_path / "jobs")}
-    cmd = launcher_command(jobs["pretrain"]).replace("$SLURM_JOB_ID", "77").replace("$MASTER_ADDR", "node01").replace("$MASTER_PORT", "29600")
+    cmd = (
+        launcher_command(jobs["pretrain"])
+        .replace("$SLURM_JOB_ID", "77")
+        .replace("$MASTER_ADDR", "node01")
+        .replace("$MASTER_PORT", "29600")
+    )
     argv = shlex.split(cmd)
     assert argv[0] == "torchrun"
     args = get_args_parser().parse_args(argv[1:])
-    assert (args.nnodes, args.nproc_per_node, args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id) == ("2", "4", "c10d", "node01:29600", "77")
-    assert args.no_python and args.training_script == "slm" and args.training_script_args == ["pretrain", "--config", str(jobs["pretrain"].config)]
+    assert (args.nnodes, args.nproc_per_node, args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id) == (
+        "2",
+        "4",
+        "c10d",
+        "node01:29600",
+        "77",
+    )
+    assert (
+        args.no_python
+        and args.training_script == "slm"
+        and args.training_script_args == ["pretrain", "--config", str(jobs["pretrain"].config)]
+    )
     script = jobs["pretrain"].script.read_text()
     assert "export OMP_NUM_THREADS=2" in script and "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))" in script
     # CPU-only deepspeed: one slot per CPU rank, --num_gpus counts the CPU ranks
     ref = launcher_command(jobs["reference"])  # torchrun from the pipeline's reference stage
     assert "--nnodes=1 --nproc_per_node=1" in ref
-    path = write_pipeline(tmp_path / "q.yaml", tiny_pipeline(tmp_path / "w", pretrain_slurm={"cpu_ranks_per_node": 2, "cpus_per_task": 2}))
+    path = write_pipeline(
+        tmp_path / "q.yaml", tiny_pipeline(tmp_path / "w", pretrain_slurm={"cpu_ranks_per_node": 2, "cpus_per_task": 2})
+    )
     job = next(j for j in render_pipeline(path, tmp_path / "jobs2") if j.stage == "pretrain")
     assert "--num_nodes=1 --num_gpus=2" in launcher_command(job) and 'sed "s/$/ slots=2/"' in job.script.read_text()
     assert "--gpus-per-node" not in job.script.read_text()
 
 
-@pytest.mark.parametrize("slurm, where, message", [
-    ({"array_concurency": 2}, "stages", "stage 'score' slurm: key 'array_concurency': unknown key"),
-    ({"time": "2 hours"}, "stages", "stage 'score' slurm: key 'time'"),
-    ({"launcher": "mpirun"}, "stages", "stage 'score' slurm: key 'launcher'"),
-    ({"nodes": 0}, "stages", "stage 'score' slurm: key 'nodes'"),
-    ({"extra_sbatch": ["qos high"]}, "stages", "stage 'score' slurm: key 'extra_sbatch'"),
-    ({"partion": "gpu"}, "top", "stage 'data' slurm: key 'partion': unknown key"),  # top-level defaults reach every stage
-])
+@pytest.mark.parametrize(
+    "slurm, where, message",
+    [
+        ({"array_concurency": 2}, "stages", "stage 'score' slurm: key 'array_concurency': unknown key"),
+        ({"time": "2 hours"}, "stages", "stage 'score' slurm: key 'time'"),
+        ({"launcher": "mpirun"}, "stages", "stage 'score' slurm: key 'launcher'"),
+        ({"nodes": 0}, "stages", "stage 'score' slurm: key 'nodes'"),
+        ({"extra_sbatch": ["qos high"]}, "stages", "stage 'score' slurm: key 'extra_sbatch'"),
+        (
+            {"partion": "gpu"},
+            "top",
+            "stage 'data' slurm: key 'partion': unknown key",
+        ),  # top-level defaults reach every stage
+    ],
+)
 def test_resource_errors_name_stage_and_key(tmp_path, slurm, where, message):
-    pipeline = tiny_pipeline(tmp_path / "w", score_slurm=slurm if where == "stages" else None, top_slurm=slurm if where == "top" else None)
+    pipeline = tiny_pipeline(
+        tmp_path / "w", score_slurm=slurm if where == "stages" else None, top_slurm=slurm if where == "top" else None
+    )
     path = write_pipeline(tmp_path / "p.yaml", pipeline)
     with pytest.raises(SlmError) as e:
         render_pipeline(path, tmp_path / "jobs")
@@ -239,12 +421,26 @@ def test_resource_errors_name_stage_and_key(tmp_path, slurm, where, message):
 
 
 def test_stage_slurm_overrides_pipeline_defaults(tmp_path):
-    pipeline = tiny_pipeline(tmp_path / "w", top_slurm={"partition": "cpu", "account": "proj", "time": "1-00:00:00",
-                                                         "extra_sbatch": ["#SBATCH --qos=low"], "env_setup": ["module load python"]})
+    pipeline = tiny_pipeline(
+        tmp_path / "w",
+        top_slurm={
+            "partition": "cpu",
+            "account": "proj",
+            "time": "1-00:00:00",
+            "extra_sbatch": ["#SBATCH --qos=low"],
+            "env_setup": ["module load python"],
+        },
+    )
     pipeline["stages"][3]["slurm"] = {"partition": "gpu", "gpus_per_node": 4}
-    jobs = {j.stage: j.script.read_text() for j in render_pipeline(write_pipeline(tmp_path / "p.yaml", pipeline), tmp_path / "jobs")}
+    jobs = {
+        j.stage: j.script.read_text()
+        for j in render_pipeline(write_pipeline(tmp_path / "p.yaml", pipeline), tmp_path / "jobs")
+    }
     assert "#SBATCH --partition=cpu" in jobs["data"] and "#SBATCH --partition=gpu" in jobs["pretrain"]
-    assert all("#SBATCH --account=proj" in s and "#SBATCH --time=1-00:00:00" in s and "#SBATCH --qos=low" in s for s in jobs.values())
+    assert all(
+        "#SBATCH --account=proj" in s and "#SBATCH --time=1-00:00:00" in s and "#SBATCH --qos=low" in s
+        for s in jobs.values()
+    )
     assert "module load python" in jobs["eval"] and "export PATH=" not in jobs["eval"]
 
 
@@ -267,7 +463,9 @@ def test_resubmit_submits_only_unfinished_array_tasks(tmp_path):
     mark_complete(path, "data", "reference")
     fake_shards(tmp_path / "w" / "shards", 8, whole=[0, 2, 4, 5, 6], truncated=[1])
     # the first submission's jobs are gone from the queue (squeue no longer knows them)
-    atomic_write_json(tmp_path / "jobs" / "jobs.json", {"submissions": [{"jobs": {"score": {"job_id": "7", "array": "0-3%2"}}}]})
+    atomic_write_json(
+        tmp_path / "jobs" / "jobs.json", {"submissions": [{"jobs": {"score": {"job_id": "7", "array": "0-3%2"}}}]}
+    )
     squeue = fake_command(tmp_path, "squeue", 'echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1')
     sacct = fake_command(tmp_path, "sacct", 'echo "Slurm accounting storage is disabled" >&2; exit 1')
     result = submit_pipeline(path, tmp_path / "jobs", sbatch=fake_sbatch(tmp_path), squeue=squeue, sacct=sacct)
@@ -277,25 +475,45 @@ def test_resubmit_submits_only_unfinished_array_tasks(tmp_path):
     calls = {c[-1].rsplit("/", 1)[1]: c for c in sbatch_calls(tmp_path)}
     assert set(calls) == {"score.sbatch", "pretrain.sbatch", "eval.sbatch"}
     assert not any(a.startswith("--dependency") for a in calls["score.sbatch"])  # only on jobs actually submitted
-    assert "--dependency=afterok:101" in calls["pretrain.sbatch"] and "--dependency=afterok:101:102" in calls["eval.sbatch"]
+    assert (
+        "--dependency=afterok:101" in calls["pretrain.sbatch"]
+        and "--dependency=afterok:101:102" in calls["eval.sbatch"]
+    )
 
     # every shard whole but the stage never closed: task 0 alone closes it
     fake_shards(tmp_path / "w2" / "shards", 8, whole=list(range(8)))
-    again = submit_pipeline(path, tmp_path / "jobs", ["work_dir=" + str(tmp_path / "w2")], sbatch=fake_sbatch(tmp_path), squeue=squeue, sacct=sacct)
+    again = submit_pipeline(
+        path,
+        tmp_path / "jobs",
+        ["work_dir=" + str(tmp_path / "w2")],
+        sbatch=fake_sbatch(tmp_path),
+        squeue=squeue,
+        sacct=sacct,
+    )
     assert again["submitted"]["score"]["array"] == "0%2"
 
 
 def test_status_without_accounting(tmp_path):
     path = write_pipeline(tmp_path / "p.yaml", tiny_pipeline(tmp_path / "w"))
-    submit_pipeline(path, tmp_path / "jobs", sbatch=fake_sbatch(tmp_path))  # data 101, reference 102, score 103, pretrain 104, eval 105
+    submit_pipeline(
+        path, tmp_path / "jobs", sbatch=fake_sbatch(tmp_path)
+    )  # data 101, reference 102, score 103, pretrain 104, eval 105
     mark_complete(path, "data")
     fake_shards(tmp_path / "w" / "shards", 4, whole=[0, 2])
-    squeue = fake_output(tmp_path, "squeue", "102|102|COMPLETING|None\n103|103_0|COMPLETED|None\n103|103_1|CANCELLED|None\n"
-                                             "104|104|PENDING|DependencyNeverSatisfied\n")
+    squeue = fake_output(
+        tmp_path,
+        "squeue",
+        "102|102|COMPLETING|None\n103|103_0|COMPLETED|None\n103|103_1|CANCELLED|None\n"
+        "104|104|PENDING|DependencyNeverSatisfied\n",
+    )
     sacct = fake_command(tmp_path, "sacct", 'echo "Slurm accounting storage is disabled" >&2; exit 1')
     rows = {r["stage"]: r for r in pipeline_status(tmp_path / "jobs", squeue=squeue, sacct=sacct)}
     assert [r for r in rows] == ["data", "reference", "score", "pretrain", "eval"]
-    assert (rows["data"]["state"], rows["data"]["source"], rows["data"]["output"]) == ("COMPLETED", "stage.json", "complete")  # squeue forgot it
+    assert (rows["data"]["state"], rows["data"]["source"], rows["data"]["output"]) == (
+        "COMPLETED",
+        "stage.json",
+        "complete",
+    )  # squeue forgot it
     assert rows["reference"]["state"] == "RUNNING"
     assert rows["score"]["state"] == "CANCELLED" and rows["score"]["tasks"] == {"COMPLETED": 1, "CANCELLED": 1}
     assert rows["score"]["output"] == "2/4 shards whole"
@@ -304,7 +522,13 @@ def test_status_without_accounting(tmp_path):
     sacct = fake_output(tmp_path, "sacct", "101|COMPLETED\n105_[0-3%2]|PENDING\n105_4|CANCELLED by 0\n")
     states = query_jobs(["101", "105"], squeue=squeue, sacct=sacct)
     assert states["101"]["state"] == "COMPLETED" and states["105"]["tasks"] == {"PENDING": 4, "CANCELLED": 1}
-    assert [normalize_state(s) for s in ("TIMEOUT", "OUT_OF_MEMORY", "COMPLETING", "REQUEUED", "BOGUS")] == ["FAILED", "FAILED", "RUNNING", "PENDING", "UNKNOWN"]
+    assert [normalize_state(s) for s in ("TIMEOUT", "OUT_OF_MEMORY", "COMPLETING", "REQUEUED", "BOGUS")] == [
+        "FAILED",
+        "FAILED",
+        "RUNNING",
+        "PENDING",
+        "UNKNOWN",
+    ]
 
 
 def test_status_cli_needs_a_submission(tmp_path):
@@ -334,7 +558,9 @@ def _sinfo_problem() -> str | None:
 def slurm():
     problem = _sinfo_problem()
     if problem:
-        pytest.skip(f"no reachable Slurm cluster ({problem}); start one with: eval \"$(bash scripts/slurm/start_local_cluster.sh)\"")
+        pytest.skip(
+            f'no reachable Slurm cluster ({problem}); start one with: eval "$(bash scripts/slurm/start_local_cluster.sh)"'
+        )
 
 
 def slm_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -352,7 +578,9 @@ def wait_for(job_ids: list[str], jobs_dir: Path, timeout: float = WAIT_S) -> dic
         if all(states.get(j, {}).get("state") not in ("PENDING", "RUNNING") for j in job_ids):
             return states
         if time.time() > deadline:
-            logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((jobs_dir / "logs").glob("*.out")))
+            logs = "\n".join(
+                f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((jobs_dir / "logs").glob("*.out"))
+            )
             pytest.fail(f"jobs {job_ids} still running after {timeout:.0f} s: {states}\n{logs}")
         time.sleep(2)
 
@@ -392,7 +620,9 @@ def test_pipeline_on_slurm(cluster_run):
     model = root / "work" / "pretrain" / "model"
     assert (model / "config.json").is_file() and (model / "model.safetensors").is_file()
     rows = pipeline_status(root / "jobs")
-    assert [(r["stage"], r["state"], r["output"]) for r in rows] == [(s, "COMPLETED", "complete") for s in ("data", "reference", "score", "pretrain", "eval")]
+    assert [(r["stage"], r["state"], r["output"]) for r in rows] == [
+        (s, "COMPLETED", "complete") for s in ("data", "reference", "score", "pretrain", "eval")
+    ]
     assert rows[2]["tasks"] == {"COMPLETED": 2}
     table = slm_cli("jobs", "status", "--out", "jobs", cwd=root).stdout
     assert "COMPLETED" in table and "pretrain" in table
@@ -430,8 +660,12 @@ def _check_sequences(shards: Path, corpus: Path, tokenizer_dir: Path, documents_
         ids = table.column("sequence_id").to_pylist()
         seen += ids
         lo, hi = k * documents_per_shard, min((k + 1) * documents_per_shard, documents)
-        rows = list(pack_documents(iter_documents(docs, tokenizer, "text", None, lo, hi), seq_len, tokenizer.eos_token_id, pad))
-        assert ids == [k * ROW_STRIDE + i for i in range(len(rows))], f"shard {k}: sequence ids {ids[:3]}... for {len(rows)} rows"
+        rows = list(
+            pack_documents(iter_documents(docs, tokenizer, "text", None, lo, hi), seq_len, tokenizer.eos_token_id, pad)
+        )
+        assert ids == [k * ROW_STRIDE + i for i in range(len(rows))], (
+            f"shard {k}: sequence ids {ids[:3]}... for {len(rows)} rows"
+        )
         assert np.array_equal(np.array(table.column("input_ids").to_pylist()), np.array([r.input_ids for r in rows]))
     assert len(seen) == len(set(seen)) == manifest.totals()["rows"]
 
@@ -446,9 +680,19 @@ def test_cancelled_array_task_is_resubmitted_alone(cluster_run):
     corpus = root / "work" / "fine.jsonl"
     corpus.write_text((root / "work" / "data" / "train.jsonl").read_text() * 5)
     pipeline = tiny_pipeline(root / "work")
-    pipeline["stages"].append({"name": "score_fine", "kind": "score", "slurm": {"array_parts": 2, "array_concurrency": 2},
-                               "config": {**pipeline["stages"][2]["config"], "out_dir": "${work_dir}/shards_fine", "documents_per_shard": 10,
-                                          "corpus": {"path": str(corpus), "noise_field": "noise_spans"}}})
+    pipeline["stages"].append(
+        {
+            "name": "score_fine",
+            "kind": "score",
+            "slurm": {"array_parts": 2, "array_concurrency": 2},
+            "config": {
+                **pipeline["stages"][2]["config"],
+                "out_dir": "${work_dir}/shards_fine",
+                "documents_per_shard": 10,
+                "corpus": {"path": str(corpus), "noise_field": "noise_spans"},
+            },
+        }
+    )
     write_pipeline(root / "pipeline_fine.yaml", pipeline)
     shards = root / "work" / "shards_fine"
     started = time.time()
@@ -476,7 +720,8 @@ def test_cancelled_array_task_is_resubmitted_alone(cluster_run):
     assert list(record["submissions"][-1]["jobs"]) == ["score_fine"] and "--array=1%2" in out
     assert record["submissions"][-1]["jobs"]["score_fine"]["tasks"] == [1]
     assert_ok(wait_for(submitted_ids(root / "jobs"), root / "jobs"), root / "jobs")
-    print(f"cancel + resubmit of one array task: {time.time() - started:.0f} s ({len(part1)} of task 1's 50 shards were whole at the cancel)")
+    print(
+        f"cancel + resubmit of one array task: {time.time() - started:.0f} s ({len(part1)} of task 1's 50 shards were whole at the cancel)"
+    )
     assert json.loads((shards / "stage.json").read_text())["status"] == "complete"
     _check_sequences(shards, corpus, root / "work" / "reference" / "model", 10, 64)
-

@@ -66,7 +66,9 @@ def test_every_model_is_fine_tuned_on_retrieval_and_the_llama_is_grafted(loaded)
     for s in finetune:
         assert s.cfg.corpus.path.endswith("retrieval.jsonl") and s.cfg.train.seq_len == L, s.name
     continued = {s.cfg.model.init_from for s in finetune if s.name.startswith("finetune_")}
-    assert continued == {f"{by_name[f'pretrain_{b}'].cfg.out_dir}/model" for b in ("infini", "megalodon", "fam", "beacon", "llama")}
+    assert continued == {
+        f"{by_name[f'pretrain_{b}'].cfg.out_dir}/model" for b in ("infini", "megalodon", "fam", "beacon", "llama")
+    }
     grafts = {s.cfg.model.backbone: s.cfg.model.init_from for s in finetune if s.name.startswith("graft_")}
     assert grafts == dict.fromkeys(("infini", "beacon"), f"{by_name['pretrain_llama'].cfg.out_dir}/model")
 
@@ -89,5 +91,14 @@ def test_driver_quick_overrides_validate(tmp_path):
     _, stages, _ = load_pipeline(PIPELINE, mod.pipeline_overrides(Args))
     assert all(s.cfg.train.max_steps <= 20 for s in stages if s.kind in ("reference", "pretrain", "finetune"))
     labels = [v["label"] for v in mod.variants(stages, Args)]
-    assert labels == ["infini", "megalodon", "fam", "beacon", "llama", "llama+yarn", "llama+dynamic",
-                      "llama->infini (graft)", "llama->beacon (graft)"]
+    assert labels == [
+        "infini",
+        "megalodon",
+        "fam",
+        "beacon",
+        "llama",
+        "llama+yarn",
+        "llama+dynamic",
+        "llama->infini (graft)",
+        "llama->beacon (graft)",
+    ]

@@ -16,7 +16,17 @@ MODEL = ["hidden_size=32", "num_layers=2", "num_heads=2", "intermediate_size=64"
 def shrink(work_dir) -> list[str]:
     """--set overrides that turn the demo recipe into a seconds-long pipeline."""
     sets = [f"work_dir={work_dir}"]
-    sets += [f"stages.data.{k}" for k in ("hq_documents=80", "train_documents=80", "validation_documents=10", "questions=4", "vocab_size=320", "retrieval_chars=300")]
+    sets += [
+        f"stages.data.{k}"
+        for k in (
+            "hq_documents=80",
+            "train_documents=80",
+            "validation_documents=10",
+            "questions=4",
+            "vocab_size=320",
+            "retrieval_chars=300",
+        )
+    ]
     for stage in ("reference", "pretrain_slm", "pretrain_clm"):
         sets += [f"stages.{stage}.train.{t}" for t in TRAIN] + [f"stages.{stage}.model.{m}" for m in MODEL]
     for stage in ("pretrain_slm", "pretrain_clm"):
@@ -30,7 +40,16 @@ def shrink(work_dir) -> list[str]:
 def test_demo_recipe_is_valid_and_ships_with_the_package():
     pipeline, stages, path = load_pipeline(None)
     assert path == builtin_recipe() and pipeline.name == "demo"
-    assert [s.kind for s in stages] == ["demo_data", "reference", "score", "pretrain", "pretrain", "eval", "eval", "eval"]
+    assert [s.kind for s in stages] == [
+        "demo_data",
+        "reference",
+        "score",
+        "pretrain",
+        "pretrain",
+        "eval",
+        "eval",
+        "eval",
+    ]
     assert all(s.cfg.out_dir.startswith(pipeline.work_dir) for s in stages)
     slm_stage = next(s for s in stages if s.name == "pretrain_slm")
     assert slm_stage.cfg.model.backbone != "llama"  # the student is a long-context backbone
@@ -73,4 +92,7 @@ def test_override_of_one_stage_leaves_anchor_sharing_stages_alone(tmp_path):
     _, stages, _ = load_pipeline(None, [f"work_dir={tmp_path}", "stages.eval_slm.validation.max_documents=7"])
     by_name = {s.name: s.cfg for s in stages}
     assert by_name["eval_slm"].validation.max_documents == 7
-    assert by_name["eval_clm"].validation.max_documents is None and by_name["eval_reference"].validation.max_documents is None
+    assert (
+        by_name["eval_clm"].validation.max_documents is None
+        and by_name["eval_reference"].validation.max_documents is None
+    )

@@ -24,16 +24,30 @@ SEGMENT_OPTIONS = {
 
 
 def pretrain_cfg(scored, tiny_demo, tmp_path, backbone="llama", name="pt", selection=None, **train):
-    return PretrainConfig.model_validate(dict(
-        out_dir=str(tmp_path / name), shards=scored["shards"], validation={"path": str(tiny_demo.validation)},
-        model={**TINY_MODEL, "backbone": backbone, "options": SEGMENT_OPTIONS[backbone]},
-        train={**TINY_TRAIN, **train}, selection=selection or {"mode": "batch", "ratio": 0.6},
-    ))
+    return PretrainConfig.model_validate(
+        dict(
+            out_dir=str(tmp_path / name),
+            shards=scored["shards"],
+            validation={"path": str(tiny_demo.validation)},
+            model={**TINY_MODEL, "backbone": backbone, "options": SEGMENT_OPTIONS[backbone]},
+            train={**TINY_TRAIN, **train},
+            selection=selection or {"mode": "batch", "ratio": 0.6},
+        )
+    )
 
 
 @pytest.mark.parametrize("backbone", list(SEGMENT_OPTIONS))
 def test_every_backbone_trains_with_the_selective_loss(scored, tiny_demo, tmp_path, backbone):
-    cfg = pretrain_cfg(scored, tiny_demo, tmp_path, backbone, max_steps=10, eval_every=5, checkpoint_every=10, optim=dict(lr=1e-2, warmup_steps=2))
+    cfg = pretrain_cfg(
+        scored,
+        tiny_demo,
+        tmp_path,
+        backbone,
+        max_steps=10,
+        eval_every=5,
+        checkpoint_every=10,
+        optim=dict(lr=1e-2, warmup_steps=2),
+    )
     record = pretrain.run(cfg)
     logs = read_metrics(record["outputs"]["metrics"])
     heldout = [m["heldout_loss"] for m in logs if m.get("heldout_loss") is not None]
@@ -47,8 +61,12 @@ def test_every_backbone_trains_with_the_selective_loss(scored, tiny_demo, tmp_pa
 
 
 def test_disabled_selection_is_the_plain_causal_lm_baseline(scored, tiny_demo, tmp_path):
-    base = pretrain.run(pretrain_cfg(scored, tiny_demo, tmp_path, name="clm", selection={"enabled": False}, max_steps=3))
-    ratio_one = pretrain.run(pretrain_cfg(scored, tiny_demo, tmp_path, name="r1", selection={"ratio": 1.0}, max_steps=3))
+    base = pretrain.run(
+        pretrain_cfg(scored, tiny_demo, tmp_path, name="clm", selection={"enabled": False}, max_steps=3)
+    )
+    ratio_one = pretrain.run(
+        pretrain_cfg(scored, tiny_demo, tmp_path, name="r1", selection={"ratio": 1.0}, max_steps=3)
+    )
     a, b = read_metrics(base["outputs"]["metrics"]), read_metrics(ratio_one["outputs"]["metrics"])
     assert [m["kept_fraction"] for m in a] == [1.0] * 3
     assert [m["loss"] for m in a] == pytest.approx([m["loss"] for m in b], abs=1e-6)
@@ -62,7 +80,10 @@ def test_pretrain_resume_equals_uninterrupted(scored, tiny_demo, tmp_path):
     pretrain.run(cfg, stop_after=3)
     resumed = pretrain.run(cfg)
     assert resumed["metrics"]["resumed_from"] == 2
-    a, b = load_file(f"{whole['outputs']['model']}/model.safetensors"), load_file(f"{resumed['outputs']['model']}/model.safetensors")
+    a, b = (
+        load_file(f"{whole['outputs']['model']}/model.safetensors"),
+        load_file(f"{resumed['outputs']['model']}/model.safetensors"),
+    )
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 
@@ -81,8 +102,16 @@ def test_shards_that_do_not_match_are_refused(scored, tiny_demo, tmp_path):
 
 
 def test_eval_reports_loss_accuracy_and_selection_quality(scored, tiny_demo, tmp_path):
-    cfg = EvalConfig(out_dir=str(tmp_path / "eval"), model=scored["reference"], validation={"path": str(tiny_demo.validation)},
-                     questions=str(tiny_demo.questions), shards=scored["shards"], seq_len=64, max_batches=3, max_new_tokens=12)
+    cfg = EvalConfig(
+        out_dir=str(tmp_path / "eval"),
+        model=scored["reference"],
+        validation={"path": str(tiny_demo.validation)},
+        questions=str(tiny_demo.questions),
+        shards=scored["shards"],
+        seq_len=64,
+        max_batches=3,
+        max_new_tokens=12,
+    )
     record = evaluate.run(cfg)
     results = json.loads(open(f"{cfg.out_dir}/results.json").read())
     answers = json.loads(open(f"{cfg.out_dir}/answers.json").read())
@@ -93,8 +122,15 @@ def test_eval_reports_loss_accuracy_and_selection_quality(scored, tiny_demo, tmp
     assert record["metrics"]["heldout_loss"] == pytest.approx(results["heldout_loss"])
 
     # by kind of noise: the same selection, split; its totals must agree with the noise/clean measures
-    with_kinds = evaluate.run(EvalConfig.model_validate({**cfg.model_dump(), "out_dir": str(tmp_path / "eval_kinds"),
-                                                         "noise_corpus": {"path": str(tiny_demo.train), "noise_field": "noise_spans"}}))
+    with_kinds = evaluate.run(
+        EvalConfig.model_validate(
+            {
+                **cfg.model_dump(),
+                "out_dir": str(tmp_path / "eval_kinds"),
+                "noise_corpus": {"path": str(tiny_demo.train), "noise_field": "noise_spans"},
+            }
+        )
+    )
     sel_k = with_kinds["metrics"]["selection"]
     by_kind = sel_k.pop("by_kind")
     assert sel_k == sel
@@ -104,7 +140,9 @@ def test_eval_reports_loss_accuracy_and_selection_quality(scored, tiny_demo, tmp
     assert sum(k["share"] for k in by_kind.values()) == pytest.approx(1.0)
     noise = {n: k for n, k in by_kind.items() if n != "clean"}
     noise_share = sum(k["share"] for k in noise.values())
-    assert sum(k["share"] * (1 - k["kept"]) for k in noise.values()) / noise_share == pytest.approx(sel["noise_dropped"])
+    assert sum(k["share"] * (1 - k["kept"]) for k in noise.values()) / noise_share == pytest.approx(
+        sel["noise_dropped"]
+    )
     kept = sum(k["share"] * k["kept"] for k in by_kind.values())
     assert by_kind["clean"]["share"] * by_kind["clean"]["kept"] / kept == pytest.approx(sel["kept_clean"])
     assert all(k["excess"] == pytest.approx(k["model_loss"] - k["ref_loss"]) for k in by_kind.values())
@@ -135,7 +173,9 @@ def test_noise_kind_codes_match_the_shards_noise_column(scored, tiny_demo, tmp_p
     for r in rows:
         del r["noise_kinds"]
     other.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(SlmError, match=r"corpus.path .*other.jsonl': no field 'noise_kinds' \(the kind of each noise span\)"):
+    with pytest.raises(
+        SlmError, match=r"corpus.path .*other.jsonl': no field 'noise_kinds' \(the kind of each noise span\)"
+    ):
         noise_kind_codes(shards, CorpusConfig(path=str(other), noise_field="noise_spans"), tok, n)
     with pytest.raises(SlmError, match=r"noise kinds need corpus.noise_field"):
         noise_kind_codes(shards, CorpusConfig(path=str(tiny_demo.train)), tok, n)

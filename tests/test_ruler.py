@@ -40,7 +40,13 @@ from slm.evaluation.ruler.vocab import ADJECTIVES, NOUNS, VERBS
 
 # small task sizes so that every task fits a few hundred tokens of a tiny tokenizer
 SMALL = TaskOptions(
-    cwe_common=5, cwe_freq_common=4, cwe_freq_uncommon=1, vt_hops=2, multikey_keys=3, multivalue_values=3, multiquery_queries=2
+    cwe_common=5,
+    cwe_freq_common=4,
+    cwe_freq_uncommon=1,
+    vt_hops=2,
+    multikey_keys=3,
+    multivalue_values=3,
+    multiquery_queries=2,
 )
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
@@ -84,15 +90,25 @@ def model_dir(tmp_path_factory):
         show_progress=False,
     )
     tok.train_from_iterator(_training_text(), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.model_max_length = 1 << 30
     fast.save_pretrained(str(out))
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
     )
     LlamaForCausalLM(cfg).save_pretrained(str(out))
     return out
@@ -107,7 +123,9 @@ def tokenizer(model_dir):
 
 def _sample(tokenizer, task, length, index=0, template_set="compact", seed=0, depths=DEPTHS, options=SMALL):
     tpl = get_templates(template_set, CompactWording(), options)
-    return generate_sample(task, length, index, tokenizer=tokenizer, templates=tpl, options=options, depths=depths, seed=seed)
+    return generate_sample(
+        task, length, index, tokenizer=tokenizer, templates=tpl, options=options, depths=depths, seed=seed
+    )
 
 
 # --------------------------------------------------------------------------- generators
@@ -159,7 +177,9 @@ def test_custom_compact_wording(tokenizer):
     assert f"PK={s.answers[0]}." in s.prompt and s.prompt.endswith("PK?")
     assert set(s.prompt.replace(f"PK={s.answers[0]}.", "").replace("PK?", "").split()) == {"Lorem", "ipsum."}
     with pytest.raises(SlmError, match=r"compact\.kv_needle"):
-        validate({"model": "m", "out_dir": "o", "compact": {"kv_needle": "key {k} has no value"}}, RulerConfig, "cfg.yaml")
+        validate(
+            {"model": "m", "out_dir": "o", "compact": {"kv_needle": "key {k} has no value"}}, RulerConfig, "cfg.yaml"
+        )
 
 
 @pytest.mark.parametrize("task", ["passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"])
@@ -253,15 +273,21 @@ def llama64(model_dir):
 
 
 def test_chunked_greedy_equals_hf_generate(llama64, tokenizer):
-    ids = tokenizer("The pass key is 48213. Remember it. The grass is green. What is the pass key? The pass key is")["input_ids"]
+    ids = tokenizer("The pass key is 48213. Remember it. The grass is green. What is the pass key? The pass key is")[
+        "input_ids"
+    ]
     x = torch.tensor([ids])
-    ref = llama64.generate(x, do_sample=False, max_new_tokens=12, pad_token_id=2, eos_token_id=[1])[0, len(ids) :].tolist()
+    ref = llama64.generate(x, do_sample=False, max_new_tokens=12, pad_token_id=2, eos_token_id=[1])[
+        0, len(ids) :
+    ].tolist()
     assert len(ref) == 12 and len(set(ref)) > 3  # a real test: no early stop, not one repeated token
     for chunk_len in (1, 3, 7, 1000):
         assert greedy_generate(llama64, ids, 12, chunk_len, [1]) == ref
     # stopping: make the 5th generated token a stop token; both stop there and include it
     stop = [ref[4]]
-    ref_stop = llama64.generate(x, do_sample=False, max_new_tokens=12, pad_token_id=2, eos_token_id=stop)[0, len(ids) :].tolist()
+    ref_stop = llama64.generate(x, do_sample=False, max_new_tokens=12, pad_token_id=2, eos_token_id=stop)[
+        0, len(ids) :
+    ].tolist()
     assert ref_stop == ref[:5] == greedy_generate(llama64, torch.tensor(ids), 12, 4, stop)
 
 
@@ -360,9 +386,17 @@ def test_aggregate_by_task_length_depth():
 
 def test_run_ruler_end_to_end(model_dir, tmp_path, monkeypatch):
     cfg = RulerConfig(
-        model=str(model_dir), out_dir=str(tmp_path / "ruler"), tasks=["passkey", "niah_multikey", "common_words"],
-        lengths=[256, 512], samples_per_length=2, depths=[0.0, 1.0], template_set="compact", chunk_len=100,
-        max_new_tokens=4, options=SMALL, relative_threshold=0.9,
+        model=str(model_dir),
+        out_dir=str(tmp_path / "ruler"),
+        tasks=["passkey", "niah_multikey", "common_words"],
+        lengths=[256, 512],
+        samples_per_length=2,
+        depths=[0.0, 1.0],
+        template_set="compact",
+        chunk_len=100,
+        max_new_tokens=4,
+        options=SMALL,
+        relative_threshold=0.9,
     )
     res = run_ruler(cfg, progress=False)
     out = tmp_path / "ruler"
@@ -395,7 +429,13 @@ def test_run_ruler_errors(model_dir, tmp_path):
     assert "nope" in str(e.value)
     with pytest.raises(SlmError, match=r"length 64 is too short for task 'common_words'"):
         run_ruler(
-            RulerConfig(model=str(model_dir), out_dir=str(tmp_path / "o"), tasks=["common_words"], lengths=[64], template_set="compact"),
+            RulerConfig(
+                model=str(model_dir),
+                out_dir=str(tmp_path / "o"),
+                tasks=["common_words"],
+                lengths=[64],
+                template_set="compact",
+            ),
             progress=False,
         )
     assert not (tmp_path / "o").exists()  # failed before loading the model or writing anything
@@ -423,8 +463,14 @@ def test_run_ruler_scores_a_perfect_model(model_dir, tokenizer, tmp_path, monkey
 
     monkeypatch.setattr(runner_mod, "greedy_generate", oracle)
     cfg = RulerConfig(
-        model=str(model_dir), out_dir=str(tmp_path / "ruler"), tasks=["passkey"], lengths=[256, 512],
-        samples_per_length=3, depths=[0.0, 0.5, 1.0], template_set="compact", max_new_tokens=8,
+        model=str(model_dir),
+        out_dir=str(tmp_path / "ruler"),
+        tasks=["passkey"],
+        lengths=[256, 512],
+        samples_per_length=3,
+        depths=[0.0, 0.5, 1.0],
+        template_set="compact",
+        max_new_tokens=8,
     )
     res = run_ruler(cfg, progress=False)
     for entry in res["scores"]["passkey"].values():

@@ -19,8 +19,16 @@ def evaluate(tmp_path, tiny_demo, name, copy):
     model_dir = tmp_path / name
     InductionForCausalLM(InductionConfig(vocab_size=len(tokenizer), copy=copy)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    cfg = {"model": str(model_dir), "out_dir": str(tmp_path / f"ruler_{name}"), "tasks": ["passkey", "niah_multikey"],
-           "lengths": LENGTHS, "samples_per_length": 5, "template_set": "compact", "chunk_len": 256, "device": "cpu"}
+    cfg = {
+        "model": str(model_dir),
+        "out_dir": str(tmp_path / f"ruler_{name}"),
+        "tasks": ["passkey", "niah_multikey"],
+        "lengths": LENGTHS,
+        "samples_per_length": 5,
+        "template_set": "compact",
+        "chunk_len": 256,
+        "device": "cpu",
+    }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert run_cli(["eval", "ruler", "--config", str(path)]) == 0

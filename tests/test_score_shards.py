@@ -62,7 +62,9 @@ def test_shards_open_with_datasets_and_pyarrow(scored):
     assert torch_row["ref_loss"].dtype == torch.float32 and torch.isnan(torch_row["ref_loss"][0])
     table = pa.ipc.open_stream(pa.memory_map(path)).read_all()
     meta = json.loads(table.schema.metadata[b"slm"])
-    assert meta["seq_len"] == manifest.metadata.seq_len and meta["tokenizer_sha256"] == manifest.metadata.tokenizer_sha256
+    assert (
+        meta["seq_len"] == manifest.metadata.seq_len and meta["tokenizer_sha256"] == manifest.metadata.tokenizer_sha256
+    )
     assert table.column("input_ids").type == pa.list_(pa.int32(), meta["seq_len"])
 
 
@@ -136,7 +138,14 @@ def test_bad_inputs_get_clear_errors(scored, tiny_demo, tmp_path):
         score.run(cfg.model_copy(update={"out_dir": str(tmp_path / "b"), "tokenizer": str(tmp_path / "other_tok")}))
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(SlmError, match="empty"):
-        score.run(cfg.model_copy(update={"out_dir": str(tmp_path / "c"), "corpus": cfg.corpus.model_copy(update={"path": str(tmp_path / "empty.jsonl")})}))
+        score.run(
+            cfg.model_copy(
+                update={
+                    "out_dir": str(tmp_path / "c"),
+                    "corpus": cfg.corpus.model_copy(update={"path": str(tmp_path / "empty.jsonl")}),
+                }
+            )
+        )
     copied = copy_scored(scored, tmp_path)
     with pytest.raises(SlmError, match=r"holds a finished score run with another config; use --force"):
         score.run(cfg.model_copy(update={"out_dir": str(copied), "seq_len": 32}))
@@ -159,7 +168,9 @@ def test_nan_losses_are_counted_masked_and_reported(scored, tmp_path, monkeypatc
     out = tmp_path / "nan"
     record = score.run(scored["score_cfg"].model_copy(update={"out_dir": str(out)}))
     shards = ShardSet(out)
-    assert record["metrics"]["nan_tokens"] == int(shards.rows(np.arange(len(shards)), ("loss_mask",))["loss_mask"][:, 5].sum())
+    assert record["metrics"]["nan_tokens"] == int(
+        shards.rows(np.arange(len(shards)), ("loss_mask",))["loss_mask"][:, 5].sum()
+    )
     from slm.config import SelectionConfig
     from slm.selection import selective_loss
 

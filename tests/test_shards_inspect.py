@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from slm.errors import SlmError
+from slm.shards import stats as stats_mod
 from slm.shards.format import FORMAT_VERSION, ShardMetadata
+from slm.shards.inspect import print_row, render_row, visible, write_html
 from slm.shards.manifest import merge_manifest
 from slm.shards.reader import ShardSet
-from slm.shards.writer import ShardWriter
-from slm.shards import stats as stats_mod
-from slm.shards.inspect import print_row, render_row, visible, write_html
 from slm.shards.stats import QUANTILES, plot_histogram, print_stats, quantile_key, shard_stats
+from slm.shards.writer import ShardWriter
 
 SEQ_LEN = 32
 WORDS = ["the", "cat", "dog", "sat", "on", "a", "mat", "ran", "to", "red", "big", "house", "and", "café", "naïve"]
@@ -26,8 +26,16 @@ WORDS = ["the", "cat", "dog", "sat", "on", "a", "mat", "ran", "to", "red", "big"
 
 def _meta(seq_len: int, vocab: int = 300) -> ShardMetadata:
     return ShardMetadata(
-        format_version=FORMAT_VERSION, tokenizer_name="tiny-bpe", tokenizer_sha256="0" * 64, vocab_size=vocab, seq_len=seq_len,
-        reference_model="ref", reference_sha256="1" * 64, corpus_fingerprint="2" * 64, slm_version="test", documents_per_shard=10,
+        format_version=FORMAT_VERSION,
+        tokenizer_name="tiny-bpe",
+        tokenizer_sha256="0" * 64,
+        vocab_size=vocab,
+        seq_len=seq_len,
+        reference_model="ref",
+        reference_sha256="1" * 64,
+        corpus_fingerprint="2" * 64,
+        slm_version="test",
+        documents_per_shard=10,
     )
 
 
@@ -86,9 +94,19 @@ def corpus(tmp_path_factory, tokenizer):
     ref[mask == 0] = np.nan
     ref[2, 5] = ref[11, 7] = np.nan  # NaNs "the model made"
     bounds = [0, 9, 15, 19]
-    shards = [{"input_ids": ids[a:b], "ref_loss": ref[a:b], "loss_mask": mask[a:b], "noise": noise[a:b]} for a, b in zip(bounds, bounds[1:])]
+    shards = [
+        {"input_ids": ids[a:b], "ref_loss": ref[a:b], "loss_mask": mask[a:b], "noise": noise[a:b]}
+        for a, b in zip(bounds, bounds[1:])
+    ]
     directory = tmp_path_factory.mktemp("shards")
-    return {"shards": _write(directory, shards, SEQ_LEN, len(tokenizer)), "ids": ids, "ref": ref, "mask": mask.astype(bool), "noise": noise.astype(bool), "bounds": bounds}
+    return {
+        "shards": _write(directory, shards, SEQ_LEN, len(tokenizer)),
+        "ids": ids,
+        "ref": ref,
+        "mask": mask.astype(bool),
+        "noise": noise.astype(bool),
+        "bounds": bounds,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +139,11 @@ def test_stats_counts_and_quantiles_match_numpy(corpus):
     assert s["ref_loss"]["mean"] == pytest.approx(values.mean(), rel=1e-12)
     assert (s["ref_loss"]["min"], s["ref_loss"]["max"]) == (values.min(), values.max())
     expected = np.quantile(values, QUANTILES)
-    assert list(s["ref_loss"]["quantiles"]) == [quantile_key(q) for q in QUANTILES] == ["p1", "p5", "p25", "p50", "p75", "p95", "p99"]
+    assert (
+        list(s["ref_loss"]["quantiles"])
+        == [quantile_key(q) for q in QUANTILES]
+        == ["p1", "p5", "p25", "p50", "p75", "p95", "p99"]
+    )
     assert list(s["ref_loss"]["quantiles"].values()) == list(expected)  # exactly numpy's "linear" quantiles
     for shard, a, b in zip(s["per_shard"], corpus["bounds"], corpus["bounds"][1:]):
         sub = ref[a:b][mask[a:b] & np.isfinite(ref[a:b])].astype(np.float64)
@@ -173,7 +195,18 @@ def test_precision_recall_auc_hand_case(tmp_path):
     # one row: NaN at position 0, then losses 1..10; tokens scoring 3, 8 and 9 are noise
     ref = np.array([[np.nan] + list(range(1, 11))], np.float32)
     noise = np.isin(ref, [3, 8, 9]).astype(np.int8)
-    shards = _write(tmp_path, [{"input_ids": np.arange(11, dtype=np.int32)[None], "ref_loss": ref, "loss_mask": np.ones((1, 11), np.int8), "noise": noise}], 11)
+    shards = _write(
+        tmp_path,
+        [
+            {
+                "input_ids": np.arange(11, dtype=np.int32)[None],
+                "ref_loss": ref,
+                "loss_mask": np.ones((1, 11), np.int8),
+                "noise": noise,
+            }
+        ],
+        11,
+    )
     s = shard_stats(shards, ratio=0.5)
     sel = s["selection"]
     # keep the 5 lowest (1..5): one noise token kept (3), two dropped (8, 9)
@@ -188,7 +221,12 @@ def test_precision_recall_auc_hand_case(tmp_path):
 
 def test_stats_without_noise_column_and_print(tmp_path):
     ref = np.array([[np.nan, 2.0, -0.0, 0.0, 1.0]], np.float32)
-    shards = _write(tmp_path, [{"input_ids": np.zeros((1, 5), np.int32), "ref_loss": ref, "loss_mask": np.ones((1, 5), np.int8)}], 5, with_noise=False)
+    shards = _write(
+        tmp_path,
+        [{"input_ids": np.zeros((1, 5), np.int32), "ref_loss": ref, "loss_mask": np.ones((1, 5), np.int8)}],
+        5,
+        with_noise=False,
+    )
     s = shard_stats(shards, ratio=0.5)
     assert s["noise"] is None and s["scored_tokens"] == 4
     assert s["selection"]["cut"] == 0.0 and s["selection"]["kept_tokens"] == 2  # -0.0 and 0.0 tie at the cut
@@ -236,7 +274,11 @@ def test_render_row_without_model(corpus, tokenizer):
 
 
 def test_render_row_refuses_another_tokenizer(tokenizer, tmp_path):
-    one = {"input_ids": np.zeros((1, 4), np.int32), "ref_loss": np.full((1, 4), 1.0, np.float32), "loss_mask": np.ones((1, 4), np.int8)}
+    one = {
+        "input_ids": np.zeros((1, 4), np.int32),
+        "ref_loss": np.full((1, 4), 1.0, np.float32),
+        "loss_mask": np.ones((1, 4), np.int8),
+    }
     shards = _write(tmp_path, [one], 4, vocab=len(tokenizer) + 1, with_noise=False)
     with pytest.raises(SlmError, match=f"{len(tokenizer)} tokens.*{len(tokenizer) + 1} tokens"):
         render_row(shards, 0, tokenizer)
@@ -298,10 +340,14 @@ def test_html_holds_every_piece(corpus, tokenizer, model, tmp_path):
     checker = _Checker()
     checker.feed(page)
     checker.close()
-    assert not checker.errors and not checker.stack and {"html", "head", "body", "title", "style", "span"} <= checker.seen
+    assert (
+        not checker.errors and not checker.stack and {"html", "head", "body", "title", "style", "span"} <= checker.seen
+    )
     for piece in view.pieces:
         assert html.escape(visible(piece)) in page
-    assert page.count('class="t') == sum(1 for i in range(len(view)) if view.loss_mask[i]) + 1  # one span per real token, one for the padding run
+    assert (
+        page.count('class="t') == sum(1 for i in range(len(view)) if view.loss_mask[i]) + 1
+    )  # one span per real token, one for the padding run
     assert "excess" in page and "kept" in page and "dropped" in page and "background:#" in page
     assert [p.name for p in path.parent.iterdir()] == ["row.html"]
 

@@ -34,13 +34,15 @@ SEQ_LEN = 24
 
 def test_each_category_is_produced_exactly():
     # columns: tokens; rows: 5 checkpoints. L_mean (mean last loss) = (1 + 5 + 6 + 0.5) / 4 = 3.125
-    losses = np.array([
-        [5.0, 1.0, 6.0, 0.5],
-        [4.0, 2.0, 6.1, 0.6],
-        [3.0, 3.0, 5.9, 0.4],
-        [2.0, 4.0, 6.0, 0.5],
-        [1.0, 5.0, 6.0, 0.5],
-    ])
+    losses = np.array(
+        [
+            [5.0, 1.0, 6.0, 0.5],
+            [4.0, 2.0, 6.1, 0.6],
+            [3.0, 3.0, 5.9, 0.4],
+            [2.0, 4.0, 6.0, 0.5],
+            [1.0, 5.0, 6.0, 0.5],
+        ]
+    )
     cats = classify_tokens(losses)
     assert cats.codes.tolist() == [HL, LH, HH, LL]
     assert [CATEGORIES[c] for c in cats.codes] == ["H->L", "L->H", "H->H", "L->L"]
@@ -49,16 +51,18 @@ def test_each_category_is_produced_exactly():
 
 
 def test_rule_uses_the_fitted_change_and_the_thresholds():
-    losses = np.array([
-        # exactly +0.5 over the run (binary-exact): not above change=0.5 -> stays; last 0.5 <= level 1 -> L->L
-        [0.0, 0.125, 0.25, 0.375, 0.5],
-        # fluctuating high loss (RHO-1 Fig. 2b): l_n - l_0 = -6, but the fitted line is flat -> H->H, not H->L
-        [8.0, 0.0, 5.0, 12.0, 2.0],
-        # last loss equal to the level counts as low (paper: l_n <= L_mean)
-        [1.0, 1.0, 1.0, 1.0, 1.0],
-        # a drop of 0.6 over the run: H->L at change=0.5, stable (high) at change=1
-        [3.6, 3.45, 3.3, 3.15, 3.0],
-    ]).T
+    losses = np.array(
+        [
+            # exactly +0.5 over the run (binary-exact): not above change=0.5 -> stays; last 0.5 <= level 1 -> L->L
+            [0.0, 0.125, 0.25, 0.375, 0.5],
+            # fluctuating high loss (RHO-1 Fig. 2b): l_n - l_0 = -6, but the fitted line is flat -> H->H, not H->L
+            [8.0, 0.0, 5.0, 12.0, 2.0],
+            # last loss equal to the level counts as low (paper: l_n <= L_mean)
+            [1.0, 1.0, 1.0, 1.0, 1.0],
+            # a drop of 0.6 over the run: H->L at change=0.5, stable (high) at change=1
+            [3.6, 3.45, 3.3, 3.15, 3.0],
+        ]
+    ).T
     cats = classify_tokens(losses, change=0.5, level=1.0)
     assert cats.codes.tolist() == [LL, HH, LL, HL]
     assert cats.level_source == "config" and cats.level == 1.0
@@ -145,8 +149,17 @@ def test_end_to_end_on_hf_checkpoints(tiny, tmp_path):
 
 def test_command_flags_and_errors(tiny, tmp_path):
     ck = [str(p) for p in tiny["ckpts"]]
-    res = token_dynamics_command(ck[:2], validation=str(tiny["val"]), out=str(tmp_path / "cmd"), seq_len=SEQ_LEN, max_rows=2,
-                                 tokenizer=str(tiny["tok"]), change_threshold=0.5, level_threshold=4.0, progress=False)
+    res = token_dynamics_command(
+        ck[:2],
+        validation=str(tiny["val"]),
+        out=str(tmp_path / "cmd"),
+        seq_len=SEQ_LEN,
+        max_rows=2,
+        tokenizer=str(tiny["tok"]),
+        change_threshold=0.5,
+        level_threshold=4.0,
+        progress=False,
+    )
     assert res["thresholds"] == {"change": 0.5, "level": 4.0, "level_source": "config"}
     assert res["rows"] == 2 and len(res["checkpoints"]) == 2
 
@@ -174,8 +187,15 @@ def _ds_checkpoint(run, step: int, state_dict: dict):
 
     tag = run / "checkpoints" / tag_for(step)
     tag.mkdir(parents=True)
-    torch.save({"module": state_dict, "ds_config": {"zero_optimization": {"stage": 2}}, "mp_world_size": 1,
-                "rng": {"numpy": np.random.get_state()}}, tag / "mp_rank_00_model_states.pt")
+    torch.save(
+        {
+            "module": state_dict,
+            "ds_config": {"zero_optimization": {"stage": 2}},
+            "mp_world_size": 1,
+            "rng": {"numpy": np.random.get_state()},
+        },
+        tag / "mp_rank_00_model_states.pt",
+    )
     atomic_write_json(tag / MARKER, {"step": step, "fingerprints": {}})
     return tag
 
@@ -200,9 +220,13 @@ def test_deepspeed_weights_give_the_source_logits_and_run_dir_end_to_end(tiny, t
         torch.testing.assert_close(model(ids).logits, sources[1](ids).logits, rtol=0, atol=0)
 
     res = token_dynamics(_cfg(tiny, tmp_path / "td-run", run_dir=str(run), x_axis="step"), progress=False)
-    direct = token_dynamics(_cfg(tiny, tmp_path / "td-hf", checkpoints=[str(p) for p in tiny["ckpts"]], x_axis="step"), progress=False)
+    direct = token_dynamics(
+        _cfg(tiny, tmp_path / "td-hf", checkpoints=[str(p) for p in tiny["ckpts"]], x_axis="step"), progress=False
+    )
     assert [c["step"] for c in res["checkpoints"]] == [10, 20, 30] and res["x"] == [10.0, 20.0, 30.0]
-    assert {k: c["count"] for k, c in res["categories"].items()} == {k: c["count"] for k, c in direct["categories"].items()}
+    assert {k: c["count"] for k, c in res["categories"].items()} == {
+        k: c["count"] for k, c in direct["categories"].items()
+    }
     np.testing.assert_allclose(res["mean_loss"], direct["mean_loss"], rtol=1e-6)
 
 

@@ -23,7 +23,9 @@ def weights(model_dir):
 def test_heldout_loss_falls_and_outputs_are_written(tiny_reference_cfg):
     cfg = tiny_reference_cfg(max_steps=12, eval_every=4, optim=dict(lr=1e-2, warmup_steps=2))
     record = reference.run(cfg)
-    heldout = [m["heldout_loss"] for m in read_metrics(f"{cfg.out_dir}/metrics.jsonl") if m.get("heldout_loss") is not None]
+    heldout = [
+        m["heldout_loss"] for m in read_metrics(f"{cfg.out_dir}/metrics.jsonl") if m.get("heldout_loss") is not None
+    ]
     assert len(heldout) == 3 and heldout[-1] < heldout[0] - 0.5
     stage = json.loads(open(f"{cfg.out_dir}/stage.json").read())
     assert stage["status"] == "complete" and stage["metrics"]["final_heldout_loss"] == pytest.approx(heldout[-1])
@@ -113,7 +115,9 @@ def test_vocab_mismatch_between_tokenizer_and_checkpoint(tiny_reference_cfg, tmp
     small.save_pretrained(tmp_path / "small")
     cfg = tiny_reference_cfg(max_steps=2)
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": str(tmp_path / "small")})})
-    with pytest.raises(SlmError, match=r"vocabulary mismatch: tokenizer .* has \d+ tokens, the model's embedding has 50"):
+    with pytest.raises(
+        SlmError, match=r"vocabulary mismatch: tokenizer .* has \d+ tokens, the model's embedding has 50"
+    ):
         reference.run(cfg)
 
 
@@ -123,7 +127,10 @@ def test_continue_from_a_checkpoint_starts_where_it_ended(tiny_reference_cfg):
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": base["outputs"]["model"]})})
     cont = reference.run(cfg)
     fresh = reference.run(tiny_reference_cfg("fresh", max_steps=2, eval_every=1))
-    assert read_metrics(cont["outputs"]["metrics"])[0]["heldout_loss"] < read_metrics(fresh["outputs"]["metrics"])[0]["heldout_loss"] - 0.5
+    assert (
+        read_metrics(cont["outputs"]["metrics"])[0]["heldout_loss"]
+        < read_metrics(fresh["outputs"]["metrics"])[0]["heldout_loss"] - 0.5
+    )
 
 
 def test_zero3_trains_and_exports(tiny_reference_cfg):
@@ -135,7 +142,15 @@ def test_zero3_trains_and_exports(tiny_reference_cfg):
 def test_deepspeed_config_follows_the_typed_config():
     from slm.config import TrainConfig
 
-    cfg = TrainConfig.model_validate(dict(micro_batch_size=3, grad_accum=4, zero_stage=2, max_steps=50, optim=dict(lr=1e-3, warmup_steps=5, grad_clip=0.5)))
+    cfg = TrainConfig.model_validate(
+        dict(
+            micro_batch_size=3,
+            grad_accum=4,
+            zero_stage=2,
+            max_steps=50,
+            optim=dict(lr=1e-3, warmup_steps=5, grad_clip=0.5),
+        )
+    )
     ds = deepspeed_config(cfg, world_size=2)
     assert ds["train_batch_size"] == 24 and ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == 1e-3
@@ -156,7 +171,9 @@ def test_checkpoint_restores_each_ranks_random_generators(tmp_path):
 
     init_distributed()
     model = torch.nn.Linear(4, 4)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=deepspeed_config(TrainConfig(), 1))
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=list(model.parameters()), config=deepspeed_config(TrainConfig(), 1)
+    )
     fingerprints = {"data": "d1"}
     torch.manual_seed(11), np.random.seed(12), random.seed(13)
     saved = save_checkpoint(engine, tmp_path, 3, {"step": 3, "fingerprints": fingerprints}, keep=2)

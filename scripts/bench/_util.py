@@ -66,7 +66,9 @@ def tensor_bytes(obj) -> dict:
         seen_obj.add(id(x))
         if isinstance(x, torch.Tensor):
             st = x.untyped_storage()
-            tensors[(st.data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()))] = x.numel() * x.element_size()
+            tensors[(st.data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()))] = (
+                x.numel() * x.element_size()
+            )
             storages[st.data_ptr()] = st.nbytes()
         elif isinstance(x, (list, tuple, set)):
             for y in x:
@@ -137,8 +139,14 @@ def start_workers(threads: int, preload: list[str], env_extra: dict | None = Non
     import multiprocessing as mp
 
     global _CTX
-    os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-                      TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error", **(env_extra or {}))
+    os.environ.update(
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        TQDM_DISABLE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        **(env_extra or {}),
+    )
     _CTX = mp.get_context("forkserver")
     _CTX.set_forkserver_preload(["psutil", "_util", *preload])
     return _CTX
@@ -213,9 +221,18 @@ def run_worker(target, spec: dict, threads: int, timeout_s: float, mem_budget_mb
     except OSError:
         pass
     if killed:
-        return {"status": "skipped", "reason": killed, "process_seconds": round(wall, 1), "rss_seen_mb": round(rss_seen, 1)}
+        return {
+            "status": "skipped",
+            "reason": killed,
+            "process_seconds": round(wall, 1),
+            "rss_seen_mb": round(rss_seen, 1),
+        }
     if result is None:
-        return {"status": "failed", "reason": f"process died (exit code {proc.exitcode}); log: {log_tail}", "process_seconds": round(wall, 1)}
+        return {
+            "status": "failed",
+            "reason": f"process died (exit code {proc.exitcode}); log: {log_tail}",
+            "process_seconds": round(wall, 1),
+        }
     result["process_seconds"] = round(wall, 1)
     return result
 

@@ -114,8 +114,13 @@ def matched_sizes(args) -> dict[str, dict]:
         config = model_config(name, args, i)
         count = n_params(build(name, config))
         segment = getattr(config, SEGMENT_KEY[name], None) if name in SEGMENT_KEY else None
-        sizes[name] = {"intermediate_size": i, "params": count, "params_vs_llama": round(count / target, 4),
-                       "segment": segment, "segment_key": SEGMENT_KEY.get(name)}
+        sizes[name] = {
+            "intermediate_size": i,
+            "params": count,
+            "params_vs_llama": round(count / target, 4),
+            "segment": segment,
+            "segment_key": SEGMENT_KEY.get(name),
+        }
     return sizes
 
 
@@ -132,7 +137,7 @@ def _stream(model, ids, chunk: int, full_logits: bool = False):
     cache, seconds, pieces, last = None, [], [], None
     for start in range(0, ids.shape[1], chunk):
         t = time.perf_counter()
-        out = model(input_ids=ids[:, start:start + chunk], use_cache=True, **{kw: cache})
+        out = model(input_ids=ids[:, start : start + chunk], use_cache=True, **{kw: cache})
         seconds.append(time.perf_counter() - t)
         cache = _returned_cache(out)
         out_t = out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
@@ -188,7 +193,7 @@ def worker_measure(spec: dict) -> dict:
             cpus.append(time.process_time() - c0)
     wall, cpu = statistics.median(walls), statistics.median(cpus)
     n = len(seconds)
-    tail = seconds[max(1, n - 4):] if n > 1 else seconds
+    tail = seconds[max(1, n - 4) :] if n > 1 else seconds
     head = seconds[1:5] if n > 5 else seconds
     return {
         "backbone": spec["backbone"],
@@ -237,13 +242,26 @@ def worker_check(spec: dict) -> dict:
     def diff(a):
         d = (a - whole).abs()
         per_pos = d.amax(-1)[0]
-        return {"max_abs": float(d.max()), "first_bad_position": int((per_pos > args.check_tol * max(scale, 1.0)).nonzero()[0])
-                if bool((per_pos > args.check_tol * max(scale, 1.0)).any()) else None,
-                "finite": bool(torch.isfinite(a).all())}
+        return {
+            "max_abs": float(d.max()),
+            "first_bad_position": int((per_pos > args.check_tol * max(scale, 1.0)).nonzero()[0])
+            if bool((per_pos > args.check_tol * max(scale, 1.0)).any())
+            else None,
+            "finite": bool(torch.isfinite(a).all()),
+        }
 
-    res = {"backbone": spec["backbone"], "length": L, "logit_absmax": scale,
-           f"chunk_{args.chunk}": diff(chunked), f"chunk_{odd}": diff(odd_chunked), "whole_finite": bool(torch.isfinite(whole).all())}
-    res["ok"] = all(v["first_bad_position"] is None and v["finite"] for k, v in res.items() if k.startswith("chunk_")) and res["whole_finite"]
+    res = {
+        "backbone": spec["backbone"],
+        "length": L,
+        "logit_absmax": scale,
+        f"chunk_{args.chunk}": diff(chunked),
+        f"chunk_{odd}": diff(odd_chunked),
+        "whole_finite": bool(torch.isfinite(whole).all()),
+    }
+    res["ok"] = (
+        all(v["first_bad_position"] is None and v["finite"] for k, v in res.items() if k.startswith("chunk_"))
+        and res["whole_finite"]
+    )
     return res
 
 
@@ -288,8 +306,10 @@ def targets(results: dict, backbones: list[str], lengths: list[int]) -> dict:
         cpu = b["cpu_us_per_token"] / a["cpu_us_per_token"]
         out[name] = {
             "lengths": [lo, hi],
-            "memory_ratio": round(mem, 3), "memory_pass": mem <= MEM_TARGET,
-            "time_ratio": round(tpt, 3), "time_pass": tpt <= TIME_TARGET,
+            "memory_ratio": round(mem, 3),
+            "memory_pass": mem <= MEM_TARGET,
+            "time_ratio": round(tpt, 3),
+            "time_pass": tpt <= TIME_TARGET,
             "cpu_time_ratio": round(cpu, 3),
             "state_mb": [a["state_mb"], b["state_mb"]],
         }
@@ -312,7 +332,10 @@ def plot(results: dict, backbones: list[str], path: Path, title: str) -> None:
         ax1.plot(xs, [p[1]["peak_delta_mb"] for p in pts], style, label=name)
         ax2.plot(xs, [p[1]["us_per_token"] for p in pts], style, label=name)
     lengths = sorted({int(k) for name in backbones for k in results[name]})
-    for ax, ylabel in ((ax1, "peak memory added by the forward (MiB, RSS high-water)"), (ax2, "time per token (µs, wall)")):
+    for ax, ylabel in (
+        (ax1, "peak memory added by the forward (MiB, RSS high-water)"),
+        (ax2, "time per token (µs, wall)"),
+    ):
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [human(L) for L in lengths])
         ax.minorticks_off()
@@ -334,30 +357,61 @@ def human(n: int) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke check: lengths 1K 4K, short budgets, small consistency check")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke check: lengths 1K 4K, short budgets, small consistency check"
+    )
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     p.add_argument("--backbones", nargs="+", default=None, help="default: every registered backbone")
     p.add_argument("--chunk", type=int, default=1024, help="tokens per forward call (a multiple of the segment length)")
-    p.add_argument("--segment", type=int, default=None, help="segment/window/block/chunk length of the streaming backbones (default: each backbone's own, 64)")
+    p.add_argument(
+        "--segment",
+        type=int,
+        default=None,
+        help="segment/window/block/chunk length of the streaming backbones (default: each backbone's own, 64)",
+    )
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=384, help="llama's MLP width; the others are matched to its parameter count")
-    p.add_argument("--no-match-params", dest="match_params", action="store_false", help="same intermediate_size everywhere instead")
+    p.add_argument(
+        "--intermediate", type=int, default=384, help="llama's MLP width; the others are matched to its parameter count"
+    )
+    p.add_argument(
+        "--no-match-params", dest="match_params", action="store_false", help="same intermediate_size everywhere instead"
+    )
     p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--set", action="append", metavar="BACKBONE.KEY=VALUE",
-                   help="a backbone config option, e.g. beacon.max_beacon_windows=64 (repeatable)")
-    p.add_argument("--decoder-only", action="store_true", help="time the decoder (hidden states) without the output projection")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="BACKBONE.KEY=VALUE",
+        help="a backbone config option, e.g. beacon.max_beacon_windows=64 (repeatable)",
+    )
+    p.add_argument(
+        "--decoder-only", action="store_true", help="time the decoder (hidden states) without the output projection"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads in every measurement (fixed)")
-    p.add_argument("--malloc-mmap-threshold", type=int, default=65536, metavar="BYTES",
-                   help="glibc's mmap threshold (MALLOC_MMAP_THRESHOLD_) in the measurement processes (default 64 KiB: large tensors "
-                        "are returned to the OS when freed, so the RSS high-water measures the model, not heap retention; 0: glibc's dynamic default)")
-    p.add_argument("--min-seconds", type=float, default=4.0, help="stream short lengths again until this many seconds of passes (median pass reported)")
+    p.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=65536,
+        metavar="BYTES",
+        help="glibc's mmap threshold (MALLOC_MMAP_THRESHOLD_) in the measurement processes (default 64 KiB: large tensors "
+        "are returned to the OS when freed, so the RSS high-water measures the model, not heap retention; 0: glibc's dynamic default)",
+    )
+    p.add_argument(
+        "--min-seconds",
+        type=float,
+        default=4.0,
+        help="stream short lengths again until this many seconds of passes (median pass reported)",
+    )
     p.add_argument("--max-passes", type=int, default=7, help="at most this many passes per measurement")
     p.add_argument("--budget-s", type=float, default=300.0, help="time budget of one (backbone, length) measurement")
     p.add_argument("--mem-budget-mb", type=float, default=8192.0, help="RSS budget of one measurement")
-    p.add_argument("--check-len", type=int, default=8192, help="length of the whole-vs-streamed consistency check (0: skip)")
-    p.add_argument("--check-tol", type=float, default=1e-3, help="relative tolerance (of the largest |logit|) of the check")
+    p.add_argument(
+        "--check-len", type=int, default=8192, help="length of the whole-vs-streamed consistency check (0: skip)"
+    )
+    p.add_argument(
+        "--check-tol", type=float, default=1e-3, help="relative tolerance (of the largest |logit|) of the check"
+    )
     p.add_argument("--out", type=Path, default=_util.RESULTS_DIR / "long_context.json")
     p.add_argument("--plot", type=Path, default=_util.RESULTS_DIR / "long_context.png")
     args = p.parse_args()
@@ -384,10 +438,14 @@ def main() -> None:
     started = time.time()
     info = _util.machine_info(args.threads)
     sizes = matched_sizes(args)
-    console.print(f"[bold]long_context[/]: lengths {args.lengths}, chunk {args.chunk}, threads {args.threads}, backbones {args.backbones}")
+    console.print(
+        f"[bold]long_context[/]: lengths {args.lengths}, chunk {args.chunk}, threads {args.threads}, backbones {args.backbones}"
+    )
     for name, s in sizes.items():
-        console.print(f"  {name:10s} params {s['params']:,} ({s['params_vs_llama']:.3f}x llama), intermediate_size {s['intermediate_size']}"
-                      + (f", {s['segment_key']}={s['segment']}" if s["segment"] else ""))
+        console.print(
+            f"  {name:10s} params {s['params']:,} ({s['params_vs_llama']:.3f}x llama), intermediate_size {s['intermediate_size']}"
+            + (f", {s['segment_key']}={s['segment']}" if s["segment"] else "")
+        )
     public_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
     results: dict[str, dict[str, dict]] = {name: {} for name in args.backbones}
@@ -401,18 +459,30 @@ def main() -> None:
             projected = project_seconds(list(results[name].values()), L)
             if projected is not None and projected > args.budget_s:
                 reason = f"projected {projected:.0f} s from the shorter lengths, past the {args.budget_s:.0f} s budget"
-                results[name][str(L)] = {"status": "skipped", "reason": reason, "projected_seconds": round(projected, 1)}
+                results[name][str(L)] = {
+                    "status": "skipped",
+                    "reason": reason,
+                    "projected_seconds": round(projected, 1),
+                }
                 console.print(f"  {name:10s} {human(L):>5s}: skipped ({reason})")
-                stop_reason = f"a shorter length was already past the budget"
+                stop_reason = "a shorter length was already past the budget"
                 continue
-            spec = {"kind": "measure", "backbone": name, "length": L, "threads": args.threads,
-                    "intermediate_size": sizes[name]["intermediate_size"], "args": public_args}
+            spec = {
+                "kind": "measure",
+                "backbone": name,
+                "length": L,
+                "threads": args.threads,
+                "intermediate_size": sizes[name]["intermediate_size"],
+                "args": public_args,
+            }
             # the child also builds the model: allow a little beyond the budget
             r = _util.run_worker(worker_measure, spec, args.threads, args.budget_s + 30, args.mem_budget_mb)
             results[name][str(L)] = r
             if r["status"] == "ok":
-                console.print(f"  {name:10s} {human(L):>5s}: {r['us_per_token']:8.1f} µs/token, peak +{r['peak_delta_mb']:7.1f} MiB, "
-                              f"state {r['state_mb']:.2f} MiB, {r['seconds']:.1f} s")
+                console.print(
+                    f"  {name:10s} {human(L):>5s}: {r['us_per_token']:8.1f} µs/token, peak +{r['peak_delta_mb']:7.1f} MiB, "
+                    f"state {r['state_mb']:.2f} MiB, {r['seconds']:.1f} s"
+                )
             else:
                 console.print(f"  {name:10s} {human(L):>5s}: {r['status']} ({r['reason']})")
                 stop_reason = f"{human(L)} was {r['status']}: {r['reason']}" if r["status"] == "skipped" else None
@@ -420,14 +490,22 @@ def main() -> None:
     checks = {}
     if args.check_len:
         for name in args.backbones:
-            spec = {"kind": "check", "backbone": name, "length": args.check_len, "threads": args.threads,
-                    "intermediate_size": sizes[name]["intermediate_size"], "args": public_args}
+            spec = {
+                "kind": "check",
+                "backbone": name,
+                "length": args.check_len,
+                "threads": args.threads,
+                "intermediate_size": sizes[name]["intermediate_size"],
+                "args": public_args,
+            }
             checks[name] = _util.run_worker(worker_check, spec, args.threads, args.budget_s + 30, args.mem_budget_mb)
             c = checks[name]
             if c.get("status") == "ok":
-                console.print(f"  check {name:10s} {human(args.check_len)}: whole vs chunked "
-                              + ", ".join(f"{k}: max|Δ| {v['max_abs']:.2e}" for k, v in c.items() if k.startswith("chunk_"))
-                              + ("" if c["ok"] else "  [red]MISMATCH[/]"))
+                console.print(
+                    f"  check {name:10s} {human(args.check_len)}: whole vs chunked "
+                    + ", ".join(f"{k}: max|Δ| {v['max_abs']:.2e}" for k, v in c.items() if k.startswith("chunk_"))
+                    + ("" if c["ok"] else "  [red]MISMATCH[/]")
+                )
             else:
                 console.print(f"  check {name}: {c['status']} ({c['reason']})")
 
@@ -436,25 +514,35 @@ def main() -> None:
     report = {
         "benchmark": "long_context",
         "description": "streaming forward (chunks with carried state) under torch.inference_mode; one fresh process per (backbone, length); "
-                       "peak_delta_mb = ru_maxrss after the forward minus ru_maxrss after model construction and a 128-token warm-up",
+        "peak_delta_mb = ru_maxrss after the forward minus ru_maxrss after model construction and a 128-token warm-up",
         "machine": info,
         "settings": public_args,
         "models": sizes,
-        "model_configs": {name: model_config(name, args, sizes[name]["intermediate_size"]).to_dict() for name in args.backbones},
+        "model_configs": {
+            name: model_config(name, args, sizes[name]["intermediate_size"]).to_dict() for name in args.backbones
+        },
         "results": results,
-        "targets": {"definition": f"streaming backbones: peak_delta_mb(long) <= {MEM_TARGET}x peak_delta_mb(4K), us_per_token(long) <= {TIME_TARGET}x us_per_token(4K)",
-                    "per_backbone": verdict},
+        "targets": {
+            "definition": f"streaming backbones: peak_delta_mb(long) <= {MEM_TARGET}x peak_delta_mb(4K), us_per_token(long) <= {TIME_TARGET}x us_per_token(4K)",
+            "per_backbone": verdict,
+        },
         "consistency_check": checks,
         "seconds_total": round(time.time() - started, 1),
     }
     _util.write_json(args.out, report)
-    title = (f"slm backbones, streaming forward on CPU ({args.threads} thread(s)), hidden {args.hidden}, {args.layers} layers, "
-             f"vocab {args.vocab}, chunk {args.chunk}; shared machine")
+    title = (
+        f"slm backbones, streaming forward on CPU ({args.threads} thread(s)), hidden {args.hidden}, {args.layers} layers, "
+        f"vocab {args.vocab}, chunk {args.chunk}; shared machine"
+    )
     plot(results, args.backbones, args.plot, title)
 
     lo, hi = target_lengths(args.lengths)
-    headers = (["backbone", "params"] + [f"{human(L)} µs/tok" for L in args.lengths] + [f"{human(L)} peak +MiB" for L in args.lengths]
-               + [f"mem {human(hi)}/{human(lo)}", f"time {human(hi)}/{human(lo)}"])
+    headers = (
+        ["backbone", "params"]
+        + [f"{human(L)} µs/tok" for L in args.lengths]
+        + [f"{human(L)} peak +MiB" for L in args.lengths]
+        + [f"mem {human(hi)}/{human(lo)}", f"time {human(hi)}/{human(lo)}"]
+    )
     rows = []
     for name in args.backbones:
         row = [name, f"{sizes[name]['params'] / 1e6:.3f}M"]
@@ -464,24 +552,50 @@ def main() -> None:
                 row.append(_util.fmt(r[key]) if r.get("status") == "ok" else r["status"])
         v = verdict.get(name)
         if v and "memory_ratio" in v:
-            row += [f"{v['memory_ratio']:.2f}x {'pass' if v['memory_pass'] else 'FAIL'}",
-                    f"{v['time_ratio']:.2f}x {'pass' if v['time_pass'] else 'FAIL'}"]
+            row += [
+                f"{v['memory_ratio']:.2f}x {'pass' if v['memory_pass'] else 'FAIL'}",
+                f"{v['time_ratio']:.2f}x {'pass' if v['time_pass'] else 'FAIL'}",
+            ]
         else:
             row += ["n/a (KV cache grows)", "n/a"] if name not in STREAMING else ["not measured", "not measured"]
         rows.append(row)
     _util.print_table("long context: streaming forward (summary)", headers, rows)
-    dh = ["backbone", "length", "µs/token (wall)", "µs/token (CPU)", "peak +MiB", "live +MiB after trim", "state MiB (storage)", "s"]
+    dh = [
+        "backbone",
+        "length",
+        "µs/token (wall)",
+        "µs/token (CPU)",
+        "peak +MiB",
+        "live +MiB after trim",
+        "state MiB (storage)",
+        "s",
+    ]
     drows = []
     for name in args.backbones:
         for L in args.lengths:
             r = results[name][str(L)]
             if r.get("status") == "ok":
-                drows.append([name, human(L), _util.fmt(r["us_per_token"]), _util.fmt(r["cpu_us_per_token"]), _util.fmt(r["peak_delta_mb"]),
-                              _util.fmt(r["live_after_trim_mb"]), f"{r['state_mb']:.2f} ({r['state_storage_mb']:.2f})", _util.fmt(r["seconds"])])
+                drows.append(
+                    [
+                        name,
+                        human(L),
+                        _util.fmt(r["us_per_token"]),
+                        _util.fmt(r["cpu_us_per_token"]),
+                        _util.fmt(r["peak_delta_mb"]),
+                        _util.fmt(r["live_after_trim_mb"]),
+                        f"{r['state_mb']:.2f} ({r['state_storage_mb']:.2f})",
+                        _util.fmt(r["seconds"]),
+                    ]
+                )
             else:
                 drows.append([name, human(L), r["status"], "", "", "", "", ""])
     _util.print_table("long context: every measurement", dh, drows)
-    skipped = [(n, L, results[n][str(L)]["reason"]) for n in args.backbones for L in args.lengths if results[n][str(L)].get("status") != "ok"]
+    skipped = [
+        (n, L, results[n][str(L)]["reason"])
+        for n in args.backbones
+        for L in args.lengths
+        if results[n][str(L)].get("status") != "ok"
+    ]
     print()
     print(_util.markdown_table(headers, rows))
     print()

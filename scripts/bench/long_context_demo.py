@@ -66,8 +66,12 @@ ROPE_VARIANTS = {
 
 # --quick: a tiny corpus and a few steps per stage (a smoke check of the whole path, not a result)
 QUICK_SETS = [
-    "stages.data.hq_documents=400", "stages.data.train_documents=400", "stages.data.validation_documents=40",
-    "stages.data.questions=10", "stages.data.retrieval_finetune_documents=200", "stages.score.documents_per_shard=200",
+    "stages.data.hq_documents=400",
+    "stages.data.train_documents=400",
+    "stages.data.validation_documents=40",
+    "stages.data.questions=10",
+    "stages.data.retrieval_finetune_documents=200",
+    "stages.score.documents_per_shard=200",
 ]
 QUICK_TRAIN = ["max_steps=20", "eval_every=10", "eval_batches=2", "checkpoint_every=20"]
 
@@ -96,10 +100,20 @@ def variants(stages, args) -> list[dict]:
             continue
         model = Path(s.cfg.out_dir) / "model"
         backbone = stage_backbone(s, stages)
-        grafted = "backbone" in s.cfg.model.model_fields_set and backbone != stage_backbone_of_checkpoint(s.cfg.model.init_from, stages)
+        grafted = "backbone" in s.cfg.model.model_fields_set and backbone != stage_backbone_of_checkpoint(
+            s.cfg.model.init_from, stages
+        )
         label = f"llama->{backbone} (graft)" if grafted else backbone
-        base = {"stage": s.name, "backbone": backbone, "grafted": grafted, "model": str(model), "seq_len": s.cfg.train.seq_len,
-                "options": dict(s.cfg.model.options), "rope_scaling": s.cfg.model.rope_scaling, "eval_rope": None}
+        base = {
+            "stage": s.name,
+            "backbone": backbone,
+            "grafted": grafted,
+            "model": str(model),
+            "seq_len": s.cfg.train.seq_len,
+            "options": dict(s.cfg.model.options),
+            "rope_scaling": s.cfg.model.rope_scaling,
+            "eval_rope": None,
+        }
         out.append({**base, "label": label})
         if backbone == "llama" and not s.cfg.model.rope_scaling:
             for name in args.rope:
@@ -129,20 +143,32 @@ def scaled_copy(src: Path, dst: Path, rope: str, L: int, longest: int) -> dict:
 
     config = json.loads((src / "config.json").read_text())
     if config.get("model_type") != "llama":
-        raise SystemExit(f"{src}: eval-time RoPE scaling is for llama checkpoints, this one is {config.get('model_type')!r}")
+        raise SystemExit(
+            f"{src}: eval-time RoPE scaling is for llama checkpoints, this one is {config.get('model_type')!r}"
+        )
     scaling, max_pos = ROPE_VARIANTS[rope](L, longest)
     max_pos = max_pos or config["max_position_embeddings"]
     theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0))
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    params = normalize_rope_parameters(scaling, rope_theta=theta, head_dim=head_dim, max_position_embeddings=max_pos,
-                                       where=f"eval-time rope scaling {rope!r}")
+    params = normalize_rope_parameters(
+        scaling,
+        rope_theta=theta,
+        head_dim=head_dim,
+        max_position_embeddings=max_pos,
+        where=f"eval-time rope scaling {rope!r}",
+    )
     config["rope_parameters"] = params
     config["max_position_embeddings"] = max_pos
     result = {**params, "max_position_embeddings": max_pos}
     if dst.exists():  # only ever our own copy: keep it when identical (so ruler predictions are reused)
         old = json.loads((dst / "config.json").read_text()) if (dst / "config.json").is_file() else None
-        weights_same = all((dst / p.name).is_file() and (dst / p.name).stat().st_size == p.stat().st_size
-                           and (dst / p.name).stat().st_mtime_ns >= p.stat().st_mtime_ns for p in src.iterdir() if p.is_file())
+        weights_same = all(
+            (dst / p.name).is_file()
+            and (dst / p.name).stat().st_size == p.stat().st_size
+            and (dst / p.name).stat().st_mtime_ns >= p.stat().st_mtime_ns
+            for p in src.iterdir()
+            if p.is_file()
+        )
         if old == config and weights_same:
             return result
         shutil.rmtree(dst)
@@ -183,7 +209,9 @@ def evaluate(variant: dict, args, work_dir: Path, console) -> dict:
     model_dir = Path(variant["model"])
     rope = None
     if variant["eval_rope"]:
-        rope = scaled_copy(model_dir, work_dir / "ruler_models" / variant["label"], variant["eval_rope"], L, max(args.multipliers))
+        rope = scaled_copy(
+            model_dir, work_dir / "ruler_models" / variant["label"], variant["eval_rope"], L, max(args.multipliers)
+        )
         model_dir = work_dir / "ruler_models" / variant["label"]
     cfg = RulerConfig(
         model=str(model_dir),
@@ -201,11 +229,20 @@ def evaluate(variant: dict, args, work_dir: Path, console) -> dict:
     res = run_ruler(cfg, progress=not args.no_progress)
     seconds = time.time() - t0
     scores = {task: {str(m): res["scores"][task][str(m * L)] for m in args.multipliers} for task in TASKS}
-    line = "  ".join(f"{task} " + " ".join(f"{scores[task][str(m)]['score']:.0f}" for m in args.multipliers) for task in TASKS)
+    line = "  ".join(
+        f"{task} " + " ".join(f"{scores[task][str(m)]['score']:.0f}" for m in args.multipliers) for task in TASKS
+    )
     console.print(f"  {variant['label']:16s} {line}   ({seconds:.0f} s)")
-    return {"ruler_dir": cfg.out_dir, "model_evaluated": str(model_dir), "eval_rope_parameters": rope, "scores": scores,
-            "effective_length": res["effective_length"], "seconds": round(seconds, 1), "reused_predictions": res["reused_predictions"],
-            "samples": res["samples"]}
+    return {
+        "ruler_dir": cfg.out_dir,
+        "model_evaluated": str(model_dir),
+        "eval_rope_parameters": rope,
+        "scores": scores,
+        "effective_length": res["effective_length"],
+        "seconds": round(seconds, 1),
+        "reused_predictions": res["reused_predictions"],
+        "samples": res["samples"],
+    }
 
 
 def copy_probe(model_dir: Path, validation: Path, docs: int = 40) -> dict:
@@ -240,7 +277,12 @@ def copy_probe(model_dir: Path, validation: Path, docs: int = 40) -> dict:
             pos = [t for t, (s, e) in enumerate(enc["offset_mapping"]) if t > 0 and s >= a and e <= b and e > s]
             (answer if name == "answer" else repeat).extend(float(nll[t - 1]) for t in pos)
     mean = lambda xs: round(sum(xs) / len(xs), 3) if xs else None
-    return {"documents": len(texts), "answer_digit_nll": mean(answer), "needle_repeat_nll": mean(repeat), "uniform_digit_nll": round(math.log(10), 3)}
+    return {
+        "documents": len(texts),
+        "answer_digit_nll": mean(answer),
+        "needle_repeat_nll": mean(repeat),
+        "uniform_digit_nll": round(math.log(10), 3),
+    }
 
 
 # ----------------------------------------------------------------------------- report
@@ -256,7 +298,11 @@ def tables(report: dict, ci: bool = False) -> dict[str, str]:
     out = {}
     for task in TASKS:
         probe = task == "passkey" and any(v.get("copy_probe") for v in report["variants"])
-        headers = ["backbone", "params", "held-out loss"] + (["key NLL at <=L"] if probe else []) + [f"{fmt_mult(m)} ({m * L})" for m in mults]
+        headers = (
+            ["backbone", "params", "held-out loss"]
+            + (["key NLL at <=L"] if probe else [])
+            + [f"{fmt_mult(m)} ({m * L})" for m in mults]
+        )
         rows = []
         for v in report["variants"]:
             cells = []
@@ -267,11 +313,22 @@ def tables(report: dict, ci: bool = False) -> dict[str, str]:
             extra = []
             if probe:
                 c = v.get("copy_probe") or {}
-                extra = [f"{c['answer_digit_nll']:.2f} / {c['needle_repeat_nll']:.2f}" if c.get("answer_digit_nll") is not None else "-"]
-            rows.append([v["label"], f"{v['params'] / 1e6:.2f}M" if v.get("params") else "-", f"{loss:.3f}" if loss else "-", *extra, *cells])
+                extra = [
+                    f"{c['answer_digit_nll']:.2f} / {c['needle_repeat_nll']:.2f}"
+                    if c.get("answer_digit_nll") is not None
+                    else "-"
+                ]
+            rows.append(
+                [
+                    v["label"],
+                    f"{v['params'] / 1e6:.2f}M" if v.get("params") else "-",
+                    f"{loss:.3f}" if loss else "-",
+                    *extra,
+                    *cells,
+                ]
+            )
         out[task] = _util.markdown_table(headers, rows)
     return out
-
 
 
 def plot(report: dict, path: Path) -> None:
@@ -287,10 +344,18 @@ def plot(report: dict, path: Path) -> None:
     xs = np.arange(len(mults))
     for ax, task in zip(axes[:2], TASKS):
         for v in vs:
-            ys = [v["scores"][task][str(m)]["score"] for m in mults]  # intervals: in the JSON and with --ci in the table
+            ys = [
+                v["scores"][task][str(m)]["score"] for m in mults
+            ]  # intervals: in the JSON and with --ci in the table
             ax.plot(xs, ys, "--o" if v["backbone"] == "llama" else "-o", label=v["label"], markersize=4)
         if task == "passkey":
-            ax.axhline(GOAL_SCORE, color="gray", linestyle=":", linewidth=1, label=f"goal {GOAL_SCORE:.0f}% at {GOAL_MULTIPLIER}L")
+            ax.axhline(
+                GOAL_SCORE,
+                color="gray",
+                linestyle=":",
+                linewidth=1,
+                label=f"goal {GOAL_SCORE:.0f}% at {GOAL_MULTIPLIER}L",
+            )
             if GOAL_MULTIPLIER in mults:
                 ax.axvline(mults.index(GOAL_MULTIPLIER), color="gray", linestyle=":", linewidth=1)
         ax.set_xticks(xs, [f"{fmt_mult(m)}\n{m * L}" for m in mults])
@@ -310,8 +375,11 @@ def plot(report: dict, path: Path) -> None:
             ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=8)
     ax.set_title("pass key: backbone x length")
     fig.colorbar(im, ax=ax, fraction=0.05, label="accuracy (%)")
-    fig.suptitle(f"{report['benchmark']}: selective-loss pretraining at L={L}, RULER-style retrieval (compact wording)"
-                 + ("  [--quick: smoke check, not a result]" if report["settings"]["quick"] else ""), fontsize=10)
+    fig.suptitle(
+        f"{report['benchmark']}: selective-loss pretraining at L={L}, RULER-style retrieval (compact wording)"
+        + ("  [--quick: smoke check, not a result]" if report["settings"]["quick"] else ""),
+        fontsize=10,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -324,7 +392,12 @@ def goal(report: dict) -> dict:
     mults, vs = report["settings"]["multipliers"], report["variants"]
     first, longest = str(min(mults)), str(max(mults))
     score = lambda v, m: v["scores"]["passkey"][m]["score"]  # noqa: E731
-    out = {"at_L": {"target": f"every model >= {GOAL_AT_L:.0f}% pass key at L", "scores": {v["label"]: score(v, first) for v in vs}}}
+    out = {
+        "at_L": {
+            "target": f"every model >= {GOAL_AT_L:.0f}% pass key at L",
+            "scores": {v["label"]: score(v, first) for v in vs},
+        }
+    }
     out["at_L"]["met"] = all(x >= GOAL_AT_L for x in out["at_L"]["scores"].values())
     streaming = [v for v in vs if v["backbone"] != "llama"]
     for name, m in (("extension", str(GOAL_MULTIPLIER)), ("moonshot", longest)):
@@ -333,10 +406,16 @@ def goal(report: dict) -> dict:
             continue
         best = max(streaming, key=lambda v: score(v, m))
         e = best["scores"]["passkey"][m]
-        out[name] = {"target": f"best streaming backbone >= {GOAL_SCORE:.0f}% pass key at {fmt_mult(int(m))} = "
-                               f"{int(m) * report['settings']['seq_len']} tokens",
-                     "best": best["label"], "score": e["score"], "ci_low": round(e["ci_low"], 1), "ci_high": round(e["ci_high"], 1),
-                     "n": e["n"], "met": e["score"] >= GOAL_SCORE}
+        out[name] = {
+            "target": f"best streaming backbone >= {GOAL_SCORE:.0f}% pass key at {fmt_mult(int(m))} = "
+            f"{int(m) * report['settings']['seq_len']} tokens",
+            "best": best["label"],
+            "score": e["score"],
+            "ci_low": round(e["ci_low"], 1),
+            "ci_high": round(e["ci_high"], 1),
+            "n": e["n"],
+            "met": e["score"] >= GOAL_SCORE,
+        }
     return out
 
 
@@ -345,21 +424,64 @@ def goal(report: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke check (~3 min): tiny corpus, 20 steps per stage, 1 sample per length")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke check (~3 min): tiny corpus, 20 steps per stage, 1 sample per length",
+    )
     p.add_argument("--pipeline", type=Path, default=PIPELINE)
-    p.add_argument("--work-dir", type=Path, default=None, help="default: runs/long-context-demo (or ...-quick) under the repository")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="pipeline override, as `slm run --set` (repeatable)")
-    p.add_argument("--force", action="store_true", help="redo every pipeline stage (ruler predictions are reused when the checkpoint is unchanged)")
-    p.add_argument("--multipliers", type=int, nargs="+", default=list(MULTIPLIERS), help="evaluated lengths, in units of the training length L")
-    p.add_argument("--samples", type=int, default=None, help="samples per task and length (default 10; --quick 1); they cycle through --depths")
-    p.add_argument("--depths", type=float, nargs="+", default=None, help=f"needle depth grid (default {list(DEPTHS)}; --quick 0.5)")
-    p.add_argument("--rope", nargs="*", default=list(ROPE_VARIANTS), choices=list(ROPE_VARIANTS), help="eval-time RoPE scalings of plain llama")
-    p.add_argument("--chunk", type=int, default=1024, help="prompt tokens per forward pass in evaluation (state carried)")
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="default: runs/long-context-demo (or ...-quick) under the repository",
+    )
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="pipeline override, as `slm run --set` (repeatable)"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="redo every pipeline stage (ruler predictions are reused when the checkpoint is unchanged)",
+    )
+    p.add_argument(
+        "--multipliers",
+        type=int,
+        nargs="+",
+        default=list(MULTIPLIERS),
+        help="evaluated lengths, in units of the training length L",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="samples per task and length (default 10; --quick 1); they cycle through --depths",
+    )
+    p.add_argument(
+        "--depths", type=float, nargs="+", default=None, help=f"needle depth grid (default {list(DEPTHS)}; --quick 0.5)"
+    )
+    p.add_argument(
+        "--rope",
+        nargs="*",
+        default=list(ROPE_VARIANTS),
+        choices=list(ROPE_VARIANTS),
+        help="eval-time RoPE scalings of plain llama",
+    )
+    p.add_argument(
+        "--chunk", type=int, default=1024, help="prompt tokens per forward pass in evaluation (state carried)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation samples")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine, 2 threads were 3-8x slower per step)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: on a shared 2-core machine, 2 threads were 3-8x slower per step)",
+    )
     p.add_argument("--ci", action="store_true", help="print 95%% Wilson intervals in the table cells")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", type=Path, default=None, help="default: scripts/bench/results/long_context_demo[_quick].json")
+    p.add_argument(
+        "--out", type=Path, default=None, help="default: scripts/bench/results/long_context_demo[_quick].json"
+    )
     p.add_argument("--plot", type=Path, default=None, help="default: beside --out, .png")
     args = p.parse_args()
     suffix = "_quick" if args.quick else ""
@@ -372,7 +494,9 @@ def main() -> None:
 
     import os
 
-    os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    os.environ.update(
+        OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false"
+    )
     _util.set_threads(args.threads)
     from rich.console import Console
 
@@ -383,8 +507,10 @@ def main() -> None:
     info = _util.machine_info(args.threads)
     overrides = pipeline_overrides(args)
     _, stages, _ = load_pipeline(args.pipeline, overrides)  # validate before any work
-    console.print(f"[bold]long_context_demo[/]: {args.pipeline.relative_to(ROOT) if args.pipeline.is_relative_to(ROOT) else args.pipeline}"
-                  f", work_dir {args.work_dir}{' (quick)' if args.quick else ''}")
+    console.print(
+        f"[bold]long_context_demo[/]: {args.pipeline.relative_to(ROOT) if args.pipeline.is_relative_to(ROOT) else args.pipeline}"
+        f", work_dir {args.work_dir}{' (quick)' if args.quick else ''}"
+    )
 
     t0 = time.time()
     summary = run_pipeline(args.pipeline, overrides, force=args.force)
@@ -393,7 +519,9 @@ def main() -> None:
         row["stage_seconds"] = stage_record(Path(row["output"])).get("seconds")
     bad = [r for r in summary if r["status"] not in ("complete", "skipped")]
     if bad or len(summary) != len(stages):
-        raise SystemExit(f"pipeline stopped at {bad[0]['stage'] if bad else summary[-1]['stage']}: {bad or summary[-1]}")
+        raise SystemExit(
+            f"pipeline stopped at {bad[0]['stage'] if bad else summary[-1]['stage']}: {bad or summary[-1]}"
+        )
 
     seq_lens = {s.cfg.train.seq_len for s in stages if s.kind in ("pretrain", "finetune")}
     if len(seq_lens) != 1:
@@ -402,14 +530,20 @@ def main() -> None:
     vs = variants(stages, args)
     data = next((s for s in stages if s.kind == "demo_data"), None)
     validation = Path(data.cfg.out_dir) / "validation.jsonl" if data else Path("/nonexistent")
-    console.print(f"[bold]ruler[/]: {len(vs)} models x tasks {list(TASKS)} x lengths {[m * L for m in args.multipliers]} "
-                  f"x {args.samples} samples (depths {args.depths})")
+    console.print(
+        f"[bold]ruler[/]: {len(vs)} models x tasks {list(TASKS)} x lengths {[m * L for m in args.multipliers]} "
+        f"x {args.samples} samples (depths {args.depths})"
+    )
     t0 = time.time()
     for v in vs:
         rec = stage_record(Path(v["model"]).parent)
         metrics = rec.get("metrics", {})
-        v.update(final_heldout_loss=metrics.get("final_heldout_loss"), train_steps=metrics.get("steps"),
-                 tokens_seen=metrics.get("tokens_seen"), train_seconds=rec.get("seconds"))
+        v.update(
+            final_heldout_loss=metrics.get("final_heldout_loss"),
+            train_steps=metrics.get("steps"),
+            tokens_seen=metrics.get("tokens_seen"),
+            train_seconds=rec.get("seconds"),
+        )
         v["params"] = count_params(Path(v["model"]))
         v.update(evaluate(v, args, args.work_dir, console))
         if validation.is_file():
@@ -420,18 +554,33 @@ def main() -> None:
     report = {
         "benchmark": "long_context_demo",
         "description": "selective-loss pretraining of each backbone at training length L on the demo corpus with L-sized retrieval "
-                       "documents packed whole, a short fine-tuning on whole retrieval documents (and two grafts of the pretrained "
-                       "llama), then RULER-style pass-key and multi-key NIAH (template_set compact) at L..32L; scores are % of "
-                       "samples answered exactly (string_match_all), with 95% Wilson intervals",
+        "documents packed whole, a short fine-tuning on whole retrieval documents (and two grafts of the pretrained "
+        "llama), then RULER-style pass-key and multi-key NIAH (template_set compact) at L..32L; scores are % of "
+        "samples answered exactly (string_match_all), with 95% Wilson intervals",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": info,
-        "settings": {"pipeline": str(args.pipeline), "work_dir": str(args.work_dir), "overrides": overrides, "quick": args.quick,
-                     "seq_len": L, "multipliers": args.multipliers, "lengths": [m * L for m in args.multipliers], "tasks": list(TASKS),
-                     "samples_per_length": args.samples, "depths": args.depths, "chunk_len": args.chunk, "seed": args.seed,
-                     "eval_rope": {name: ROPE_VARIANTS[name](L, max(args.multipliers))[0] for name in args.rope}},
+        "settings": {
+            "pipeline": str(args.pipeline),
+            "work_dir": str(args.work_dir),
+            "overrides": overrides,
+            "quick": args.quick,
+            "seq_len": L,
+            "multipliers": args.multipliers,
+            "lengths": [m * L for m in args.multipliers],
+            "tasks": list(TASKS),
+            "samples_per_length": args.samples,
+            "depths": args.depths,
+            "chunk_len": args.chunk,
+            "seed": args.seed,
+            "eval_rope": {name: ROPE_VARIANTS[name](L, max(args.multipliers))[0] for name in args.rope},
+        },
         "pipeline": summary,
         "variants": vs,
-        "seconds": {"pipeline": round(pipeline_seconds, 1), "ruler": round(ruler_seconds, 1), "total": round(time.time() - started, 1)},
+        "seconds": {
+            "pipeline": round(pipeline_seconds, 1),
+            "ruler": round(ruler_seconds, 1),
+            "total": round(time.time() - started, 1),
+        },
     }
     report["goal"] = goal(report)
     report["tables"] = tables(report, ci=args.ci)
@@ -441,20 +590,28 @@ def main() -> None:
     for task in TASKS:
         console.print(f"\n[bold]{TASK_TITLES[task]}[/] (L = {L}; {args.samples} samples per length)\n")
         if task == "passkey":
-            console.print("key NLL at <=L: mean NLL (nats) of the pass-key digits in held-out demo documents, answered at the end / "
-                          "repeated inside the needle; ln 10 = 2.30 is a uniform guess (see copy_probe)\n")
+            console.print(
+                "key NLL at <=L: mean NLL (nats) of the pass-key digits in held-out demo documents, answered at the end / "
+                "repeated inside the needle; ln 10 = 2.30 is a uniform guess (see copy_probe)\n"
+            )
         print(report["tables"][task])
     g = report["goal"]
     verdict = lambda ok: "[green]met[/]" if ok else "[red]not met[/]"  # noqa: E731
-    console.print(f"\ngoal ({g['at_L']['target']}): {verdict(g['at_L']['met'])}: "
-                  + ", ".join(f"{k} {x:.0f}" for k, x in g["at_L"]["scores"].items()))
+    console.print(
+        f"\ngoal ({g['at_L']['target']}): {verdict(g['at_L']['met'])}: "
+        + ", ".join(f"{k} {x:.0f}" for k, x in g["at_L"]["scores"].items())
+    )
     for name in ("extension", "moonshot"):
         if "best" in g[name]:
             e = g[name]
-            console.print(f"goal ({e['target']}): {verdict(e['met'])}: best {e['best']} {e['score']:.0f}% "
-                          f"(95% CI {e['ci_low']:.0f}-{e['ci_high']:.0f}, n={e['n']})")
-    console.print(f"pipeline {pipeline_seconds:.0f} s, ruler {ruler_seconds:.0f} s, total {time.time() - started:.0f} s; "
-                  f"wrote {args.out} and {args.plot}")
+            console.print(
+                f"goal ({e['target']}): {verdict(e['met'])}: best {e['best']} {e['score']:.0f}% "
+                f"(95% CI {e['ci_low']:.0f}-{e['ci_high']:.0f}, n={e['n']})"
+            )
+    console.print(
+        f"pipeline {pipeline_seconds:.0f} s, ruler {ruler_seconds:.0f} s, total {time.time() - started:.0f} s; "
+        f"wrote {args.out} and {args.plot}"
+    )
 
 
 if __name__ == "__main__":

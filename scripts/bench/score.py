@@ -65,20 +65,43 @@ def prepare(args) -> dict:
     stamp = demo_dir / "bench-settings.json"
     if not (stamp.is_file() and json.loads(stamp.read_text()) == demo_key):
         shutil.rmtree(demo_dir, ignore_errors=True)
-        generate_demo(DemoDataConfig(out_dir=str(demo_dir), seed=args.seed, train_documents=n_docs, hq_documents=200,
-                                     validation_documents=1, questions=1, vocab_size=args.tokenizer_vocab), progress=False)
+        generate_demo(
+            DemoDataConfig(
+                out_dir=str(demo_dir),
+                seed=args.seed,
+                train_documents=n_docs,
+                hq_documents=200,
+                validation_documents=1,
+                questions=1,
+                vocab_size=args.tokenizer_vocab,
+            ),
+            progress=False,
+        )
         stamp.write_text(json.dumps(demo_key))
     tokenizer = load_tokenizer(demo_dir / "tokenizer")
 
-    model_key = {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "intermediate": args.intermediate,
-                 "vocab": max(args.vocab, len(tokenizer)), "seed": args.seed, "demo": demo_key}
+    model_key = {
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "heads": args.heads,
+        "intermediate": args.intermediate,
+        "vocab": max(args.vocab, len(tokenizer)),
+        "seed": args.seed,
+        "demo": demo_key,
+    }
     ref_dir = work / "reference"
     stamp = ref_dir / "bench-settings.json"
     if not (stamp.is_file() and json.loads(stamp.read_text()) == model_key):
         shutil.rmtree(ref_dir, ignore_errors=True)
         torch.manual_seed(args.seed)
-        mcfg = ModelConfig(backbone="llama", hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-                           intermediate_size=args.intermediate, max_position_embeddings=8192)
+        mcfg = ModelConfig(
+            backbone="llama",
+            hidden_size=args.hidden,
+            num_layers=args.layers,
+            num_heads=args.heads,
+            intermediate_size=args.intermediate,
+            max_position_embeddings=8192,
+        )
         config = build_config(mcfg, model_key["vocab"])
         config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         model = get_backbone("llama").model_cls(config)
@@ -101,9 +124,15 @@ def prepare(args) -> dict:
     ds = load_corpus(CorpusConfig(path=str(corpus)))
     doc_tokens = tokenizer([ds[i][TEXT_FIELD] for i in range(n_docs)], add_special_tokens=False)["input_ids"]
     per_scale = {s: sum(len(t) for t in doc_tokens[: args.docs * s]) for s in args.scales}
-    return {"reference": str(ref_dir), "corpus": str(corpus), "params": n_params, "vocab": cfg.vocab_size,
-            "tokenizer_vocab": len(tokenizer), "doc_tokens_per_scale": per_scale,
-            "longest_document_tokens": max(len(t) for t in doc_tokens)}
+    return {
+        "reference": str(ref_dir),
+        "corpus": str(corpus),
+        "params": n_params,
+        "vocab": cfg.vocab_size,
+        "tokenizer_vocab": len(tokenizer),
+        "doc_tokens_per_scale": per_scale,
+        "longest_document_tokens": max(len(t) for t in doc_tokens),
+    }
 
 
 # ----------------------------------------------------------------------------- the three methods
@@ -168,7 +197,9 @@ def packed_rows(env: dict, n_docs: int):
     tokenizer = load_tokenizer(env["reference"])
     corpus = load_corpus(CorpusConfig(path=env["corpus"], text_field=TEXT_FIELD, max_documents=n_docs))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = list(pack_documents(iter_documents(corpus, tokenizer, TEXT_FIELD), env["seq_len"], tokenizer.eos_token_id, pad))
+    rows = list(
+        pack_documents(iter_documents(corpus, tokenizer, TEXT_FIELD), env["seq_len"], tokenizer.eos_token_id, pad)
+    )
     ids = torch.from_numpy(np.array([r.input_ids for r in rows], dtype=np.int64))
     return ids, int(sum(sum(r.loss_mask) for r in rows))
 
@@ -184,7 +215,7 @@ def run_bare(env: dict, n_docs: int, out_dir: str, model=None, rows=None) -> dic
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for start in range(0, ids.shape[0], bs):
-            model(input_ids=ids[start:start + bs], use_cache=False)
+            model(input_ids=ids[start : start + bs], use_cache=False)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"seconds": wall, "cpu_seconds": cpu, "tokens": tokens}
 
@@ -210,7 +241,7 @@ def worker_throughput(spec: dict) -> dict:
         order = ["bare", "slm", "naive"]
         rounds: dict[str, list[dict]] = {k: [] for k in order}
         for r in range(repeats):
-            for name in order[r % 3:] + order[: r % 3]:
+            for name in order[r % 3 :] + order[: r % 3]:
                 out = str(tmp / f"{name}-{r}")
                 if name == "bare":
                     res = run_bare(env, n_docs, out, bare_model, bare_rows)
@@ -228,7 +259,9 @@ def worker_throughput(spec: dict) -> dict:
 def worker_memory(spec: dict) -> dict:
     """One method at one corpus scale in a fresh process: RSS high-water before and after."""
     env, name, n_docs = spec["env"], spec["method"], spec["docs"]
-    if name == "slm":  # the process group of `slm score` (DeepSpeed import, gloo) belongs to the process, not the corpus
+    if (
+        name == "slm"
+    ):  # the process group of `slm score` (DeepSpeed import, gloo) belongs to the process, not the corpus
         from slm.training.distributed import init_distributed
 
         init_distributed()
@@ -240,8 +273,12 @@ def worker_memory(spec: dict) -> dict:
     finally:
         peak = _util.maxrss_mb()
         shutil.rmtree(tmp, ignore_errors=True)
-    res.update(peak_rss_mb=round(peak, 1), baseline_rss_mb=round(base, 1), peak_delta_mb=round(peak - base, 1),
-               load_average=_util.load_average())
+    res.update(
+        peak_rss_mb=round(peak, 1),
+        baseline_rss_mb=round(base, 1),
+        peak_delta_mb=round(peak - base, 1),
+        load_average=_util.load_average(),
+    )
     return res
 
 
@@ -253,12 +290,19 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke check: tiny corpus and model, scales 1 2, one round")
     p.add_argument("--docs", type=int, default=40, help="documents of the demo training corpus at scale 1x")
     p.add_argument("--scales", type=int, nargs="+", default=[1, 2, 4], help="corpus sizes for the memory measurement")
-    p.add_argument("--repeats", type=int, default=3, help="rounds of the throughput measurement (best and median reported)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="rounds of the throughput measurement (best and median reported)"
+    )
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--intermediate", type=int, default=688)
-    p.add_argument("--vocab", type=int, default=2048, help="the reference model's vocabulary (>= the tokenizer's; larger shows chunked log-probs)")
+    p.add_argument(
+        "--vocab",
+        type=int,
+        default=2048,
+        help="the reference model's vocabulary (>= the tokenizer's; larger shows chunked log-probs)",
+    )
     p.add_argument("--tokenizer-vocab", type=int, default=2048, help="vocabulary of the demo BPE tokenizer")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
@@ -281,7 +325,9 @@ def main() -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     # every process reads the corpus through the same datasets cache, inside the work directory
     env_extra = {"HF_DATASETS_CACHE": str(args.work_dir / "hf-datasets")}
-    _util.start_workers(args.threads, ["torch", "transformers", "datasets", "deepspeed", "slm.models", "slm.stages.score"], env_extra)
+    _util.start_workers(
+        args.threads, ["torch", "transformers", "datasets", "deepspeed", "slm.models", "slm.stages.score"], env_extra
+    )
     _util.set_threads(args.threads)
 
     from rich.console import Console
@@ -291,12 +337,22 @@ def main() -> None:
     info = _util.machine_info(args.threads)
     console.print("[bold]score[/]: preparing the demo corpus and the reference model ...")
     prep = prepare(args)
-    env = {"reference": prep["reference"], "corpus": prep["corpus"], "seq_len": args.seq_len, "batch_size": args.batch_size,
-           "documents_per_shard": args.documents_per_shard, "logprob_chunk_tokens": args.logprob_chunk_tokens}
-    console.print(f"  reference: llama, {prep['params']:,} parameters, vocab {prep['vocab']}; corpus 1x = {args.docs} documents, "
-                  f"{prep['doc_tokens_per_scale'][args.scales[0]]:,} tokens; threads {args.threads}")
+    env = {
+        "reference": prep["reference"],
+        "corpus": prep["corpus"],
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "documents_per_shard": args.documents_per_shard,
+        "logprob_chunk_tokens": args.logprob_chunk_tokens,
+    }
+    console.print(
+        f"  reference: llama, {prep['params']:,} parameters, vocab {prep['vocab']}; corpus 1x = {args.docs} documents, "
+        f"{prep['doc_tokens_per_scale'][args.scales[0]]:,} tokens; threads {args.threads}"
+    )
 
-    console.print(f"  throughput: one process, {args.repeats} round(s) of bare / slm / naive over {args.docs * args.scales[0]} documents ...")
+    console.print(
+        f"  throughput: one process, {args.repeats} round(s) of bare / slm / naive over {args.docs * args.scales[0]} documents ..."
+    )
     spec = {"env": env, "docs": args.docs * args.scales[0], "repeats": args.repeats, "work_dir": str(args.work_dir)}
     tp = _util.run_worker(worker_throughput, spec, args.threads, args.budget_s * 3)
     if tp.get("status") != "ok":
@@ -307,12 +363,20 @@ def main() -> None:
         secs = [r["seconds"] for r in rounds]
         best, med = min(secs), statistics.median(secs)
         tokens = rounds[0]["tokens"]
-        throughput[name] = {"tokens": tokens, "seconds_best": round(best, 3), "seconds_median": round(med, 3),
-                            "seconds_all": [round(s, 3) for s in secs], "cpu_seconds_all": [round(r["cpu_seconds"], 3) for r in rounds],
-                            "tokens_per_s": round(tokens / best, 1), "tokens_per_s_median": round(tokens / med, 1),
-                            "load_average": [r["load_average"] for r in rounds]}
-        console.print(f"    {name:6s} {tokens:,} tokens, best {best:6.2f} s ({tokens / best:7,.0f} tok/s), median {med:6.2f} s "
-                      f"(rounds: {', '.join(f'{s:.2f}' for s in secs)})")
+        throughput[name] = {
+            "tokens": tokens,
+            "seconds_best": round(best, 3),
+            "seconds_median": round(med, 3),
+            "seconds_all": [round(s, 3) for s in secs],
+            "cpu_seconds_all": [round(r["cpu_seconds"], 3) for r in rounds],
+            "tokens_per_s": round(tokens / best, 1),
+            "tokens_per_s_median": round(tokens / med, 1),
+            "load_average": [r["load_average"] for r in rounds],
+        }
+        console.print(
+            f"    {name:6s} {tokens:,} tokens, best {best:6.2f} s ({tokens / best:7,.0f} tok/s), median {med:6.2f} s "
+            f"(rounds: {', '.join(f'{s:.2f}' for s in secs)})"
+        )
     # best-of-rounds: on a shared machine other jobs only ever add time, so the fastest round is the least disturbed one
     speedup = throughput["slm"]["tokens_per_s"] / throughput["naive"]["tokens_per_s"]
     vs_bare = throughput["slm"]["seconds_best"] / throughput["bare"]["seconds_best"]
@@ -327,8 +391,10 @@ def main() -> None:
             r = _util.run_worker(worker_memory, spec, args.threads, args.budget_s)
             memory[m][f"{s}x"] = r
             if r.get("status") == "ok":
-                console.print(f"    {m:6s} {s}x: peak {r['peak_rss_mb']:8.1f} MiB (+{r['peak_delta_mb']:.1f} over {r['baseline_rss_mb']:.1f}), "
-                              f"{r['tokens']:,} tokens, {r['tokens'] / r['seconds']:,.0f} tok/s")
+                console.print(
+                    f"    {m:6s} {s}x: peak {r['peak_rss_mb']:8.1f} MiB (+{r['peak_delta_mb']:.1f} over {r['baseline_rss_mb']:.1f}), "
+                    f"{r['tokens']:,} tokens, {r['tokens'] / r['seconds']:,.0f} tok/s"
+                )
             else:
                 console.print(f"    {m:6s} {s}x: {r['status']}: {r.get('reason')}")
     flat = {}
@@ -337,8 +403,12 @@ def main() -> None:
         a, b = memory[m].get(lo, {}), memory[m].get(hi, {})
         if a.get("status") == "ok" and b.get("status") == "ok" and lo != hi:
             ratio = b["peak_delta_mb"] / max(a["peak_delta_mb"], 1e-9)
-            flat[m] = {"scales": [lo, hi], "peak_delta_ratio": round(ratio, 3), "flat": ratio <= FLAT_TARGET,
-                       "peak_rss_ratio": round(b["peak_rss_mb"] / a["peak_rss_mb"], 3)}
+            flat[m] = {
+                "scales": [lo, hi],
+                "peak_delta_ratio": round(ratio, 3),
+                "flat": ratio <= FLAT_TARGET,
+                "peak_rss_ratio": round(b["peak_rss_mb"] / a["peak_rss_mb"], 3),
+            }
 
     info["load_average_at_end"] = _util.load_average()
     public = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -347,46 +417,89 @@ def main() -> None:
         "description": __doc__.split("\n\n")[0],
         "machine": info,
         "settings": public,
-        "reference_model": {"backbone": "llama (random init)", "params": prep["params"], "vocab": prep["vocab"],
-                            "hidden": args.hidden, "layers": args.layers, "heads": args.heads, "intermediate": args.intermediate},
-        "corpus": {"documents_1x": args.docs, "document_tokens_per_scale": prep["doc_tokens_per_scale"],
-                   "longest_document_tokens": prep["longest_document_tokens"], "tokenizer_vocab": prep["tokenizer_vocab"]},
+        "reference_model": {
+            "backbone": "llama (random init)",
+            "params": prep["params"],
+            "vocab": prep["vocab"],
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "heads": args.heads,
+            "intermediate": args.intermediate,
+        },
+        "corpus": {
+            "documents_1x": args.docs,
+            "document_tokens_per_scale": prep["doc_tokens_per_scale"],
+            "longest_document_tokens": prep["longest_document_tokens"],
+            "tokenizer_vocab": prep["tokenizer_vocab"],
+        },
         "throughput": throughput,
-        "ratios": {"statistic": "best of the rounds (median beside it)",
-                   "slm_vs_naive_tokens_per_s": round(speedup, 3), "slm_vs_naive_pass": speedup >= SPEEDUP_TARGET,
-                   "slm_seconds_vs_bare_seconds": round(vs_bare, 3), "slm_vs_bare_pass": vs_bare <= BARE_TARGET,
-                   "median_slm_vs_naive_tokens_per_s": round(speedup_med, 3), "median_slm_seconds_vs_bare_seconds": round(vs_bare_med, 3)},
+        "ratios": {
+            "statistic": "best of the rounds (median beside it)",
+            "slm_vs_naive_tokens_per_s": round(speedup, 3),
+            "slm_vs_naive_pass": speedup >= SPEEDUP_TARGET,
+            "slm_seconds_vs_bare_seconds": round(vs_bare, 3),
+            "slm_vs_bare_pass": vs_bare <= BARE_TARGET,
+            "median_slm_vs_naive_tokens_per_s": round(speedup_med, 3),
+            "median_slm_seconds_vs_bare_seconds": round(vs_bare_med, 3),
+        },
         "memory": memory,
-        "memory_flat": {"definition": f"peak_delta_mb at {hi} <= {FLAT_TARGET}x that at {lo} (delta = RSS high-water after - before the method, fresh process)",
-                        "per_method": flat},
-        "targets": {"slm_vs_naive": f">= {SPEEDUP_TARGET}x tokens/s", "slm_vs_bare": f"slm seconds <= {BARE_TARGET}x bare-forward seconds",
-                    "memory": "flat in corpus size"},
+        "memory_flat": {
+            "definition": f"peak_delta_mb at {hi} <= {FLAT_TARGET}x that at {lo} (delta = RSS high-water after - before the method, fresh process)",
+            "per_method": flat,
+        },
+        "targets": {
+            "slm_vs_naive": f">= {SPEEDUP_TARGET}x tokens/s",
+            "slm_vs_bare": f"slm seconds <= {BARE_TARGET}x bare-forward seconds",
+            "memory": "flat in corpus size",
+        },
         "seconds_total": round(time.time() - started, 1),
     }
     _util.write_json(args.out, report)
 
-    headers = ["method", "tokens", "seconds (best)", "tokens/s (best)", "tokens/s (median)", "vs slm"] + [f"peak MiB {s}x (+Δ)" for s in args.scales]
+    headers = ["method", "tokens", "seconds (best)", "tokens/s (best)", "tokens/s (median)", "vs slm"] + [
+        f"peak MiB {s}x (+Δ)" for s in args.scales
+    ]
     rows = []
     for name in ("slm", "naive", "bare"):
         t = throughput[name]
-        row = [name, f"{t['tokens']:,}", _util.fmt(t["seconds_best"], 2), f"{t['tokens_per_s']:,.0f}", f"{t['tokens_per_s_median']:,.0f}",
-               f"{t['tokens_per_s'] / throughput['slm']['tokens_per_s']:.2f}x"]
+        row = [
+            name,
+            f"{t['tokens']:,}",
+            _util.fmt(t["seconds_best"], 2),
+            f"{t['tokens_per_s']:,.0f}",
+            f"{t['tokens_per_s_median']:,.0f}",
+            f"{t['tokens_per_s'] / throughput['slm']['tokens_per_s']:.2f}x",
+        ]
         for s in args.scales:
             r = memory.get(name, {}).get(f"{s}x")
-            row.append(f"{r['peak_rss_mb']:,.0f} (+{r['peak_delta_mb']:,.0f})" if r and r.get("status") == "ok" else (r["status"] if r else "-"))
+            row.append(
+                f"{r['peak_rss_mb']:,.0f} (+{r['peak_delta_mb']:,.0f})"
+                if r and r.get("status") == "ok"
+                else (r["status"] if r else "-")
+            )
         rows.append(row)
-    _util.print_table(f"slm score vs naive loop vs bare forward (llama {prep['params'] / 1e6:.1f}M params, vocab {prep['vocab']}, "
-                      f"{args.threads} threads)", headers, rows)
+    _util.print_table(
+        f"slm score vs naive loop vs bare forward (llama {prep['params'] / 1e6:.1f}M params, vocab {prep['vocab']}, "
+        f"{args.threads} threads)",
+        headers,
+        rows,
+    )
     print()
     print(_util.markdown_table(headers, rows))
     print()
-    print(f"- slm / naive tokens/s: {speedup:.2f}x best-of-{args.repeats} ({speedup_med:.2f}x median) (target >= {SPEEDUP_TARGET}x): "
-          f"{'pass' if speedup >= SPEEDUP_TARGET else 'FAIL'}")
-    print(f"- slm seconds / bare-forward seconds: {vs_bare:.2f}x best-of-{args.repeats} ({vs_bare_med:.2f}x median) (target <= {BARE_TARGET}x): "
-          f"{'pass' if vs_bare <= BARE_TARGET else 'FAIL'}")
+    print(
+        f"- slm / naive tokens/s: {speedup:.2f}x best-of-{args.repeats} ({speedup_med:.2f}x median) (target >= {SPEEDUP_TARGET}x): "
+        f"{'pass' if speedup >= SPEEDUP_TARGET else 'FAIL'}"
+    )
+    print(
+        f"- slm seconds / bare-forward seconds: {vs_bare:.2f}x best-of-{args.repeats} ({vs_bare_med:.2f}x median) (target <= {BARE_TARGET}x): "
+        f"{'pass' if vs_bare <= BARE_TARGET else 'FAIL'}"
+    )
     for m, f in flat.items():
-        print(f"- {m} peak memory {f['scales'][1]} / {f['scales'][0]} (delta over baseline): {f['peak_delta_ratio']:.2f}x "
-              f"(flat target <= {FLAT_TARGET}x): {'pass' if f['flat'] else 'FAIL'}")
+        print(
+            f"- {m} peak memory {f['scales'][1]} / {f['scales'][0]} (delta over baseline): {f['peak_delta_ratio']:.2f}x "
+            f"(flat target <= {FLAT_TARGET}x): {'pass' if f['flat'] else 'FAIL'}"
+        )
     print(f"\nwrote {args.out} in {report['seconds_total']:.0f} s")
 
 

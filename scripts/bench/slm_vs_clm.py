@@ -103,8 +103,10 @@ def prepare(args) -> dict:
         except SlmError as e:
             if "another config" not in str(e):
                 raise
-            raise SystemExit(f"{e}\nThe recipe or the library's config defaults changed since the demo was prepared in {args.work_dir}: "
-                             f"use a fresh --work-dir, or --set the old values (compare {by_name[name].cfg.out_dir}/stage.json)") from None
+            raise SystemExit(
+                f"{e}\nThe recipe or the library's config defaults changed since the demo was prepared in {args.work_dir}: "
+                f"use a fresh --work-dir, or --set the old values (compare {by_name[name].cfg.out_dir}/stage.json)"
+            ) from None
         timings[name] = round(time.time() - t, 1)
         log(f"prepare: {name} {'reused' if existed else 'ran'} ({timings[name]} s)")
         if record.get("status", "complete") != "complete":
@@ -115,8 +117,15 @@ def prepare(args) -> dict:
         d.pop("out_dir"), d.pop("selection")
     if a != b:  # "same model and training config" is the recipe's promise; check it instead of assuming it
         raise SystemExit(f"{recipe}: pretrain_slm and pretrain_clm differ beyond out_dir and selection: {a} vs {b}")
-    return {"recipe": str(recipe), "pretrain": slm_cfg, "eval": by_name["eval_reference"].cfg,
-            "reference": by_name["reference"].cfg, "data": by_name["data"].cfg, "score": by_name["score"].cfg, "stage_seconds": timings}
+    return {
+        "recipe": str(recipe),
+        "pretrain": slm_cfg,
+        "eval": by_name["eval_reference"].cfg,
+        "reference": by_name["reference"].cfg,
+        "data": by_name["data"].cfg,
+        "score": by_name["score"].cfg,
+        "stage_seconds": timings,
+    }
 
 
 def run_config(base, out_dir: Path, seed: int, ratio: float | None, args):
@@ -125,8 +134,13 @@ def run_config(base, out_dir: Path, seed: int, ratio: float | None, args):
 
     d = base.model_dump(mode="json")
     d["out_dir"] = str(out_dir)
-    d["train"].update(seed=seed, max_steps=args.steps, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-                      keep_checkpoints=10_000)
+    d["train"].update(
+        seed=seed,
+        max_steps=args.steps,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=10_000,
+    )
     d["selection"] = {"enabled": False} if ratio is None else {**d["selection"], "enabled": True, "ratio": ratio}
     return PretrainConfig.model_validate(d)
 
@@ -151,12 +165,24 @@ class Evaluator:
         self.questions = read_questions(prep["eval"].questions)[: args.questions]
         # the same packed validation rows the trainer evaluates on (same corpus, tokenizer, seq_len)
         self._codes = None  # noise kind codes of the rows `kinds` reads, made on first use
-        self.heldout_rows = packed_corpus(base.validation, self.tokenizer, self.tokenizer_dir, base.train.seq_len, Path(args.work_dir) / "bench" / "heldout")
+        self.heldout_rows = packed_corpus(
+            base.validation,
+            self.tokenizer,
+            self.tokenizer_dir,
+            base.train.seq_len,
+            Path(args.work_dir) / "bench" / "heldout",
+        )
 
     def heldout(self, model) -> float:
         from slm.training.loop import heldout_loss
 
-        return heldout_loss(model, self.heldout_rows, self.train.micro_batch_size, self.train.eval_batches, next(model.parameters()).device)
+        return heldout_loss(
+            model,
+            self.heldout_rows,
+            self.train.micro_batch_size,
+            self.train.eval_batches,
+            next(model.parameters()).device,
+        )
 
     def accuracy(self, model) -> float:
         from slm.evaluation.heldout import domain_accuracy
@@ -178,11 +204,19 @@ class Evaluator:
         from slm.models import load_pretrained
 
         ref_dir = Path(self.prep["reference"].out_dir) / "model"
-        key = {"model": _stage_fp(ref_dir.parent), "questions": len(self.questions), "max_new_tokens": self.max_new_tokens}
+        key = {
+            "model": _stage_fp(ref_dir.parent),
+            "questions": len(self.questions),
+            "max_new_tokens": self.max_new_tokens,
+        }
 
         def compute():
             model = load_pretrained(str(ref_dir)).float().eval()
-            return {"heldout_loss": self.heldout(model), "domain_accuracy": self.accuracy(model), "questions": len(self.questions)}
+            return {
+                "heldout_loss": self.heldout(model),
+                "domain_accuracy": self.accuracy(model),
+                "questions": len(self.questions),
+            }
 
         return self.cached(Path(self.args.work_dir) / "bench" / "reference_eval.json", key, compute)
 
@@ -190,8 +224,13 @@ class Evaluator:
         """The pretrain stage's initial model for `seed` (build_model with the same seed): the curves' 0-token point."""
         from slm.models import build_model
 
-        key = {"model": base_cfg.model.model_dump(mode="json"), "seed": seed, "questions": len(self.questions),
-               "max_new_tokens": self.max_new_tokens, "eval_batches": self.train.eval_batches}
+        key = {
+            "model": base_cfg.model.model_dump(mode="json"),
+            "seed": seed,
+            "questions": len(self.questions),
+            "max_new_tokens": self.max_new_tokens,
+            "eval_batches": self.train.eval_batches,
+        }
 
         def compute():
             model = build_model(base_cfg.model, vocab_size=len(self.tokenizer), seed=seed).float().eval()
@@ -207,8 +246,12 @@ class Evaluator:
         from slm.models import load_pretrained
         from slm.training.checkpoint import MARKER, whole_checkpoints
 
-        key = {"run": _stage_fp(run_dir), "questions": len(self.questions), "max_new_tokens": self.max_new_tokens,
-               "selection_quality": [ratio, SQ_BATCH, SQ_BATCHES]}
+        key = {
+            "run": _stage_fp(run_dir),
+            "questions": len(self.questions),
+            "max_new_tokens": self.max_new_tokens,
+            "selection_quality": [ratio, SQ_BATCH, SQ_BATCHES],
+        }
 
         def compute():
             model = load_pretrained(str(run_dir / "model")).float().eval()
@@ -217,11 +260,14 @@ class Evaluator:
                 load_deepspeed_weights(model, ck)
                 acc.append({"step": int(read_json(ck / MARKER)["step"]), "accuracy": self.accuracy(model)})
             model = load_pretrained(str(run_dir / "model")).float().eval()  # the exported final model
-            sq = selection_quality(model, self.shards, ratio, SQ_BATCH, SQ_BATCHES, progress=False) if ratio is not None else None
+            sq = (
+                selection_quality(model, self.shards, ratio, SQ_BATCH, SQ_BATCHES, progress=False)
+                if ratio is not None
+                else None
+            )
             return {"accuracy": acc, "selection_quality": sq}
 
         return self.cached(run_dir / "bench_eval.json", key, compute)
-
 
     def kinds(self, run_dir: Path, ratio: float | None) -> dict:
         """The final model's batch selection on the first shard rows, by kind of token (clean or each kind of noise).
@@ -240,7 +286,9 @@ class Evaluator:
         def compute():
             model = load_pretrained(str(run_dir / "model")).float().eval()
             codes, names = self._codes
-            return selection_quality(model, self.shards, ratio, SQ_BATCH, SQ_BATCHES, progress=False, noise_codes=codes, kind_names=names)["by_kind"]
+            return selection_quality(
+                model, self.shards, ratio, SQ_BATCH, SQ_BATCHES, progress=False, noise_codes=codes, kind_names=names
+            )["by_kind"]
 
         return self.cached(run_dir / "bench_kinds.json", key, compute)
 
@@ -264,7 +312,9 @@ def analyse_run(metrics: list[dict], cfg, untrained: dict, evals: dict, record: 
     tr = cfg.train
     tokens_at = {m["step"]: m["tokens"] for m in metrics}
     tokens_per_step = metrics[0]["tokens"]
-    loss_curve = [(0, untrained["heldout_loss"])] + [(m["tokens"], m["heldout_loss"]) for m in metrics if m.get("heldout_loss") is not None]
+    loss_curve = [(0, untrained["heldout_loss"])] + [
+        (m["tokens"], m["heldout_loss"]) for m in metrics if m.get("heldout_loss") is not None
+    ]
     acc_curve = [(0, untrained["domain_accuracy"])] + [(tokens_at[a["step"]], a["accuracy"]) for a in evals["accuracy"]]
     last = [m for m in metrics if m["step"] > tr.max_steps * (1 - LAST_SHARE)]
 
@@ -288,7 +338,9 @@ def analyse_run(metrics: list[dict], cfg, untrained: dict, evals: dict, record: 
         "steps": tr.max_steps,
         "tokens_per_step": tokens_per_step,
         "tokens": metrics[-1]["tokens"],
-        "kept_tokens": round(sum(m.get("kept_fraction", 1.0) * m.get("valid_tokens", tokens_per_step) for m in metrics)),
+        "kept_tokens": round(
+            sum(m.get("kept_fraction", 1.0) * m.get("valid_tokens", tokens_per_step) for m in metrics)
+        ),
         "loss_curve": loss_curve,
         "accuracy_curve": acc_curve,
         "final_heldout_loss": loss_curve[-1][1],
@@ -331,8 +383,11 @@ def micro_overhead(model, shards, sel_cfg, micro_batch: int, reps: int) -> dict:
     from slm.training.loop import causal_lm_step
 
     rows = shards.rows(np.arange(micro_batch), ("input_ids", "ref_loss", "loss_mask"))
-    batch = {"input_ids": torch.from_numpy(rows["input_ids"]).long(), "ref_loss": torch.from_numpy(rows["ref_loss"]),
-             "loss_mask": torch.from_numpy(rows["loss_mask"])}
+    batch = {
+        "input_ids": torch.from_numpy(rows["input_ids"]).long(),
+        "ref_loss": torch.from_numpy(rows["ref_loss"]),
+        "loss_mask": torch.from_numpy(rows["loss_mask"]),
+    }
     model.train()
 
     def plain():
@@ -353,7 +408,9 @@ def micro_overhead(model, shards, sel_cfg, micro_batch: int, reps: int) -> dict:
         timed(fn)
     times = {"plain": [], "selective": []}
     for i in range(reps):
-        order = (("plain", plain), ("selective", selective)) if i % 2 == 0 else (("selective", selective), ("plain", plain))
+        order = (
+            (("plain", plain), ("selective", selective)) if i % 2 == 0 else (("selective", selective), ("plain", plain))
+        )
         for name, fn in order:
             times[name].append(timed(fn))
     with torch.no_grad():
@@ -406,8 +463,14 @@ def best_possible(ratio: float | None, clm: dict, run: dict) -> dict:
     sq = run["final_model_selection"] or {}
     n_final = (1 - sq["kept_clean"]) * ratio / (1 - sq["noise_dropped"]) if sq and sq["noise_dropped"] < 1 else None
     (ld, lc), (fd, fc) = bounds(n_log), bounds(n_final)
-    return {"noise_share_log": n_log, "best_log_noise_dropped": ld, "best_log_kept_clean": lc,
-            "noise_share_final": n_final, "best_final_noise_dropped": fd, "best_final_kept_clean": fc}
+    return {
+        "noise_share_log": n_log,
+        "best_log_noise_dropped": ld,
+        "best_log_kept_clean": lc,
+        "noise_share_final": n_final,
+        "best_final_noise_dropped": fd,
+        "best_final_kept_clean": fc,
+    }
 
 
 def summarise(results: dict, seeds: list[int], methods: list[float | None]) -> dict:
@@ -419,30 +482,48 @@ def summarise(results: dict, seeds: list[int], methods: list[float | None]) -> d
             r, base = results[(ratio, seed)], results[(None, seed)]
             budget = base["tokens"]
             tl = tokens_to_reach(r["loss_curve"], base["final_heldout_loss"], True)
-            trivial = base["final_accuracy"] <= r["accuracy_curve"][0][1]  # no better than the untrained model: nothing to reach
+            trivial = (
+                base["final_accuracy"] <= r["accuracy_curve"][0][1]
+            )  # no better than the untrained model: nothing to reach
             ta = None if trivial else tokens_to_reach(r["accuracy_curve"], base["final_accuracy"], False)
-            per_seed.append({
-                "seed": seed, "final_heldout_loss": r["final_heldout_loss"], "final_accuracy": r["final_accuracy"],
-                "clm_final_heldout_loss": base["final_heldout_loss"], "clm_final_accuracy": base["final_accuracy"],
-                "tokens_to_clm_loss": tl, "tokens_to_clm_loss_x_budget": tl / budget if tl is not None else None,
-                "tokens_to_clm_accuracy": ta, "tokens_to_clm_accuracy_x_budget": ta / budget if ta is not None else None,
-                "clm_accuracy_at_or_below_untrained": trivial,
-                "log_noise_dropped": r["log_noise_dropped"], "log_kept_clean": r["log_kept_clean"],
-                "final_noise_dropped": (r["final_model_selection"] or {}).get("noise_dropped"),
-                "final_kept_clean": (r["final_model_selection"] or {}).get("kept_clean"),
-                "selection_ms": r["selection_ms"], "step_ms": r["step_ms"], "selection_share_of_step": r["selection_share_of_step"],
-                "step_ms_vs_clm": r["step_ms"] / base["step_ms"] - 1 if r["step_ms"] and base["step_ms"] else None,
-                "tokens": r["tokens"], "kept_tokens": r["kept_tokens"],
-                **best_possible(ratio, base, r),
-            })
+            per_seed.append(
+                {
+                    "seed": seed,
+                    "final_heldout_loss": r["final_heldout_loss"],
+                    "final_accuracy": r["final_accuracy"],
+                    "clm_final_heldout_loss": base["final_heldout_loss"],
+                    "clm_final_accuracy": base["final_accuracy"],
+                    "tokens_to_clm_loss": tl,
+                    "tokens_to_clm_loss_x_budget": tl / budget if tl is not None else None,
+                    "tokens_to_clm_accuracy": ta,
+                    "tokens_to_clm_accuracy_x_budget": ta / budget if ta is not None else None,
+                    "clm_accuracy_at_or_below_untrained": trivial,
+                    "log_noise_dropped": r["log_noise_dropped"],
+                    "log_kept_clean": r["log_kept_clean"],
+                    "final_noise_dropped": (r["final_model_selection"] or {}).get("noise_dropped"),
+                    "final_kept_clean": (r["final_model_selection"] or {}).get("kept_clean"),
+                    "selection_ms": r["selection_ms"],
+                    "step_ms": r["step_ms"],
+                    "selection_share_of_step": r["selection_share_of_step"],
+                    "step_ms_vs_clm": r["step_ms"] / base["step_ms"] - 1 if r["step_ms"] and base["step_ms"] else None,
+                    "tokens": r["tokens"],
+                    "kept_tokens": r["kept_tokens"],
+                    **best_possible(ratio, base, r),
+                }
+            )
         agg = {}
         for k in per_seed[0]:
             if k == "seed" or isinstance(per_seed[0][k], bool):
                 continue
             m, s, n = mean_std([p[k] for p in per_seed])
             agg[k] = {"mean": m, "std": s, "n": n}
-        summary[name] = {"ratio": ratio, "per_seed": per_seed, "mean": agg, "seeds": len(seeds),
-                         "accuracy_target_trivial": any(p["clm_accuracy_at_or_below_untrained"] for p in per_seed)}
+        summary[name] = {
+            "ratio": ratio,
+            "per_seed": per_seed,
+            "mean": agg,
+            "seeds": len(seeds),
+            "accuracy_target_trivial": any(p["clm_accuracy_at_or_below_untrained"] for p in per_seed),
+        }
     return summary
 
 
@@ -463,25 +544,72 @@ def reach(agg: dict, key: str, seeds: int) -> str:
 
 
 def table_rows(summary: dict, seeds: int) -> tuple[list[str], list[list]]:
-    headers = ["method", "final held-out loss", "final accuracy", "tokens to CLM final loss (x CLM budget)",
-               "tokens to CLM final accuracy (x budget)", "noise dropped (log / final model)", "kept clean (log / final model)",
-               "best possible at this ratio: dropped / clean (log; final model)", "selection ms / step ms (share)"]
+    headers = [
+        "method",
+        "final held-out loss",
+        "final accuracy",
+        "tokens to CLM final loss (x CLM budget)",
+        "tokens to CLM final accuracy (x budget)",
+        "noise dropped (log / final model)",
+        "kept clean (log / final model)",
+        "best possible at this ratio: dropped / clean (log; final model)",
+        "selection ms / step ms (share)",
+    ]
     rows = []
     for name, s in summary.items():
         a = s["mean"]
-        sel = "-" if a["selection_ms"]["mean"] is None else (
-            f"{a['selection_ms']['mean']:.2f} / {a['step_ms']['mean']:.0f} ({100 * a['selection_share_of_step']['mean']:.2f}%)")
-        nd = ms(a, "log_noise_dropped", 3, True) + (f" / {ms(a, 'final_noise_dropped', 3, True)}" if s["ratio"] is not None else "")
-        kc = ms(a, "log_kept_clean", 3, True) + (f" / {ms(a, 'final_kept_clean', 3, True)}" if s["ratio"] is not None else "")
+        sel = (
+            "-"
+            if a["selection_ms"]["mean"] is None
+            else (
+                f"{a['selection_ms']['mean']:.2f} / {a['step_ms']['mean']:.0f} ({100 * a['selection_share_of_step']['mean']:.2f}%)"
+            )
+        )
+        nd = ms(a, "log_noise_dropped", 3, True) + (
+            f" / {ms(a, 'final_noise_dropped', 3, True)}" if s["ratio"] is not None else ""
+        )
+        kc = ms(a, "log_kept_clean", 3, True) + (
+            f" / {ms(a, 'final_kept_clean', 3, True)}" if s["ratio"] is not None else ""
+        )
         acc = reach(a, "tokens_to_clm_accuracy", seeds)
         if s["accuracy_target_trivial"]:
-            acc = "n/a (CLM final accuracy <= untrained" + (f" in some seeds; {acc}" if a["tokens_to_clm_accuracy"]["n"] else "") + ")"
+            acc = (
+                "n/a (CLM final accuracy <= untrained"
+                + (f" in some seeds; {acc}" if a["tokens_to_clm_accuracy"]["n"] else "")
+                + ")"
+            )
         best = "-"
         if s["ratio"] is not None:
-            best = (f"{100 * a['best_log_noise_dropped']['mean']:.1f}% / {100 * a['best_log_kept_clean']['mean']:.1f}%; "
-                    f"{100 * a['best_final_noise_dropped']['mean']:.1f}% / {100 * a['best_final_kept_clean']['mean']:.1f}%")
-        rows.append([name, ms(a, "final_heldout_loss"), ms(a, "final_accuracy"), reach(a, "tokens_to_clm_loss", seeds), acc, nd, kc, best, sel])
-    rows.append(["SLM 1", "= CLM", "= CLM", "identical to CLM by construction", "(ratio 1 keeps every valid token)", "not run", "", "", ""])
+            best = (
+                f"{100 * a['best_log_noise_dropped']['mean']:.1f}% / {100 * a['best_log_kept_clean']['mean']:.1f}%; "
+                f"{100 * a['best_final_noise_dropped']['mean']:.1f}% / {100 * a['best_final_kept_clean']['mean']:.1f}%"
+            )
+        rows.append(
+            [
+                name,
+                ms(a, "final_heldout_loss"),
+                ms(a, "final_accuracy"),
+                reach(a, "tokens_to_clm_loss", seeds),
+                acc,
+                nd,
+                kc,
+                best,
+                sel,
+            ]
+        )
+    rows.append(
+        [
+            "SLM 1",
+            "= CLM",
+            "= CLM",
+            "identical to CLM by construction",
+            "(ratio 1 keeps every valid token)",
+            "not run",
+            "",
+            "",
+            "",
+        ]
+    )
     return headers, rows
 
 
@@ -493,11 +621,24 @@ def kinds_rows(results: dict, seeds: list[int], methods: list) -> tuple[list[str
     def avg(ratio, kind, key):
         return statistics.fmean(results[(ratio, s)]["by_kind"][kind][key] for s in seeds)
 
-    headers = ["kind of token", "share of tokens", "reference loss", "CLM loss", *(f"{method_name(r)} loss" for r in slm_ratios),
-               *(f"kept by {method_name(r)}" for r in slm_ratios)]
-    rows = [[kind, f"{100 * avg(None, kind, 'share'):.1f}%", f"{avg(None, kind, 'ref_loss'):.2f}",
-             *(f"{avg(r, kind, 'model_loss'):.2f}" for r in methods), *(f"{100 * avg(r, kind, 'kept'):.1f}%" for r in slm_ratios)]
-            for kind in names]
+    headers = [
+        "kind of token",
+        "share of tokens",
+        "reference loss",
+        "CLM loss",
+        *(f"{method_name(r)} loss" for r in slm_ratios),
+        *(f"kept by {method_name(r)}" for r in slm_ratios),
+    ]
+    rows = [
+        [
+            kind,
+            f"{100 * avg(None, kind, 'share'):.1f}%",
+            f"{avg(None, kind, 'ref_loss'):.2f}",
+            *(f"{avg(r, kind, 'model_loss'):.2f}" for r in methods),
+            *(f"{100 * avg(r, kind, 'kept'):.1f}%" for r in slm_ratios),
+        ]
+        for kind in names
+    ]
     return headers, rows
 
 
@@ -509,26 +650,40 @@ def targets(summary: dict, micro: dict | None) -> list[dict]:
     a, seeds = s["mean"], s["seeds"]
     out = []
     tl = a["tokens_to_clm_loss_x_budget"]
-    out.append({"target": f"SLM {TARGET_RATIO:g} reaches the CLM final held-out loss with <= {TOKENS_TARGET:g}x the tokens",
-                "measured": "not reached" if tl["n"] == 0 else f"{tl['mean']:.3f}x (reached in {tl['n']}/{seeds} seeds)",
-                "met": tl["n"] == seeds and tl["mean"] <= TOKENS_TARGET})
+    out.append(
+        {
+            "target": f"SLM {TARGET_RATIO:g} reaches the CLM final held-out loss with <= {TOKENS_TARGET:g}x the tokens",
+            "measured": "not reached" if tl["n"] == 0 else f"{tl['mean']:.3f}x (reached in {tl['n']}/{seeds} seeds)",
+            "met": tl["n"] == seeds and tl["mean"] <= TOKENS_TARGET,
+        }
+    )
     nd = a["log_noise_dropped"]["mean"], a["final_noise_dropped"]["mean"]
-    out.append({"target": f"noise-tagged tokens dropped >= {NOISE_DROPPED_TARGET:.0%}",
-                "measured": f"{nd[0]:.3f} (training log, last {LAST_SHARE:.0%} of steps) / {nd[1]:.3f} (final model); "
-                            f"best possible at ratio {TARGET_RATIO:g} with {a['noise_share_log']['mean']:.1%} / {a['noise_share_final']['mean']:.1%} "
-                            f"noise tokens: {a['best_log_noise_dropped']['mean']:.3f} / {a['best_final_noise_dropped']['mean']:.3f}",
-                "met": min(nd) >= NOISE_DROPPED_TARGET})
+    out.append(
+        {
+            "target": f"noise-tagged tokens dropped >= {NOISE_DROPPED_TARGET:.0%}",
+            "measured": f"{nd[0]:.3f} (training log, last {LAST_SHARE:.0%} of steps) / {nd[1]:.3f} (final model); "
+            f"best possible at ratio {TARGET_RATIO:g} with {a['noise_share_log']['mean']:.1%} / {a['noise_share_final']['mean']:.1%} "
+            f"noise tokens: {a['best_log_noise_dropped']['mean']:.3f} / {a['best_final_noise_dropped']['mean']:.3f}",
+            "met": min(nd) >= NOISE_DROPPED_TARGET,
+        }
+    )
     kc = a["log_kept_clean"]["mean"], a["final_kept_clean"]["mean"]
-    out.append({"target": f"kept tokens clean >= {KEPT_CLEAN_TARGET:.0%}",
-                "measured": f"{kc[0]:.3f} (training log) / {kc[1]:.3f} (final model); best possible: "
-                            f"{a['best_log_kept_clean']['mean']:.3f} / {a['best_final_kept_clean']['mean']:.3f}",
-                "met": min(kc) >= KEPT_CLEAN_TARGET})
+    out.append(
+        {
+            "target": f"kept tokens clean >= {KEPT_CLEAN_TARGET:.0%}",
+            "measured": f"{kc[0]:.3f} (training log) / {kc[1]:.3f} (final model); best possible: "
+            f"{a['best_log_kept_clean']['mean']:.3f} / {a['best_final_kept_clean']['mean']:.3f}",
+            "met": min(kc) >= KEPT_CLEAN_TARGET,
+        }
+    )
     share = a["selection_share_of_step"]["mean"]
     measured = "-" if share is None else f"{100 * share:.2f}% (logged selection ms / step ms)"
     met = share is not None and share <= OVERHEAD_TARGET
     if micro:
-        measured += (f"; micro: fwd+bwd {100 * micro['overhead_median']:+.2f}% (median of {micro['reps']} interleaved), "
-                     f"selective loss alone {100 * micro['selection_only_share']:.2f}% of a plain fwd+bwd")
+        measured += (
+            f"; micro: fwd+bwd {100 * micro['overhead_median']:+.2f}% (median of {micro['reps']} interleaved), "
+            f"selective loss alone {100 * micro['selection_only_share']:.2f}% of a plain fwd+bwd"
+        )
         met = met and micro["overhead_median"] <= OVERHEAD_TARGET
     out.append({"target": f"selection adds <= {OVERHEAD_TARGET:.0%} to step time", "measured": measured, "met": met})
     return out
@@ -554,8 +709,15 @@ def plot(results: dict, seeds: list[int], methods: list[float | None], path: Pat
             curves = [results[(ratio, s)][key] for s in seeds]
             xs = np.array([x for x, _ in curves[0]], dtype=float)
             ys = np.array([[y for _, y in c] for c in curves], dtype=float)
-            ax.plot(xs / 1e3, ys.mean(0), marker="o", ms=3, color=color, lw=2 if ratio in (None, TARGET_RATIO) else 1.2,
-                    label=method_name(ratio))
+            ax.plot(
+                xs / 1e3,
+                ys.mean(0),
+                marker="o",
+                ms=3,
+                color=color,
+                lw=2 if ratio in (None, TARGET_RATIO) else 1.2,
+                label=method_name(ratio),
+            )
             if len(seeds) > 1:
                 ax.fill_between(xs / 1e3, ys.min(0), ys.max(0), color=color, alpha=0.15)
     clm_loss = statistics.fmean(results[(None, s)]["final_heldout_loss"] for s in seeds)
@@ -566,7 +728,9 @@ def plot(results: dict, seeds: list[int], methods: list[float | None], path: Pat
     axes[1].set_ylabel("domain accuracy (exact match)")
     lo = min(min(y for _, y in results[(r, s)]["loss_curve"][1:]) for r in methods for s in seeds)
     hi = max(max(y for _, y in results[(r, s)]["loss_curve"][1:]) for r in methods for s in seeds)
-    hi = min(hi, lo + 3 * (clm_loss - lo) + 0.15)  # zoom on the end of training, where the methods differ; the early drop is off the top
+    hi = min(
+        hi, lo + 3 * (clm_loss - lo) + 0.15
+    )  # zoom on the end of training, where the methods differ; the early drop is off the top
     axes[0].set_ylim(lo - 0.05 * (hi - lo), hi)
     for ax in axes[:2]:
         ax.set_xlabel("tokens processed (K)")
@@ -579,8 +743,13 @@ def plot(results: dict, seeds: list[int], methods: list[float | None], path: Pat
         width = 0.8 / max(len(ratios), 1)
         for i, ratio in enumerate(ratios):
             kept = [statistics.fmean(results[(ratio, s)]["by_kind"][k]["kept"] for s in seeds) for k in kinds]
-            axes[2].bar(np.arange(len(kinds)) + (i - (len(ratios) - 1) / 2) * width, kept, width,
-                        color=cmap(0.1 + 0.8 * (i / max(len(ratios) - 1, 1))), label=method_name(ratio))
+            axes[2].bar(
+                np.arange(len(kinds)) + (i - (len(ratios) - 1) / 2) * width,
+                kept,
+                width,
+                color=cmap(0.1 + 0.8 * (i / max(len(ratios) - 1, 1))),
+                label=method_name(ratio),
+            )
         axes[2].set_xticks(np.arange(len(kinds)), kinds, rotation=30, ha="right", fontsize=8)
         axes[2].set_ylabel("share of the kind's tokens kept")
         axes[2].set_ylim(0, 1)
@@ -610,21 +779,29 @@ def report(results: dict, seeds: list[int], methods: list, micro: dict | None, r
     md = _util.markdown_table(headers, rows)
     if all(results[k].get("by_kind") for k in results):
         k_headers, k_rows = kinds_rows(results, seeds, methods)
-        table = Table(title=f"final models by kind of token ({SQ_BATCHES} batches of {SQ_BATCH} rows; CLM's kept share not shown: it keeps all)")
+        table = Table(
+            title=f"final models by kind of token ({SQ_BATCHES} batches of {SQ_BATCH} rows; CLM's kept share not shown: it keeps all)"
+        )
         for h in k_headers:
             table.add_column(h, justify="left" if h == k_headers[0] else "right")
         for r in k_rows:
             table.add_row(*r)
         console.print(table)
         md += "\n\n" + _util.markdown_table(k_headers, k_rows)
-    console.print(f"reference model: held-out loss {reference['heldout_loss']:.3f}, domain accuracy {reference['domain_accuracy']:.3f} "
-                  f"({reference['questions']} questions)")
+    console.print(
+        f"reference model: held-out loss {reference['heldout_loss']:.3f}, domain accuracy {reference['domain_accuracy']:.3f} "
+        f"({reference['questions']} questions)"
+    )
     if micro:
-        console.print(f"micro-measurement (batch {micro['batch']}, ratio {micro['ratio']:g}, {micro['reps']} interleaved reps): plain fwd+bwd "
-                      f"{micro['plain_ms_median']:.1f} ms, with the selective loss {micro['selective_ms_median']:.1f} ms "
-                      f"({100 * micro['overhead_median']:+.2f}%); selective loss alone {micro['selection_only_ms_median']:.2f} ms")
+        console.print(
+            f"micro-measurement (batch {micro['batch']}, ratio {micro['ratio']:g}, {micro['reps']} interleaved reps): plain fwd+bwd "
+            f"{micro['plain_ms_median']:.1f} ms, with the selective loss {micro['selective_ms_median']:.1f} ms "
+            f"({100 * micro['overhead_median']:+.2f}%); selective loss alone {micro['selection_only_ms_median']:.2f} ms"
+        )
     for g in goals:
-        console.print(f"[{'green' if g['met'] else 'red'}]{'MET' if g['met'] else 'NOT MET'}[/] {g['target']}: {g['measured']}")
+        console.print(
+            f"[{'green' if g['met'] else 'red'}]{'MET' if g['met'] else 'NOT MET'}[/] {g['target']}: {g['measured']}"
+        )
     print("\n" + md + "\n")
     return summary, goals, md
 
@@ -637,16 +814,29 @@ def report_from(path: Path, args, console) -> None:
     st = saved["settings"]
     results = {}
     for r in saved["runs"]:
-        r = {**r, "loss_curve": [tuple(x) for x in r["loss_curve"]], "accuracy_curve": [tuple(x) for x in r["accuracy_curve"]]}
+        r = {
+            **r,
+            "loss_curve": [tuple(x) for x in r["loss_curve"]],
+            "accuracy_curve": [tuple(x) for x in r["accuracy_curve"]],
+        }
         results[(r["ratio"], r["seed"])] = r
     methods = [None, *st["ratios"]]
-    subtitle = (f"{st['steps']} steps = {st['tokens_budget'] / 1e3:.0f}K tokens, seeds {st['seeds']}, {st['questions']} questions"
-                + (", QUICK smoke check" if st["quick"] else ""))
-    summary, goals, md = report(results, st["seeds"], methods, saved.get("micro_measurement"), saved["reference"], subtitle, console)
+    subtitle = (
+        f"{st['steps']} steps = {st['tokens_budget'] / 1e3:.0f}K tokens, seeds {st['seeds']}, {st['questions']} questions"
+        + (", QUICK smoke check" if st["quick"] else "")
+    )
+    summary, goals, md = report(
+        results, st["seeds"], methods, saved.get("micro_measurement"), saved["reference"], subtitle, console
+    )
     plot(results, st["seeds"], methods, args.plot, subtitle)
     saved.update(summary=summary, targets=goals, markdown=md, plot=str(args.plot))
     saved.setdefault("report_regenerated", []).append(
-        {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from": str(path), "command": " ".join([Path(sys.executable).name, *sys.argv])})
+        {
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "from": str(path),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        }
+    )
     _util.write_json(args.out, saved)
     console.print(f"wrote {args.out} and {args.plot} (report recomputed from {path}; measurements unchanged)")
 
@@ -656,23 +846,44 @@ def report_from(path: Path, args, console) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke check: 20 steps, seed 0, ratio 0.6, 20 questions, 4 micro reps")
-    p.add_argument("--work-dir", default="runs/bench_slm_vs_clm", help="prepared demo (data, reference, shards) and the runs")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke check: 20 steps, seed 0, ratio 0.6, 20 questions, 4 micro reps"
+    )
+    p.add_argument(
+        "--work-dir", default="runs/bench_slm_vs_clm", help="prepared demo (data, reference, shards) and the runs"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--ratios", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     p.add_argument("--questions", type=int, default=100, help="the first N demo questions for domain accuracy")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the recipe's max_steps)")
     p.add_argument("--eval-every", type=int, default=20, help="held-out loss every N steps (the loss curve)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="checkpoint (and accuracy) every N steps")
-    p.add_argument("--micro-reps", type=int, default=20, help="interleaved repetitions of the fwd+bwd micro-measurement")
+    p.add_argument(
+        "--micro-reps", type=int, default=20, help="interleaved repetitions of the fwd+bwd micro-measurement"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (fixed)")
     p.add_argument("--force", action="store_true", help="redo the runs and evaluations (not the prepared demo)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="an override of the demo pipeline, as `slm run --set` (e.g. stages.score.logprob_chunk_tokens=8192)")
-    p.add_argument("--report-from", type=Path, default=None, metavar="JSON",
-                   help="recompute the tables, targets and plot from a saved result JSON (no training, no measurement)")
-    p.add_argument("--out", type=Path, default=None, help="JSON (default results/slm_vs_clm.json; --quick: slm_vs_clm_quick.json)")
-    p.add_argument("--plot", type=Path, default=None, help="PNG (default results/slm_vs_clm.png; --quick: slm_vs_clm_quick.png)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override of the demo pipeline, as `slm run --set` (e.g. stages.score.logprob_chunk_tokens=8192)",
+    )
+    p.add_argument(
+        "--report-from",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="recompute the tables, targets and plot from a saved result JSON (no training, no measurement)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON (default results/slm_vs_clm.json; --quick: slm_vs_clm_quick.json)"
+    )
+    p.add_argument(
+        "--plot", type=Path, default=None, help="PNG (default results/slm_vs_clm.png; --quick: slm_vs_clm_quick.png)"
+    )
     args = p.parse_args()
     if args.quick:
         args.seeds = args.seeds if args.seeds != p.get_default("seeds") else [0]
@@ -691,8 +902,12 @@ def main() -> None:
     dropped_one = 1.0 in ratios
     ratios = [r for r in ratios if r < 1.0]  # ratio 1 is the CLM baseline by construction
 
-    os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
-                      TRANSFORMERS_VERBOSITY="error")
+    os.environ.update(
+        OMP_NUM_THREADS=str(args.threads),
+        MKL_NUM_THREADS=str(args.threads),
+        TOKENIZERS_PARALLELISM="false",
+        TRANSFORMERS_VERBOSITY="error",
+    )
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -714,8 +929,10 @@ def main() -> None:
     args.steps = args.steps or base.train.max_steps
     ev = Evaluator(prep, args)
     reference = ev.reference()
-    log(f"reference (llama, trained on the high-quality corpus): held-out loss {reference['heldout_loss']:.3f}, "
-        f"domain accuracy {reference['domain_accuracy']:.3f} on {reference['questions']} questions")
+    log(
+        f"reference (llama, trained on the high-quality corpus): held-out loss {reference['heldout_loss']:.3f}, "
+        f"domain accuracy {reference['domain_accuracy']:.3f} on {reference['questions']} questions"
+    )
 
     from slm.stages import pretrain
 
@@ -733,14 +950,22 @@ def main() -> None:
             trained = time.time() - t
             evals = ev.run_checkpoints(Path(cfg.out_dir), ratio)
             r = analyse_run(read_metrics(Path(cfg.out_dir) / "metrics.jsonl"), cfg, untrained, evals, record)
-            r.update(method=method_name(ratio), seed=seed, ratio=ratio, out_dir=cfg.out_dir, by_kind=ev.kinds(Path(cfg.out_dir), ratio))
+            r.update(
+                method=method_name(ratio),
+                seed=seed,
+                ratio=ratio,
+                out_dir=cfg.out_dir,
+                by_kind=ev.kinds(Path(cfg.out_dir), ratio),
+            )
             results[(ratio, seed)] = r
             run_seconds.append(time.time() - t)
             done = len(results)
             eta = statistics.fmean(run_seconds) * (total - done)
-            log(f"{done}/{total} {name}: held-out {r['final_heldout_loss']:.4f}, acc {r['final_accuracy']:.3f}, "
+            log(
+                f"{done}/{total} {name}: held-out {r['final_heldout_loss']:.4f}, acc {r['final_accuracy']:.3f}, "
                 f"noise dropped {r['log_noise_dropped']:.3f}, kept clean {r['log_kept_clean']:.3f}, "
-                f"train {trained:.0f} s + eval {time.time() - t - trained:.0f} s; ETA {eta / 60:.0f} min")
+                f"train {trained:.0f} s + eval {time.time() - t - trained:.0f} s; ETA {eta / 60:.0f} min"
+            )
 
     micro = None
     if args.micro_reps > 0:
@@ -748,16 +973,29 @@ def main() -> None:
         from slm.models import load_pretrained
 
         clm_dir = Path(results[(None, args.seeds[0])]["out_dir"])
-        sel_cfg = SelectionConfig.model_validate({**base.selection.model_dump(), "enabled": True, "ratio": TARGET_RATIO})
-        micro = ev.cached(clm_dir.parent / "bench_micro.json", {"model": _stage_fp(clm_dir), "reps": args.micro_reps, "ratio": TARGET_RATIO},
-                          lambda: micro_overhead(load_pretrained(str(clm_dir / "model")).float(), ev.shards, sel_cfg,
-                                                 base.train.micro_batch_size, args.micro_reps))
-        log(f"micro: plain fwd+bwd {micro['plain_ms_median']:.1f} ms, selective {micro['selective_ms_median']:.1f} ms "
-            f"({100 * micro['overhead_median']:+.2f}%), selective loss alone {micro['selection_only_ms_median']:.2f} ms")
+        sel_cfg = SelectionConfig.model_validate(
+            {**base.selection.model_dump(), "enabled": True, "ratio": TARGET_RATIO}
+        )
+        micro = ev.cached(
+            clm_dir.parent / "bench_micro.json",
+            {"model": _stage_fp(clm_dir), "reps": args.micro_reps, "ratio": TARGET_RATIO},
+            lambda: micro_overhead(
+                load_pretrained(str(clm_dir / "model")).float(),
+                ev.shards,
+                sel_cfg,
+                base.train.micro_batch_size,
+                args.micro_reps,
+            ),
+        )
+        log(
+            f"micro: plain fwd+bwd {micro['plain_ms_median']:.1f} ms, selective {micro['selective_ms_median']:.1f} ms "
+            f"({100 * micro['overhead_median']:+.2f}%), selective loss alone {micro['selection_only_ms_median']:.2f} ms"
+        )
 
     budget = results[(None, args.seeds[0])]["tokens"]
-    subtitle = (f"{args.steps} steps = {budget / 1e3:.0f}K tokens, seeds {args.seeds}, {len(ev.questions)} questions"
-                + (", QUICK smoke check" if args.quick else ""))
+    subtitle = f"{args.steps} steps = {budget / 1e3:.0f}K tokens, seeds {args.seeds}, {len(ev.questions)} questions" + (
+        ", QUICK smoke check" if args.quick else ""
+    )
     summary, goals, md = report(results, args.seeds, methods, micro, reference, subtitle, console)
     if dropped_one:
         console.print("ratio 1.0 was not run: it is the CLM baseline by construction")
@@ -768,11 +1006,22 @@ def main() -> None:
         "benchmark": "slm_vs_clm",
         "description": __doc__.split("\n\n")[0],
         "machine": info,
-        "settings": {"quick": args.quick, "seeds": args.seeds, "ratios": ratios, "steps": args.steps, "eval_every": args.eval_every,
-                     "checkpoint_every": args.checkpoint_every, "questions": len(ev.questions), "threads": args.threads,
-                     "work_dir": str(work), "recipe": prep["recipe"], "pipeline_overrides": args.overrides, "tokens_budget": budget,
-                     "pretrain_config": {k: v for k, v in base.model_dump(mode="json").items() if k != "out_dir"},
-                     "command": " ".join([Path(sys.executable).name, *sys.argv])},
+        "settings": {
+            "quick": args.quick,
+            "seeds": args.seeds,
+            "ratios": ratios,
+            "steps": args.steps,
+            "eval_every": args.eval_every,
+            "checkpoint_every": args.checkpoint_every,
+            "questions": len(ev.questions),
+            "threads": args.threads,
+            "work_dir": str(work),
+            "recipe": prep["recipe"],
+            "pipeline_overrides": args.overrides,
+            "tokens_budget": budget,
+            "pretrain_config": {k: v for k, v in base.model_dump(mode="json").items() if k != "out_dir"},
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        },
         "prepare_stage_seconds": prep["stage_seconds"],
         "reference": reference,
         "summary": summary,

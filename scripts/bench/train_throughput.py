@@ -94,10 +94,21 @@ H100_BF16_DENSE_TFLOPS = 989.0
 def model_config(args, backbone: str):
     from slm.config import ModelConfig
 
-    options = {k: (args.segment if k == SPAN_KEY.get(backbone) and args.segment else v) for k, v in SEGMENT_OPTIONS[backbone].items()}
-    return ModelConfig(backbone=backbone, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-                       num_kv_heads=args.kv_heads, intermediate_size=args.intermediate,
-                       max_position_embeddings=max(8192, args.seq), tie_embeddings=args.tie, options=options)
+    options = {
+        k: (args.segment if k == SPAN_KEY.get(backbone) and args.segment else v)
+        for k, v in SEGMENT_OPTIONS[backbone].items()
+    }
+    return ModelConfig(
+        backbone=backbone,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        intermediate_size=args.intermediate,
+        max_position_embeddings=max(8192, args.seq),
+        tie_embeddings=args.tie,
+        options=options,
+    )
 
 
 def build(args, backbone: str, dev):
@@ -120,7 +131,13 @@ def model_flops(model, args, backbone: str) -> dict:
     span = getattr(model.config, SPAN_KEY[backbone]) if backbone in SPAN_KEY else args.seq
     context = min(args.seq, int(span))
     per_token = 6 * n + 12 * args.layers * args.hidden * context
-    return {"params": total, "matmul_params": n, "tied_embeddings": tied, "context": context, "flops_per_token": per_token}
+    return {
+        "params": total,
+        "matmul_params": n,
+        "tied_embeddings": tied,
+        "context": context,
+        "flops_per_token": per_token,
+    }
 
 
 class ArrayRows:
@@ -231,26 +248,44 @@ class StepProfiler:
             return None
         rows = []
         for e in self.prof.key_averages():
-            rows.append((e.key, e.self_cpu_time_total / 1e3 / self.steps, e.count / self.steps, e.cpu_time_total / 1e3 / self.steps))
+            rows.append(
+                (
+                    e.key,
+                    e.self_cpu_time_total / 1e3 / self.steps,
+                    e.count / self.steps,
+                    e.cpu_time_total / 1e3 / self.steps,
+                )
+            )
         rows.sort(key=lambda r: -r[1])
-        return {"steps": self.steps, "unit": "ms and calls per step",
-                "ops": {k: {"self_ms": round(s, 4), "calls": round(c, 2), "total_ms": round(t, 4)} for k, s, c, t in rows[:top]},
-                "self_ms_all_ops": round(sum(r[1] for r in rows), 3)}
+        return {
+            "steps": self.steps,
+            "unit": "ms and calls per step",
+            "ops": {
+                k: {"self_ms": round(s, 4), "calls": round(c, 2), "total_ms": round(t, 4)} for k, s, c, t in rows[:top]
+            },
+            "self_ms_all_ops": round(sum(r[1] for r in rows), 3),
+        }
 
 
 def timing_summary(step_seconds: list[float], args, flops: dict, peak: float | None) -> dict:
     med, mean = statistics.median(step_seconds), statistics.fmean(step_seconds)
     tokens = args.batch * args.seq
     tps = tokens / med
-    return {"step_seconds": [round(s, 5) for s in step_seconds], "step_ms_median": round(med * 1e3, 3),
-            "step_ms_mean": round(mean * 1e3, 3), "step_ms_min": round(min(step_seconds) * 1e3, 3),
-            "tokens_per_step": tokens, "tokens_per_s": round(tps, 1), "tokens_per_s_mean": round(tokens / mean, 1),
-            "model_tflops_per_s": round(flops["flops_per_token"] * tps / 1e12, 6),
-            "mfu": round(flops["flops_per_token"] * tps / peak, 5) if peak else None}
+    return {
+        "step_seconds": [round(s, 5) for s in step_seconds],
+        "step_ms_median": round(med * 1e3, 3),
+        "step_ms_mean": round(mean * 1e3, 3),
+        "step_ms_min": round(min(step_seconds) * 1e3, 3),
+        "tokens_per_step": tokens,
+        "tokens_per_s": round(tps, 1),
+        "tokens_per_s_mean": round(tokens / mean, 1),
+        "model_tflops_per_s": round(flops["flops_per_token"] * tps / 1e12, 6),
+        "mfu": round(flops["flops_per_token"] * tps / peak, 5) if peak else None,
+    }
 
 
 def median_sections(sections: Sections, first: int, count: int) -> dict[str, float]:
-    steps = sections.steps[first:first + count]
+    steps = sections.steps[first : first + count]
     names = sorted({k for s in steps for k in s})
     return {k: round(statistics.median(s.get(k, 0.0) for s in steps) * 1e3, 3) for k in names}
 
@@ -277,10 +312,17 @@ def worker_peak(args, dev) -> dict:
         dt = _now(dev) - t
         times.append(dt)
         spent += dt
-    flops = 2 * n ** 3
+    flops = 2 * n**3
     best = flops / min(times)
-    return {"n": n, "dtype": str(dtype), "repeats": len(times), "best_flops": best, "median_flops": flops / statistics.median(times),
-            "gflops_best": round(best / 1e9, 2), "gflops_median": round(flops / statistics.median(times) / 1e9, 2)}
+    return {
+        "n": n,
+        "dtype": str(dtype),
+        "repeats": len(times),
+        "best_flops": best,
+        "median_flops": flops / statistics.median(times),
+        "gflops_best": round(best / 1e9, 2),
+        "gflops_median": round(flops / statistics.median(times) / 1e9, 2),
+    }
 
 
 def worker_bare(args, backbone: str, dev, peak) -> dict:
@@ -295,8 +337,12 @@ def worker_bare(args, backbone: str, dev, peak) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     sec = Sections(enabled=dev.type == "cpu")
     forward = sec.wrap("forward (full logits)", lambda ids: model(input_ids=ids, use_cache=False).logits)
-    cross_entropy = sec.wrap("cross_entropy", lambda logits, ids: F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1)))
+    cross_entropy = sec.wrap(
+        "cross_entropy",
+        lambda logits, ids: F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1)
+        ),
+    )
     backward = sec.wrap("backward", lambda loss: loss.backward())
     clip = sec.wrap("clip_grad_norm_", lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
     adamw = sec.wrap("AdamW.step", opt.step)
@@ -319,9 +365,13 @@ def worker_bare(args, backbone: str, dev, peak) -> dict:
         losses.append(loss.detach())
         prof.after_step(i + 1)
     intervals = [b - a for a, b in itertools.pairwise(marks)]
-    out = timing_summary(intervals[args.warmup:args.warmup + args.steps], args, flops, peak)
-    out.update(flops=flops, losses=[round(float(x), 4) for x in losses],
-               sections_ms=median_sections(sec, args.warmup, args.steps) if sec.enabled else None, profile=prof.table())
+    out = timing_summary(intervals[args.warmup : args.warmup + args.steps], args, flops, peak)
+    out.update(
+        flops=flops,
+        losses=[round(float(x), 4) for x in losses],
+        sections_ms=median_sections(sec, args.warmup, args.steps) if sec.enabled else None,
+        profile=prof.table(),
+    )
     return out
 
 
@@ -335,7 +385,6 @@ def worker_hf_trainer(args, backbone: str, dev, peak) -> dict:
         TrainingArguments,
         default_data_collator,
     )
-
 
     total = args.warmup + args.steps
     batches = loader_batches(args, make_rows(args), total)
@@ -357,21 +406,42 @@ def worker_hf_trainer(args, backbone: str, dev, peak) -> dict:
     clock = Clock()
     out_dir = tempfile.mkdtemp(prefix="slm-bench-hf-")
     targs = TrainingArguments(
-        output_dir=out_dir, use_cpu=dev.type == "cpu", per_device_train_batch_size=args.batch, max_steps=total,
-        report_to=[], save_strategy="no", eval_strategy="no", logging_steps=10**9, dataloader_num_workers=0,
-        optim="adamw_torch", max_grad_norm=1.0, learning_rate=args.lr, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8,
-        weight_decay=0.1, train_sampling_strategy="sequential", disable_tqdm=True, seed=args.train_seed,
-        dataloader_pin_memory=False, remove_unused_columns=False, bf16=dev.type == "cuda" and args.precision == "bf16",
+        output_dir=out_dir,
+        use_cpu=dev.type == "cpu",
+        per_device_train_batch_size=args.batch,
+        max_steps=total,
+        report_to=[],
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=10**9,
+        dataloader_num_workers=0,
+        optim="adamw_torch",
+        max_grad_norm=1.0,
+        learning_rate=args.lr,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_epsilon=1e-8,
+        weight_decay=0.1,
+        train_sampling_strategy="sequential",
+        disable_tqdm=True,
+        seed=args.train_seed,
+        dataloader_pin_memory=False,
+        remove_unused_columns=False,
+        bf16=dev.type == "cuda" and args.precision == "bf16",
     )
     trainer = Trainer(model=model, args=targs, train_dataset=ds, data_collator=default_data_collator, callbacks=[clock])
     result = trainer.train()
     ends = clock.end
     intervals = [b - a for a, b in itertools.pairwise(ends)]  # step k = end(k-1) -> end(k), k >= 1
-    timed = intervals[args.warmup - 1:args.warmup - 1 + args.steps]
-    inside = [e - b for b, e in zip(clock.begin, clock.end)][args.warmup:args.warmup + args.steps]
+    timed = intervals[args.warmup - 1 : args.warmup - 1 + args.steps]
+    inside = [e - b for b, e in zip(clock.begin, clock.end)][args.warmup : args.warmup + args.steps]
     out = timing_summary(timed, args, flops, peak)
-    out.update(flops=flops, step_ms_begin_to_end_median=round(statistics.median(inside) * 1e3, 3),
-               train_loss=round(float(result.training_loss), 4), torch_threads_at_end=torch.get_num_threads())
+    out.update(
+        flops=flops,
+        step_ms_begin_to_end_median=round(statistics.median(inside) * 1e3, 3),
+        train_loss=round(float(result.training_loss), 4),
+        torch_threads_at_end=torch.get_num_threads(),
+    )
     import shutil
 
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -390,11 +460,25 @@ def worker_slm(args, backbone: str, dev, peak, zero: int) -> dict:
     model = build(args, backbone, dev)
     flops = model_flops(model, args, backbone)
     out_dir = Path(tempfile.mkdtemp(prefix=f"slm-bench-train-{backbone}-z{zero}-"))
-    train = TrainConfig(seq_len=args.seq, micro_batch_size=args.batch, grad_accum=1, max_steps=total + 1, zero_stage=zero,
-                        precision=args.precision, seed=args.train_seed, checkpoint_every=10**9, eval_every=10**9,
-                        optim=OptimConfig(lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, grad_clip=1.0))
-    cfg = PretrainConfig(out_dir=str(out_dir), shards=str(out_dir), model=model_config(args, backbone), train=train,
-                         selection=SelectionConfig(mode="batch", ratio=0.6))
+    train = TrainConfig(
+        seq_len=args.seq,
+        micro_batch_size=args.batch,
+        grad_accum=1,
+        max_steps=total + 1,
+        zero_stage=zero,
+        precision=args.precision,
+        seed=args.train_seed,
+        checkpoint_every=10**9,
+        eval_every=10**9,
+        optim=OptimConfig(lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, grad_clip=1.0),
+    )
+    cfg = PretrainConfig(
+        out_dir=str(out_dir),
+        shards=str(out_dir),
+        model=model_config(args, backbone),
+        train=train,
+        selection=SelectionConfig(mode="batch", ratio=0.6),
+    )
     sec = Sections(enabled=dev.type == "cpu")
     step_loss = make_step_loss(cfg)  # what `slm pretrain` hands the Trainer
 
@@ -437,21 +521,32 @@ def worker_slm(args, backbone: str, dev, peak, zero: int) -> dict:
     marks_start = _now(dev)
     result = trainer.fit(resume=False)
     intervals = [b - a for a, b in zip([marks_start] + marks, marks)]
-    out = timing_summary(intervals[args.warmup:args.warmup + args.steps], args, flops, peak)
+    out = timing_summary(intervals[args.warmup : args.warmup + args.steps], args, flops, peak)
     sections = None
     if sec.enabled:
         sections = median_sections(sec, args.warmup, args.steps)
         # nested wrappers: split the outer sections into their own parts
         if "engine.allreduce_gradients" in sections and "engine.backward" in sections:
-            sections["autograd backward (engine.backward - allreduce)"] = round(sections["engine.backward"] - sections["engine.allreduce_gradients"], 3)
+            sections["autograd backward (engine.backward - allreduce)"] = round(
+                sections["engine.backward"] - sections["engine.allreduce_gradients"], 3
+            )
         if "AdamW.step (inner torch optimizer)" in sections and "engine.step" in sections:
             sections["engine.step - AdamW (clip, scheduler, zero_grad, ZeRO copies)"] = round(
-                sections["engine.step"] - sections["AdamW.step (inner torch optimizer)"], 3)
+                sections["engine.step"] - sections["AdamW.step (inner torch optimizer)"], 3
+            )
     hist = result.history
-    out.update(flops=flops, zero_stage=zero, steps_run=result.step, losses=[round(h["loss"], 4) for h in hist],
-               kept_fraction=[round(h.get("kept_fraction", float("nan")), 4) for h in hist[:3]],
-               sections_ms=sections, profile=prof.table(), attn_implementation=getattr(engine.module.config, "_attn_implementation", None),
-               optimizer=type(engine.optimizer).__name__, inner_optimizer=type(inner).__name__)
+    out.update(
+        flops=flops,
+        zero_stage=zero,
+        steps_run=result.step,
+        losses=[round(h["loss"], 4) for h in hist],
+        kept_fraction=[round(h.get("kept_fraction", float("nan")), 4) for h in hist[:3]],
+        sections_ms=sections,
+        profile=prof.table(),
+        attn_implementation=getattr(engine.module.config, "_attn_implementation", None),
+        optimizer=type(engine.optimizer).__name__,
+        inner_optimizer=type(inner).__name__,
+    )
     import shutil
 
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -477,23 +572,54 @@ def run_worker_here(args) -> None:
             res = worker_slm(args, backbone, dev, peak, zero=int(method[-1]))
         else:
             raise SystemExit(f"unknown method {method!r}")
-        res.update(status="ok", method=method, backbone=backbone, torch_threads=torch.get_num_threads(),
-                   load_average_at_end=_util.load_average())
+        res.update(
+            status="ok",
+            method=method,
+            backbone=backbone,
+            torch_threads=torch.get_num_threads(),
+            load_average_at_end=_util.load_average(),
+        )
         if dev.type == "cuda":
             res["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
     except BaseException as e:  # noqa: BLE001  reported to the parent, which prints it
         import traceback
 
-        res = {"status": "failed", "method": method, "backbone": backbone, "reason": f"{type(e).__name__}: {e}",
-               "traceback": traceback.format_exc()[-4000:]}
+        res = {
+            "status": "failed",
+            "method": method,
+            "backbone": backbone,
+            "reason": f"{type(e).__name__}: {e}",
+            "traceback": traceback.format_exc()[-4000:],
+        }
     Path(args.result_file).write_text(json.dumps(res))
 
 
 # ----------------------------------------------------------------------------- parent
 
-WORKER_FLAGS = ("threads", "steps", "warmup", "profile_steps", "batch", "seq", "hidden", "layers", "heads", "kv_heads",
-                "intermediate", "vocab", "segment", "lr", "seed", "model_seed", "train_seed", "device", "precision",
-                "peak_n", "peak_seconds", "peak_flops")
+WORKER_FLAGS = (
+    "threads",
+    "steps",
+    "warmup",
+    "profile_steps",
+    "batch",
+    "seq",
+    "hidden",
+    "layers",
+    "heads",
+    "kv_heads",
+    "intermediate",
+    "vocab",
+    "segment",
+    "lr",
+    "seed",
+    "model_seed",
+    "train_seed",
+    "device",
+    "precision",
+    "peak_n",
+    "peak_seconds",
+    "peak_flops",
+)
 
 
 def worker_argv(args, method: str, backbone: str, result_file: str, profile: bool) -> list[str]:
@@ -513,15 +639,31 @@ def spawn(args, method: str, backbone: str, profile: bool = False) -> dict:
     fd, result_file = tempfile.mkstemp(prefix="slm-bench-train-", suffix=".json")
     os.close(fd)
     log_path = result_file[:-5] + ".log"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
-               TRANSFORMERS_VERBOSITY="error", HF_DATASETS_DISABLE_PROGRESS_BARS="1", PYTHONWARNINGS="ignore")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        OMP_NUM_THREADS=str(args.threads),
+        MKL_NUM_THREADS=str(args.threads),
+        TOKENIZERS_PARALLELISM="false",
+        TRANSFORMERS_VERBOSITY="error",
+        HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+        PYTHONWARNINGS="ignore",
+    )
     started = time.perf_counter()
     load_before = _util.load_average()
     with open(log_path, "w") as log:
         try:
-            proc = subprocess.run(worker_argv(args, method, backbone, result_file, profile), env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, timeout=args.budget_s, check=False)
+            proc = subprocess.run(
+                worker_argv(args, method, backbone, result_file, profile),
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=args.budget_s,
+                check=False,
+            )
             code = proc.returncode
         except subprocess.TimeoutExpired:  # subprocess.run killed the child it started
             code = None
@@ -530,8 +672,16 @@ def spawn(args, method: str, backbone: str, profile: bool = False) -> dict:
         res = json.loads(Path(result_file).read_text())
     except (OSError, json.JSONDecodeError):
         tail = "\n".join(Path(log_path).read_text(errors="replace").strip().splitlines()[-15:])
-        why = f"ran past the time budget of {args.budget_s:.0f} s (killed)" if code is None else f"process exited {code}"
-        res = {"status": "skipped" if code is None else "failed", "method": method, "backbone": backbone, "reason": why, "log_tail": tail}
+        why = (
+            f"ran past the time budget of {args.budget_s:.0f} s (killed)" if code is None else f"process exited {code}"
+        )
+        res = {
+            "status": "skipped" if code is None else "failed",
+            "method": method,
+            "backbone": backbone,
+            "reason": why,
+            "log_tail": tail,
+        }
     if res.get("status") == "failed" and "log_tail" not in res:
         res["log_tail"] = "\n".join(Path(log_path).read_text(errors="replace").strip().splitlines()[-15:])
     res.update(process_seconds=round(wall, 1), load_average_before=load_before)
@@ -550,19 +700,41 @@ def section_comparison(slm: dict, bare: dict) -> list[list]:
         return []
     s_step, b_step = slm["step_ms_median"], bare["step_ms_median"]
     cats = [
-        ("forward + loss", b.get("forward (full logits)", 0) + b.get("cross_entropy", 0),
-         s.get("forward + chunked CE (token_losses)", 0) + s.get("selective_loss + stats", 0),
-         f"slm: token_losses {s.get('forward + chunked CE (token_losses)', 0):.1f} + selection {s.get('selective_loss + stats', 0):.1f}"),
-        ("backward", b.get("backward", 0), s.get("engine.backward", 0),
-         (f"slm: autograd {s.get('autograd backward (engine.backward - allreduce)', 0):.1f} + allreduce_gradients "
-          f"{s.get('engine.allreduce_gradients', 0):.1f}")),
-        ("optimizer", b.get("clip_grad_norm_", 0) + b.get("AdamW.step", 0) + b.get("zero_grad", 0), s.get("engine.step", 0),
-         (f"AdamW: bare {b.get('AdamW.step', 0):.1f}, slm {s.get('AdamW.step (inner torch optimizer)', 0):.1f}; rest of engine.step "
-          f"{s.get('engine.step - AdamW (clip, scheduler, zero_grad, ZeRO copies)', 0):.1f} vs bare clip+zero_grad "
-          f"{b.get('clip_grad_norm_', 0) + b.get('zero_grad', 0):.1f}")),
+        (
+            "forward + loss",
+            b.get("forward (full logits)", 0) + b.get("cross_entropy", 0),
+            s.get("forward + chunked CE (token_losses)", 0) + s.get("selective_loss + stats", 0),
+            f"slm: token_losses {s.get('forward + chunked CE (token_losses)', 0):.1f} + selection {s.get('selective_loss + stats', 0):.1f}",
+        ),
+        (
+            "backward",
+            b.get("backward", 0),
+            s.get("engine.backward", 0),
+            (
+                f"slm: autograd {s.get('autograd backward (engine.backward - allreduce)', 0):.1f} + allreduce_gradients "
+                f"{s.get('engine.allreduce_gradients', 0):.1f}"
+            ),
+        ),
+        (
+            "optimizer",
+            b.get("clip_grad_norm_", 0) + b.get("AdamW.step", 0) + b.get("zero_grad", 0),
+            s.get("engine.step", 0),
+            (
+                f"AdamW: bare {b.get('AdamW.step', 0):.1f}, slm {s.get('AdamW.step (inner torch optimizer)', 0):.1f}; rest of engine.step "
+                f"{s.get('engine.step - AdamW (clip, scheduler, zero_grad, ZeRO copies)', 0):.1f} vs bare clip+zero_grad "
+                f"{b.get('clip_grad_norm_', 0) + b.get('zero_grad', 0):.1f}"
+            ),
+        ),
     ]
     b_known, s_known = sum(c[1] for c in cats), sum(c[2] for c in cats)
-    cats.append(("other (loop: data, guard, .item(), metrics, tqdm)", b_step - b_known, s_step - s_known, "step interval minus the sections"))
+    cats.append(
+        (
+            "other (loop: data, guard, .item(), metrics, tqdm)",
+            b_step - b_known,
+            s_step - s_known,
+            "step interval minus the sections",
+        )
+    )
     extra = s_step - b_step
     rows = []
     for name, bv, sv, note in cats:
@@ -584,18 +756,34 @@ def profile_diff(slm: dict, bare: dict, top: int = 12) -> list[list]:
         a, b = ps.get(n, {}), pb.get(n, {})
         rows.append((a.get("self_ms", 0.0) - b.get("self_ms", 0.0), n, a, b))
     rows.sort(key=lambda r: -r[0])
-    return [[n, f"{b.get('self_ms', 0):.2f}", f"{b.get('calls', 0):g}", f"{a.get('self_ms', 0):.2f}", f"{a.get('calls', 0):g}", f"{d:+.2f}"]
-            for d, n, a, b in rows[:top]]
+    return [
+        [
+            n,
+            f"{b.get('self_ms', 0):.2f}",
+            f"{b.get('calls', 0):g}",
+            f"{a.get('self_ms', 0):.2f}",
+            f"{a.get('calls', 0):g}",
+            f"{d:+.2f}",
+        ]
+        for d, n, a, b in rows[:top]
+    ]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke check: llama only, tiny model, W=1, N=3, 1 profiled step")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke check: llama only, tiny model, W=1, N=3, 1 profiled step"
+    )
     p.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=BACKBONES)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--steps", type=int, default=20, help="N timed optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="W warm-up optimizer steps (>= 1)")
-    p.add_argument("--profile-steps", type=int, default=3, help="P steps under torch.profiler after the timed ones (bare, slm_zero0; 0: none)")
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=3,
+        help="P steps under torch.profiler after the timed ones (bare, slm_zero0; 0: none)",
+    )
     p.add_argument("--batch", type=int, default=8, help="micro-batch (rows)")
     p.add_argument("--seq", type=int, default=256, help="tokens per row")
     p.add_argument("--hidden", type=int, default=128)
@@ -615,7 +803,12 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--peak-n", type=int, default=2048, help="matrix size of the peak measurement")
     p.add_argument("--peak-seconds", type=float, default=2.0)
-    p.add_argument("--peak-tflops", type=float, default=None, help="use this peak instead of measuring it (GPU: 989 dense bf16 on an H100)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="use this peak instead of measuring it (GPU: 989 dense bf16 on an H100)",
+    )
     p.add_argument("--peak-flops", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--budget-s", type=float, default=900.0, help="time limit of one measurement process")
     p.add_argument("--out", type=Path, default=_util.RESULTS_DIR / "train_throughput.json")
@@ -631,11 +824,37 @@ def main() -> None:
         print(device_script())
         return
     if args.quick:
-        d = {k: p.get_default(k) for k in ("backbones", "steps", "warmup", "profile_steps", "hidden", "layers", "heads", "intermediate",
-                                           "peak_n", "peak_seconds", "budget_s", "out")}
-        quick = {"backbones": ["llama"], "steps": 3, "warmup": 1, "profile_steps": 1, "hidden": 64, "layers": 2, "heads": 2,
-                 "intermediate": 192, "peak_n": 1024, "peak_seconds": 0.5, "budget_s": 300.0,
-                 "out": _util.RESULTS_DIR / "train_throughput_quick.json"}
+        d = {
+            k: p.get_default(k)
+            for k in (
+                "backbones",
+                "steps",
+                "warmup",
+                "profile_steps",
+                "hidden",
+                "layers",
+                "heads",
+                "intermediate",
+                "peak_n",
+                "peak_seconds",
+                "budget_s",
+                "out",
+            )
+        }
+        quick = {
+            "backbones": ["llama"],
+            "steps": 3,
+            "warmup": 1,
+            "profile_steps": 1,
+            "hidden": 64,
+            "layers": 2,
+            "heads": 2,
+            "intermediate": 192,
+            "peak_n": 1024,
+            "peak_seconds": 0.5,
+            "budget_s": 300.0,
+            "out": _util.RESULTS_DIR / "train_throughput_quick.json",
+        }
         for k, v in quick.items():
             if getattr(args, k) == d[k]:
                 setattr(args, k, v)
@@ -648,34 +867,54 @@ def main() -> None:
     started = time.time()
     _util.set_threads(args.threads)
     info = _util.machine_info(args.threads)
-    console.print(f"[bold]train_throughput[/]: backbones {args.backbones}, methods {args.methods}, micro-batch {args.batch} x seq {args.seq}, "
-                  f"W={args.warmup} N={args.steps} P={args.profile_steps}, {args.threads} thread(s), {args.device} {args.precision}")
+    console.print(
+        f"[bold]train_throughput[/]: backbones {args.backbones}, methods {args.methods}, micro-batch {args.batch} x seq {args.seq}, "
+        f"W={args.warmup} N={args.steps} P={args.profile_steps}, {args.threads} thread(s), {args.device} {args.precision}"
+    )
     if args.peak_tflops:
         peak = {"source": "given", "flops": args.peak_tflops * 1e12}
     else:
         r = spawn(args, "peak", "-")
         if r.get("status") != "ok":
-            console.print(f"[red]peak measurement {r['status']}[/]: {r.get('reason')}\n{r.get('traceback', r.get('log_tail', ''))}")
+            console.print(
+                f"[red]peak measurement {r['status']}[/]: {r.get('reason')}\n{r.get('traceback', r.get('log_tail', ''))}"
+            )
             sys.exit(1)
-        peak = {"source": f"measured: best of {r['repeats']} {r['n']}x{r['n']} {r['dtype']} matmuls, {args.threads} thread(s)",
-                "flops": r["best_flops"], "median_flops": r["median_flops"]}
+        peak = {
+            "source": f"measured: best of {r['repeats']} {r['n']}x{r['n']} {r['dtype']} matmuls, {args.threads} thread(s)",
+            "flops": r["best_flops"],
+            "median_flops": r["median_flops"],
+        }
     args.peak_flops = peak["flops"]
     console.print(f"  peak: {peak['flops'] / 1e9:,.1f} GFLOP/s ({peak['source']})")
 
-    public = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("worker", "result_file")}
+    public = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("worker", "result_file")
+    }
     results: dict[str, dict[str, dict]] = {b: {} for b in args.backbones}
-    report = {"benchmark": "train_throughput", "description": __doc__.split("\n\n")[0], "machine": info, "settings": public,
-              "peak": peak, "segment_options": {b: SEGMENT_OPTIONS[b] for b in args.backbones}, "results": results}
+    report = {
+        "benchmark": "train_throughput",
+        "description": __doc__.split("\n\n")[0],
+        "machine": info,
+        "settings": public,
+        "peak": peak,
+        "segment_options": {b: SEGMENT_OPTIONS[b] for b in args.backbones},
+        "results": results,
+    }
 
     for backbone in args.backbones:
         for method in args.methods:
             r = spawn(args, method, backbone, profile=method in PROFILED and args.profile_steps > 0)
             results[backbone][method] = r
             if r.get("status") == "ok":
-                console.print(f"  {backbone:10s} {method:11s} step {r['step_ms_median']:9.1f} ms median ({r['step_ms_mean']:.1f} mean), "
-                              f"{r['tokens_per_s']:9,.0f} tok/s, MFU {r['mfu'] * 100:5.1f}%  ({r['process_seconds']:.0f} s)")
+                console.print(
+                    f"  {backbone:10s} {method:11s} step {r['step_ms_median']:9.1f} ms median ({r['step_ms_mean']:.1f} mean), "
+                    f"{r['tokens_per_s']:9,.0f} tok/s, MFU {r['mfu'] * 100:5.1f}%  ({r['process_seconds']:.0f} s)"
+                )
             else:
-                console.print(f"  {backbone:10s} {method:11s} [red]{r['status']}[/]: {r.get('reason')}\n{r.get('traceback', r.get('log_tail', ''))}")
+                console.print(
+                    f"  {backbone:10s} {method:11s} [red]{r['status']}[/]: {r.get('reason')}\n{r.get('traceback', r.get('log_tail', ''))}"
+                )
             report["seconds_total"] = round(time.time() - started, 1)
             _util.write_json(args.out, report)  # after every measurement: a later failure keeps the earlier ones
 
@@ -692,14 +931,27 @@ def main() -> None:
                 rows.append([backbone, "", method, r["status"], "", "", "", ""])
                 continue
             ratio = r["step_ms_median"] / bare["step_ms_median"] if bare.get("status") == "ok" else None
-            rows.append([backbone, f"{r['flops']['params'] / 1e6:.2f}M", method, f"{r['step_ms_median']:.1f}", f"{r['step_ms_mean']:.1f}",
-                         f"{r['tokens_per_s']:,.0f}", f"{ratio:.3f}x" if ratio else "-", f"{r['mfu'] * 100:.2f}%"])
+            rows.append(
+                [
+                    backbone,
+                    f"{r['flops']['params'] / 1e6:.2f}M",
+                    method,
+                    f"{r['step_ms_median']:.1f}",
+                    f"{r['step_ms_mean']:.1f}",
+                    f"{r['tokens_per_s']:,.0f}",
+                    f"{ratio:.3f}x" if ratio else "-",
+                    f"{r['mfu'] * 100:.2f}%",
+                ]
+            )
         if bare.get("status") == "ok":
             v = {}
             for m in ("slm_zero0", "slm_zero2", "hf_trainer"):
                 if res.get(m, {}).get("status") == "ok":
                     ratio = res[m]["step_ms_median"] / bare["step_ms_median"]
-                    v[m] = {"step_time_vs_bare": round(ratio, 4), "mean_step_time_vs_bare": round(res[m]["step_ms_mean"] / bare["step_ms_mean"], 4)}
+                    v[m] = {
+                        "step_time_vs_bare": round(ratio, 4),
+                        "mean_step_time_vs_bare": round(res[m]["step_ms_mean"] / bare["step_ms_mean"], 4),
+                    }
                     if m.startswith("slm"):
                         v[m]["pass"] = ratio <= TARGET
             verdict[backbone] = v
@@ -708,32 +960,51 @@ def main() -> None:
                 comparisons[backbone] = section_comparison(s0, bare)
                 diffs[backbone] = profile_diff(s0, bare)
     # one row per backbone: the README table
-    sum_headers = ["backbone", "params", "GFLOP/token"] + [f"{m} tok/s" for m in args.methods] + \
-        [f"{m} / bare" for m in args.methods if m != "bare"] + [f"MFU {m}" for m in args.methods]
+    sum_headers = (
+        ["backbone", "params", "GFLOP/token"]
+        + [f"{m} tok/s" for m in args.methods]
+        + [f"{m} / bare" for m in args.methods if m != "bare"]
+        + [f"MFU {m}" for m in args.methods]
+    )
     sum_rows = []
     for backbone in args.backbones:
         res = results[backbone]
         ok = {m: r for m, r in res.items() if r.get("status") == "ok"}
         any_ok = next(iter(ok.values()), None)
-        row = [backbone, f"{any_ok['flops']['params'] / 1e6:.2f}M" if any_ok else "-",
-               f"{any_ok['flops']['flops_per_token'] / 1e9:.4f}" if any_ok else "-"]
+        row = [
+            backbone,
+            f"{any_ok['flops']['params'] / 1e6:.2f}M" if any_ok else "-",
+            f"{any_ok['flops']['flops_per_token'] / 1e9:.4f}" if any_ok else "-",
+        ]
         row += [f"{ok[m]['tokens_per_s']:,.0f}" if m in ok else res[m]["status"] for m in args.methods]
-        row += [f"{ok[m]['step_ms_median'] / ok['bare']['step_ms_median']:.3f}x" if m in ok and "bare" in ok else "-"
-                for m in args.methods if m != "bare"]
+        row += [
+            f"{ok[m]['step_ms_median'] / ok['bare']['step_ms_median']:.3f}x" if m in ok and "bare" in ok else "-"
+            for m in args.methods
+            if m != "bare"
+        ]
         row += [f"{ok[m]['mfu'] * 100:.2f}%" if m in ok else "-" for m in args.methods]
         sum_rows.append(row)
     report["summary_table"] = {"headers": sum_headers, "rows": sum_rows}
     report["targets"] = {"definition": f"slm step time (median) <= {TARGET}x the bare loop's", "per_backbone": verdict}
     sec_headers = ["section", "bare ms", "slm_zero0 ms", "extra ms", "share of extra", "detail"]
-    prof_headers = ["op (torch.profiler)", "bare self ms/step", "bare calls", "slm_zero0 self ms/step", "slm calls", "extra ms/step"]
+    prof_headers = [
+        "op (torch.profiler)",
+        "bare self ms/step",
+        "bare calls",
+        "slm_zero0 self ms/step",
+        "slm calls",
+        "extra ms/step",
+    ]
     report["section_comparison"] = {b: {"headers": sec_headers, "rows": r} for b, r in comparisons.items()}
     report["profile_top_differences"] = {b: {"headers": prof_headers, "rows": r} for b, r in diffs.items()}
     info["load_average_at_end"] = _util.load_average()
     report["seconds_total"] = round(time.time() - started, 1)
     _util.write_json(args.out, report)
 
-    title = (f"training step: slm vs bare loop vs HF Trainer ({args.device} {args.precision}, {args.threads} thread(s), "
-             f"micro-batch {args.batch} x {args.seq}, peak {peak['flops'] / 1e9:,.1f} GFLOP/s)")
+    title = (
+        f"training step: slm vs bare loop vs HF Trainer ({args.device} {args.precision}, {args.threads} thread(s), "
+        f"micro-batch {args.batch} x {args.seq}, peak {peak['flops'] / 1e9:,.1f} GFLOP/s)"
+    )
     _util.print_table(title, headers, rows)
     print()
     print(_util.markdown_table(headers, rows))
@@ -743,14 +1014,18 @@ def main() -> None:
     for backbone, v in verdict.items():
         for m in ("slm_zero0", "slm_zero2"):
             if m in v:
-                print(f"- {backbone} {m}: step time {v[m]['step_time_vs_bare']:.3f}x bare (mean {v[m]['mean_step_time_vs_bare']:.3f}x) "
-                      f"(target <= {TARGET}x): {'pass' if v[m]['pass'] else 'FAIL'}")
+                print(
+                    f"- {backbone} {m}: step time {v[m]['step_time_vs_bare']:.3f}x bare (mean {v[m]['mean_step_time_vs_bare']:.3f}x) "
+                    f"(target <= {TARGET}x): {'pass' if v[m]['pass'] else 'FAIL'}"
+                )
     for backbone, comparison in comparisons.items():
         if comparison:
             print(f"\n{backbone}: where slm_zero0's extra time goes (median ms per step, perf_counter sections)\n")
             print(_util.markdown_table(sec_headers, comparison))
         if diffs[backbone]:
-            print(f"\n{backbone}: ops with the most extra self CPU time in slm_zero0 (torch.profiler, {args.profile_steps} step(s))\n")
+            print(
+                f"\n{backbone}: ops with the most extra self CPU time in slm_zero0 (torch.profiler, {args.profile_steps} step(s))\n"
+            )
             print(_util.markdown_table(prof_headers, diffs[backbone]))
     print(f"\nwrote {args.out} in {report['seconds_total']:.0f} s")
 
@@ -762,9 +1037,11 @@ def device_script(batch: int = 4, steps: int = 10, warmup: int = 3, timeout_s: i
     """The short script for a lent H100: llama ~1B (hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 5632,
     vocab 32000, untied) in bf16 at seq 2048 through slm's step (ZeRO 0 and 2) and the bare loop, then the streaming
     backbones through slm's step; tokens/s and MFU against 989 TFLOP/s dense bf16. Printed, not run."""
-    flags = (f"--device cuda --precision bf16 --hidden 2048 --layers 16 --heads 32 --kv-heads 8 --intermediate 5632 "
-             f"--vocab 32000 --no-tie --seq 2048 --batch {batch} --warmup {warmup} --steps {steps} --profile-steps 0 "
-             f"--peak-tflops {H100_BF16_DENSE_TFLOPS:g} --threads 8 --budget-s {timeout_s}")
+    flags = (
+        f"--device cuda --precision bf16 --hidden 2048 --layers 16 --heads 32 --kv-heads 8 --intermediate 5632 "
+        f"--vocab 32000 --no-tie --seq 2048 --batch {batch} --warmup {warmup} --steps {steps} --profile-steps 0 "
+        f"--peak-tflops {H100_BF16_DENSE_TFLOPS:g} --threads 8 --budget-s {timeout_s}"
+    )
     return f"""\
 # slm training throughput on one H100 (issue 17): llama ~1B bf16, seq 2048, micro-batch {batch}, W={warmup} N={steps}.
 # The device image has torch and tensorboard but no deepspeed, pydantic or datasets, and transformers 5.17: carry wheels

@@ -19,13 +19,17 @@ from slm.errors import SlmError
 from slm.shards.format import shard_name
 
 
-def noise_kind_codes(shards, corpus: CorpusConfig, tokenizer, n_rows: int, kinds_field: str = "noise_kinds") -> tuple[np.ndarray, list[str]]:
+def noise_kind_codes(
+    shards, corpus: CorpusConfig, tokenizer, n_rows: int, kinds_field: str = "noise_kinds"
+) -> tuple[np.ndarray, list[str]]:
     """([n_rows, seq_len] int16 codes for the shards' first rows, kind names: code i + 1 is names[i])."""
     if corpus.noise_field is None:
         raise SlmError("noise kinds need corpus.noise_field (the noise spans)")
     docs = load_corpus(corpus)
     if kinds_field not in docs.column_names:
-        raise SlmError(f"corpus.path {corpus.path!r}: no field {kinds_field!r} (the kind of each noise span); columns are {docs.column_names}")
+        raise SlmError(
+            f"corpus.path {corpus.path!r}: no field {kinds_field!r} (the kind of each noise span); columns are {docs.column_names}"
+        )
     names = sorted({k for row in docs[kinds_field] for k in row})
     code_of = {k: i + 1 for i, k in enumerate(names)}
     per_shard = shards.metadata.documents_per_shard
@@ -43,12 +47,16 @@ def noise_kind_codes(shards, corpus: CorpusConfig, tokenizer, n_rows: int, kinds
             batch = docs[start : min(start + BATCH_DOCS, hi)]
             codes = [[code_of[x] for x in kinds] for kinds in batch[kinds_field]]
             tagged += tokenize_documents(tokenizer, batch[corpus.text_field], batch[corpus.noise_field], codes)
-        rows = list(pack_documents(tagged, shards.seq_len, tokenizer.eos_token_id, pad_id, whole=corpus.packing == "whole"))
+        rows = list(
+            pack_documents(tagged, shards.seq_len, tokenizer.eos_token_id, pad_id, whole=corpus.packing == "whole")
+        )
         want = min(len(rows), n_rows - int(shards.offsets[i]))
         stored = shards.rows(np.arange(shards.offsets[i], shards.offsets[i] + want), ("input_ids",))["input_ids"]
         packed = np.array([r.input_ids for r in rows[:want]], dtype=stored.dtype)
         if len(rows) != shards.offsets[i + 1] - shards.offsets[i] or not np.array_equal(packed, stored):
-            raise SlmError(f"{shards.directory / name}: its tokens differ from corpus.path {corpus.path!r} documents {lo}-{hi} re-packed; "
-                           "not the corpus (or tokenizer) these shards were scored from")
+            raise SlmError(
+                f"{shards.directory / name}: its tokens differ from corpus.path {corpus.path!r} documents {lo}-{hi} re-packed; "
+                "not the corpus (or tokenizer) these shards were scored from"
+            )
         out.append(np.array([r.noise for r in rows[:want]], dtype=np.int16))
     return np.concatenate(out)[:n_rows], names

@@ -58,26 +58,40 @@ JSON_NAME, PLOT_NAME, ARRAYS_NAME = "token_dynamics.json", "token_dynamics.png",
 class TokenDynamicsThresholds(StrictModel):
     """Thresholds of the RHO-1 rule (appendix, "Details of Token Categories")."""
 
-    change: float = Field(0.2, ge=0, description="|fitted loss change| (nats) above which a token's loss counts as moving (paper: 0.2).")
+    change: float = Field(
+        0.2, ge=0, description="|fitted loss change| (nats) above which a token's loss counts as moving (paper: 0.2)."
+    )
     level: float | None = Field(
-        None, description="Loss at the last checkpoint separating high from low; null: the mean last-checkpoint loss of all tokens (paper's L_mean)."
+        None,
+        description="Loss at the last checkpoint separating high from low; null: the mean last-checkpoint loss of all tokens (paper's L_mean).",
     )
 
 
 class TokenDynamicsConfig(StrictModel):
     """`slm analyze token-dynamics`: RHO-1 token categories (H->H, L->H, H->L, L->L) over checkpoints."""
 
-    out_dir: str = Field(description="Writes token_dynamics.json, token_dynamics.png, token_losses.npz (and the packed rows under data/).")
+    out_dir: str = Field(
+        description="Writes token_dynamics.json, token_dynamics.png, token_losses.npz (and the packed rows under data/)."
+    )
     checkpoints: list[str] | None = Field(None, description="Hugging Face model directories, in training order.")
-    run_dir: str | None = Field(None, description="A reference/pretrain run: its whole DeepSpeed checkpoints (ZeRO 0-2), in step order.")
-    architecture: str | None = Field(None, description="With run_dir: HF model directory whose architecture the checkpoints share (default <run_dir>/model).")
-    tokenizer: str | None = Field(None, description="Default: the first checkpoint's directory (or the architecture's, with run_dir).")
+    run_dir: str | None = Field(
+        None, description="A reference/pretrain run: its whole DeepSpeed checkpoints (ZeRO 0-2), in step order."
+    )
+    architecture: str | None = Field(
+        None,
+        description="With run_dir: HF model directory whose architecture the checkpoints share (default <run_dir>/model).",
+    )
+    tokenizer: str | None = Field(
+        None, description="Default: the first checkpoint's directory (or the architecture's, with run_dir)."
+    )
     validation: CorpusConfig
     seq_len: int = Field(256, ge=8)
     max_rows: int = Field(64, ge=1, description="Analyse the first max_rows packed rows of the validation corpus.")
     batch_size: int = Field(8, ge=1)
     thresholds: TokenDynamicsThresholds = Field(default_factory=TokenDynamicsThresholds)
-    x_axis: Literal["index", "step"] = Field("index", description="Fit against checkpoint index (paper) or training step.")
+    x_axis: Literal["index", "step"] = Field(
+        "index", description="Fit against checkpoint index (paper) or training step."
+    )
     examples: int = Field(3, ge=0, description="Example tokens per category in the JSON and the plot.")
     precision: Literal["fp32", "bf16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -121,7 +135,9 @@ class TokenCategories:
     level_source: str
 
 
-def classify_tokens(losses: np.ndarray, change: float = 0.2, level: float | None = None, x: np.ndarray | None = None) -> TokenCategories:
+def classify_tokens(
+    losses: np.ndarray, change: float = 0.2, level: float | None = None, x: np.ndarray | None = None
+) -> TokenCategories:
     """RHO-1's rule (module docstring) on losses [K checkpoints, N tokens]."""
     losses = np.asarray(losses, dtype=np.float64)
     x = np.arange(losses.shape[0], dtype=np.float64) if x is None else np.asarray(x, dtype=np.float64)
@@ -183,7 +199,9 @@ def resolve_checkpoints(cfg: TokenDynamicsConfig) -> list[Checkpoint]:
     if cfg.x_axis == "step":
         steps = [c.step for c in found]
         if None in steps or any(b <= a for a, b in zip(steps, steps[1:])):
-            raise SlmError(f"x_axis=step needs increasing training steps for every checkpoint, got {steps}; use x_axis=index")
+            raise SlmError(
+                f"x_axis=step needs increasing training steps for every checkpoint, got {steps}; use x_axis=index"
+            )
     return found
 
 
@@ -283,7 +301,9 @@ def _tokenizer_dir(cfg: TokenDynamicsConfig, checkpoints: list[Checkpoint]) -> P
         return Path(cfg.tokenizer)
     d = checkpoints[0].path if checkpoints[0].kind == "hf" else _architecture_dir(cfg)
     if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise SlmError(f"{d}: holds no tokenizer; set tokenizer to the directory of the tokenizer the checkpoints were trained with")
+        raise SlmError(
+            f"{d}: holds no tokenizer; set tokenizer to the directory of the tokenizer the checkpoints were trained with"
+        )
     return d
 
 
@@ -361,8 +381,13 @@ def token_dynamics(cfg: TokenDynamicsConfig, progress: bool = True, console=None
     out.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.savez_compressed(
-        buf, losses=losses, valid=valid, categories=codes_grid, input_ids=batch["input_ids"],
-        category_names=np.array(CATEGORIES), steps=np.array([-1 if s is None else s for s in steps]),
+        buf,
+        losses=losses,
+        valid=valid,
+        categories=codes_grid,
+        input_ids=batch["input_ids"],
+        category_names=np.array(CATEGORIES),
+        steps=np.array([-1 if s is None else s for s in steps]),
         checkpoints=np.array([str(c.path) for c in checkpoints]),
     )
     atomic_write_bytes(out / ARRAYS_NAME, buf.getvalue())
@@ -387,13 +412,16 @@ def _summarise(cfg, checkpoints, flat, cats: TokenCategories, valid, input_ids, 
             pick = members[np.unique(np.linspace(0, count - 1, min(cfg.examples, count)).round().astype(int))]
             for j in pick:
                 r, t = (int(v) for v in where[j])
-                examples.append({
-                    "row": r, "position": t,
-                    "token": tokenizer.decode([int(input_ids[r, t])]),
-                    "context": tokenizer.decode([int(i) for i in input_ids[r, max(0, t - 8) : t]]),
-                    "losses": [round(float(v), 4) for v in flat[:, j]],
-                    "delta": round(float(cats.delta[j]), 4),
-                })
+                examples.append(
+                    {
+                        "row": r,
+                        "position": t,
+                        "token": tokenizer.decode([int(input_ids[r, t])]),
+                        "context": tokenizer.decode([int(i) for i in input_ids[r, max(0, t - 8) : t]]),
+                        "losses": [round(float(v), 4) for v in flat[:, j]],
+                        "delta": round(float(cats.delta[j]), 4),
+                    }
+                )
         categories[name] = {
             "meaning": MEANING[name],
             "count": count,
@@ -432,17 +460,35 @@ def print_token_dynamics(summary: dict, console=None) -> None:
     console = console or Console()
     th = summary["thresholds"]
     ck = summary["checkpoints"]
-    table = Table(title=f"RHO-1 token categories: {summary['tokens']:,} tokens over {len(ck)} checkpoints "
-                        f"({ck[0]['name']} .. {ck[-1]['name']}); |dL| > {th['change']:g}, level {th['level']:.3f}")
-    for col, justify in (("category", "left"), ("loss", "left"), ("tokens", "right"), ("share", "right"),
-                         ("mean loss first", "right"), ("mean loss last", "right"), ("mean dL", "right")):
+    table = Table(
+        title=f"RHO-1 token categories: {summary['tokens']:,} tokens over {len(ck)} checkpoints "
+        f"({ck[0]['name']} .. {ck[-1]['name']}); |dL| > {th['change']:g}, level {th['level']:.3f}"
+    )
+    for col, justify in (
+        ("category", "left"),
+        ("loss", "left"),
+        ("tokens", "right"),
+        ("share", "right"),
+        ("mean loss first", "right"),
+        ("mean loss last", "right"),
+        ("mean dL", "right"),
+    ):
         table.add_column(col, justify=justify)
     for name, c in summary["categories"].items():
         first, last = (f"{c['mean_loss'][0]:.3f}", f"{c['mean_loss'][-1]:.3f}") if c["count"] else ("-", "-")
-        table.add_row(name, c["meaning"], f"{c['count']:,}", f"{100 * c['share']:.1f}%", first, last,
-                      f"{c['mean_delta']:+.3f}" if c["count"] else "-")
+        table.add_row(
+            name,
+            c["meaning"],
+            f"{c['count']:,}",
+            f"{100 * c['share']:.1f}%",
+            first,
+            last,
+            f"{c['mean_delta']:+.3f}" if c["count"] else "-",
+        )
     all_loss = summary["mean_loss"]
-    table.add_row("all", "", f"{summary['tokens']:,}", "100.0%", f"{all_loss[0]:.3f}", f"{all_loss[-1]:.3f}", "", style="bold")
+    table.add_row(
+        "all", "", f"{summary['tokens']:,}", "100.0%", f"{all_loss[0]:.3f}", f"{all_loss[-1]:.3f}", "", style="bold"
+    )
     console.print(table)
 
 
@@ -470,7 +516,9 @@ def plot_token_dynamics(summary: dict, path: str | Path) -> Path:
     bars = ax_b.bar(names, shares, color=[COLORS[n] for n in names])
     for b, s in zip(bars, shares):
         ax_b.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{s:.1f}%", ha="center", va="bottom", fontsize=8)
-    ax_b.set(title=f"(b) share of {summary['tokens']:,} tokens", ylabel="% of tokens", ylim=(0, max(shares + [1]) * 1.15))
+    ax_b.set(
+        title=f"(b) share of {summary['tokens']:,} tokens", ylabel="% of tokens", ylim=(0, max(shares + [1]) * 1.15)
+    )
 
     for name, c in summary["categories"].items():
         for i, ex in enumerate(c["examples"]):
@@ -478,7 +526,13 @@ def plot_token_dynamics(summary: dict, path: str | Path) -> Path:
     ax_c.set(title="(c) example tokens", xlabel=xlabel, ylabel="loss (nats)")
     if not by_step:  # name the checkpoints on the index axis
         for ax in (ax_a, ax_c):
-            ax.set_xticks(xs, [c["name"] for c in ck], rotation=30 if len(ck) > 4 else 0, ha="right" if len(ck) > 4 else "center", fontsize=7)
+            ax.set_xticks(
+                xs,
+                [c["name"] for c in ck],
+                rotation=30 if len(ck) > 4 else 0,
+                ha="right" if len(ck) > 4 else "center",
+                fontsize=7,
+            )
     ax_c.grid(alpha=0.3)
     if any(c["examples"] for c in summary["categories"].values()):
         ax_c.legend(fontsize=8)
@@ -511,8 +565,16 @@ def token_dynamics_command(
     set, then `--set` overrides, validated as one `TokenDynamicsConfig` (problems are one-line
     `SlmError`s), then `token_dynamics`."""
     raw: dict[str, Any] = read_yaml(config) if config is not None else {}
-    flags = {"checkpoints": [str(c) for c in checkpoints] if checkpoints else None, "run_dir": run_dir, "out_dir": out,
-             "architecture": architecture, "tokenizer": tokenizer, "seq_len": seq_len, "max_rows": max_rows, "batch_size": batch_size}
+    flags = {
+        "checkpoints": [str(c) for c in checkpoints] if checkpoints else None,
+        "run_dir": run_dir,
+        "out_dir": out,
+        "architecture": architecture,
+        "tokenizer": tokenizer,
+        "seq_len": seq_len,
+        "max_rows": max_rows,
+        "batch_size": batch_size,
+    }
     raw.update({k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items() if v is not None})
     if validation is not None:
         base = raw.get("validation") if isinstance(raw.get("validation"), dict) else {}

@@ -14,7 +14,14 @@ from pathlib import Path
 from slm.config import CorpusConfig
 from slm.errors import SlmError, describe
 
-_BUILDER_BY_SUFFIX = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text", ".arrow": "arrow"}
+_BUILDER_BY_SUFFIX = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".text": "text",
+    ".arrow": "arrow",
+}
 _BUILDER_BY_FORMAT = {"jsonl": "json", "json": "json", "parquet": "parquet", "text": "text", "arrow": "arrow"}
 
 
@@ -141,15 +148,19 @@ def load_corpus(cfg: CorpusConfig):
                 raise SlmError(f"corpus.path {cfg.path!r}: field {cfg.text_field!r} holds bytes that are not UTF-8")
             if cfg.errors == "strict":
                 f, (offset, line) = next(iter(bad.items()))
-                raise SlmError(f"{f}: byte {offset} (line {line}) is not UTF-8 ({len(bad)} file(s) have such bytes); "
-                               f"fix the file, or set corpus.errors=replace to read them as U+FFFD")
+                raise SlmError(
+                    f"{f}: byte {offset} (line {line}) is not UTF-8 ({len(bad)} file(s) have such bytes); "
+                    f"fix the file, or set corpus.errors=replace to read them as U+FFFD"
+                )
             ds = _read(cfg, [utf8_copy(f) if f in bad else f for f in files])
     except SlmError:
         raise
     except Exception as e:  # datasets raises many types; the user needs the file and the reason
         raise SlmError(f"corpus.path {cfg.path!r}: could not be read ({describe(e)})") from None
     if cfg.text_field not in ds.column_names:
-        raise SlmError(f"corpus.path {cfg.path!r}: no text field {cfg.text_field!r}; columns are {ds.column_names} (set corpus.text_field)")
+        raise SlmError(
+            f"corpus.path {cfg.path!r}: no text field {cfg.text_field!r}; columns are {ds.column_names} (set corpus.text_field)"
+        )
     if cfg.noise_field and cfg.noise_field not in ds.column_names:
         raise SlmError(f"corpus.path {cfg.path!r}: no noise field {cfg.noise_field!r}; columns are {ds.column_names}")
     if cfg.max_documents is not None and len(ds) > cfg.max_documents:
@@ -172,4 +183,3 @@ def corpus_fingerprint(cfg: CorpusConfig) -> str:
     if files is None:
         return sha256_json({"hub": cfg.path, "split": cfg.split, **fields})
     return sha256_json({"files": sha256_files([Path(f) for f in files]), **fields})
-

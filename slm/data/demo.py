@@ -26,12 +26,38 @@ from pathlib import Path
 NAMES = ["Ana", "Ben", "Carla", "Dev", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jon", "Kemal", "Lena", "Mia", "Noah"]
 ITEMS = ["apples", "books", "coins", "pencils", "stamps", "marbles", "cards", "shells", "eggs", "flowers"]
 FILLER = [
-    "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.",
-    "The river runs to the sea.", "Birds sing in the morning.", "The road is long and quiet.",
-    "Clouds drift over the hills.", "A cold wind blows at night.",
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "Here we go.",
+    "There and back again.",
+    "The river runs to the sea.",
+    "Birds sing in the morning.",
+    "The road is long and quiet.",
+    "Clouds drift over the hills.",
+    "A cold wind blows at night.",
 ]
-NAV = ["Home", "About us", "Contact", "Privacy Policy", "Terms of Use", "Login", "Sign up", "Blog", "Careers", "Help", "Sitemap", "Cookie settings"]
-SPAM = ["BUY NOW!!!", "Best prices, cheap deals, click here!", "Limited offer, 90% OFF!!!", "Win a FREE phone today!!!", "Subscribe for more!!!"]
+NAV = [
+    "Home",
+    "About us",
+    "Contact",
+    "Privacy Policy",
+    "Terms of Use",
+    "Login",
+    "Sign up",
+    "Blog",
+    "Careers",
+    "Help",
+    "Sitemap",
+    "Cookie settings",
+]
+SPAM = [
+    "BUY NOW!!!",
+    "Best prices, cheap deals, click here!",
+    "Limited offer, 90% OFF!!!",
+    "Win a FREE phone today!!!",
+    "Subscribe for more!!!",
+]
 TAGS = ["div", "span", "a", "li", "ul", "section", "nav", "footer"]
 
 # Prompts: the same wording in training documents, validation and the domain questions.
@@ -170,7 +196,9 @@ def noise_segment(rng: random.Random) -> tuple[str, str, list[list[int]]]:
     return text, kind, [[0, len(text)]]
 
 
-def web_document(rng: random.Random, noise_share: float, retrieval_share: float, retrieval_chars: int) -> tuple[str, list[list[int]], list[str]]:
+def web_document(
+    rng: random.Random, noise_share: float, retrieval_share: float, retrieval_chars: int
+) -> tuple[str, list[list[int]], list[str]]:
     """Domain text interleaved with noise segments until they make up about `noise_share` of characters.
 
     Returns the text, the noise spans (character offsets) and each span's kind (NOISE_KINDS).
@@ -243,24 +271,38 @@ def generate_demo(cfg, progress: bool = True) -> DemoFiles:
     files = DemoFiles(Path(cfg.out_dir))
     files.root.mkdir(parents=True, exist_ok=True)
     # Separate generators per split so that sizes of one split never change another.
-    rng_hq, rng_train, rng_val, rng_q = (random.Random(f"{cfg.seed}-{name}") for name in ("hq", "train", "val", "questions"))
-    hq = [{"text": domain_document(rng_hq, cfg.retrieval_share, cfg.retrieval_chars), "source": "domain"} for _ in range(cfg.hq_documents)]
+    rng_hq, rng_train, rng_val, rng_q = (
+        random.Random(f"{cfg.seed}-{name}") for name in ("hq", "train", "val", "questions")
+    )
+    hq = [
+        {"text": domain_document(rng_hq, cfg.retrieval_share, cfg.retrieval_chars), "source": "domain"}
+        for _ in range(cfg.hq_documents)
+    ]
     train = []
     for _ in range(cfg.train_documents):
         text, spans, kinds = web_document(rng_train, cfg.noise_share, cfg.retrieval_share, cfg.retrieval_chars)
         train.append({"text": text, "noise_spans": spans, "noise_kinds": kinds, "source": "web"})
-    val = [{"text": domain_document(rng_val, cfg.retrieval_share, cfg.retrieval_chars), "source": "domain"} for _ in range(cfg.validation_documents)]
+    val = [
+        {"text": domain_document(rng_val, cfg.retrieval_share, cfg.retrieval_chars), "source": "domain"}
+        for _ in range(cfg.validation_documents)
+    ]
     questions = []
     for _ in range(cfg.questions):
         a, op, b, c = arithmetic_fact(rng_q)
-        questions.append({"question": QUESTION.format(a=a, op=op, b=b), "answer": str(c), "answer_pattern": ANSWER_PATTERN})
+        questions.append(
+            {"question": QUESTION.format(a=a, op=op, b=b), "answer": str(c), "answer_pattern": ANSWER_PATTERN}
+        )
     _write_jsonl(files.hq, hq)
     _write_jsonl(files.train, train)
     _write_jsonl(files.validation, val)
     _write_jsonl(files.questions, questions)
     if cfg.retrieval_finetune_documents:  # its own generator: the other splits are the same with or without it
         rng_r = random.Random(f"{cfg.seed}-retrieval")
-        _write_jsonl(files.retrieval, retrieval_finetune_documents(rng_r, cfg.retrieval_finetune_documents, cfg.retrieval_chars,
-                                                                   cfg.retrieval_finetune_short_share))
+        _write_jsonl(
+            files.retrieval,
+            retrieval_finetune_documents(
+                rng_r, cfg.retrieval_finetune_documents, cfg.retrieval_chars, cfg.retrieval_finetune_short_share
+            ),
+        )
     train_bpe_tokenizer((r["text"] for r in hq + train), cfg.vocab_size, files.tokenizer)
     return files

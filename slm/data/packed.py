@@ -23,7 +23,9 @@ from slm.shards.format import fixed_list_to_numpy
 BATCH_DOCS = 256
 
 
-def iter_documents(corpus, tokenizer, text_field: str, noise_field: str | None = None, start: int = 0, stop: int | None = None):
+def iter_documents(
+    corpus, tokenizer, text_field: str, noise_field: str | None = None, start: int = 0, stop: int | None = None
+):
     """(token ids, noise tags or None) per document of `corpus[start:stop]`, tokenised in batches."""
     stop = len(corpus) if stop is None else stop
     for lo in range(start, stop, BATCH_DOCS):
@@ -49,7 +51,9 @@ class PackedRows:
 
 def packed_corpus(cfg: CorpusConfig, tokenizer, tokenizer_dir: str, seq_len: int, cache_dir: str | Path) -> PackedRows:
     """Pack `cfg` into `cache_dir/packed-<fingerprint>.arrow` unless it is already there."""
-    key = sha256_json({"corpus": corpus_fingerprint(cfg), "tokenizer": tokenizer_fingerprint(tokenizer_dir), "seq_len": seq_len})[:16]
+    key = sha256_json(
+        {"corpus": corpus_fingerprint(cfg), "tokenizer": tokenizer_fingerprint(tokenizer_dir), "seq_len": seq_len}
+    )[:16]
     path = Path(cache_dir) / f"packed-{key}.arrow"
     if path.is_file():
         return PackedRows(path)
@@ -64,10 +68,15 @@ def packed_corpus(cfg: CorpusConfig, tokenizer, tokenizer_dir: str, seq_len: int
         def flush():
             ids = np.array([r.input_ids for r in buffer], dtype=np.int32)
             mask = np.array([r.loss_mask for r in buffer], dtype=np.int8)
-            stream.write_batch(pa.RecordBatch.from_arrays([
-                pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), seq_len),
-                pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1)), seq_len),
-            ], schema=schema))
+            stream.write_batch(
+                pa.RecordBatch.from_arrays(
+                    [
+                        pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), seq_len),
+                        pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1)), seq_len),
+                    ],
+                    schema=schema,
+                )
+            )
             buffer.clear()
 
         docs = iter_documents(corpus, tokenizer, cfg.text_field)

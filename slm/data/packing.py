@@ -11,8 +11,8 @@ A document longer than a row is still split, as with plain packing.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 
 @dataclass
@@ -71,7 +71,9 @@ def pack_documents(
         yield padded_row()
 
 
-def noise_tags_from_spans(offsets: list[tuple[int, int]], spans: list[list[int]], codes: list[int] | None = None) -> list[int]:
+def noise_tags_from_spans(
+    offsets: list[tuple[int, int]], spans: list[list[int]], codes: list[int] | None = None
+) -> list[int]:
     """Per token, the code of the noise span holding its character midpoint (default 1), else 0."""
     if not spans:
         return [0] * len(offsets)
@@ -87,13 +89,17 @@ def noise_tags_from_spans(offsets: list[tuple[int, int]], spans: list[list[int]]
     return tags
 
 
-def tokenize_documents(tokenizer, texts: list[str], noise_spans: list | None = None, span_codes: list | None = None) -> list[tuple[list[int], list[int] | None]]:
+def tokenize_documents(
+    tokenizer, texts: list[str], noise_spans: list | None = None, span_codes: list | None = None
+) -> list[tuple[list[int], list[int] | None]]:
     """Batch-tokenise texts (no special tokens); with noise spans, tag each token (1, or its span's code)."""
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=noise_spans is not None)
     out = []
     for i, ids in enumerate(enc["input_ids"]):
         tags = None
         if noise_spans is not None:
-            tags = noise_tags_from_spans(enc["offset_mapping"][i], noise_spans[i] or [], span_codes[i] if span_codes is not None else None)
+            tags = noise_tags_from_spans(
+                enc["offset_mapping"][i], noise_spans[i] or [], span_codes[i] if span_codes is not None else None
+            )
         out.append((ids, tags))
     return out

@@ -23,13 +23,23 @@ def _require_lm_eval():
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        raise SlmError("slm eval harness needs lm-evaluation-harness: pip install 'slm[harness]' "
-                       "(or pip install 'lm-eval[hf]')") from None
+        raise SlmError(
+            "slm eval harness needs lm-evaluation-harness: pip install 'slm[harness]' (or pip install 'lm-eval[hf]')"
+        ) from None
 
 
-def run_harness(model_dir: str | Path, tasks: list[str], out_dir: str | Path, include_path: str | Path | None = None,
-                batch_size: int = 1, max_length: int | None = None, limit: int | None = None,
-                num_fewshot: int | None = None, device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
+def run_harness(
+    model_dir: str | Path,
+    tasks: list[str],
+    out_dir: str | Path,
+    include_path: str | Path | None = None,
+    batch_size: int = 1,
+    max_length: int | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> dict[str, Any]:
     """Run lm-eval's `simple_evaluate` on `model_dir`; write `results.json` (metrics) and `samples.jsonl`
     (every request's arguments and the model's answers) into out_dir, and return the metrics per task."""
     import slm.models  # noqa: F401  (registers the backbones with transformers)
@@ -49,22 +59,50 @@ def run_harness(model_dir: str | Path, tasks: list[str], out_dir: str | Path, in
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise SlmError(f"--tasks: unknown task(s) {unknown}; give lm-eval task names or local YAMLs with --include-path")
+        raise SlmError(
+            f"--tasks: unknown task(s) {unknown}; give lm-eval task names or local YAMLs with --include-path"
+        )
     results = simple_evaluate(
         model="hf",
         model_args={"pretrained": str(model_dir), "max_length": max_length, "dtype": dtype, "trust_remote_code": True},
-        tasks=tasks, batch_size=batch_size, device=device, limit=limit, num_fewshot=num_fewshot,
-        task_manager=manager, log_samples=True)
+        tasks=tasks,
+        batch_size=batch_size,
+        device=device,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        task_manager=manager,
+        log_samples=True,
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = json.loads(json.dumps(results["results"], default=str))
-    atomic_write_json(out / "results.json", {"model": str(model_dir), "tasks": tasks, "batch_size": batch_size,
-                                             "max_length": max_length, "limit": limit, "results": metrics})
+    atomic_write_json(
+        out / "results.json",
+        {
+            "model": str(model_dir),
+            "tasks": tasks,
+            "batch_size": batch_size,
+            "max_length": max_length,
+            "limit": limit,
+            "results": metrics,
+        },
+    )
     with open(out / "samples.jsonl", "w") as f:
         for task, samples in results.get("samples", {}).items():
             for s in samples:
-                f.write(json.dumps({"task": task, "doc_id": s["doc_id"], "arguments": s["arguments"],
-                                    "responses": s["resps"], "filtered": s["filtered_resps"]}, default=str) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "task": task,
+                            "doc_id": s["doc_id"],
+                            "arguments": s["arguments"],
+                            "responses": s["resps"],
+                            "filtered": s["filtered_resps"],
+                        },
+                        default=str,
+                    )
+                    + "\n"
+                )
     return metrics
 
 

@@ -51,18 +51,34 @@ def domain_accuracy(model, tokenizer, questions: list[dict], max_new_tokens: int
     for q in tqdm(questions, desc="domain accuracy", disable=not progress, dynamic_ncols=True):
         ids = tokenizer(q["question"], add_special_tokens=False)["input_ids"]
         # answers end at the first blank line: stop on EOS or a token holding "\n\n"
-        out = greedy_generate(model, ids, max_new_tokens, chunk_len=max(len(ids), 1), stop_token_ids=stops + [t for t in newline_stops if "\n\n" in tokenizer.decode([t])])
+        out = greedy_generate(
+            model,
+            ids,
+            max_new_tokens,
+            chunk_len=max(len(ids), 1),
+            stop_token_ids=stops + [t for t in newline_stops if "\n\n" in tokenizer.decode([t])],
+        )
         text = tokenizer.decode(out, skip_special_tokens=True)
         pred = extract_answer(text, q.get("answer_pattern"))
         ok = pred == str(q["answer"]).strip()
         correct += ok
-        samples.append({"question": q["question"], "generated": text, "prediction": pred, "answer": q["answer"], "correct": ok})
+        samples.append(
+            {"question": q["question"], "generated": text, "prediction": pred, "answer": q["answer"], "correct": ok}
+        )
     return {"accuracy": correct / len(questions), "n": len(questions), "samples": samples}
 
 
 @torch.no_grad()
-def selection_quality(model, shards, ratio: float, batch_size: int, max_batches: int | None, progress: bool = True,
-                      noise_codes: np.ndarray | None = None, kind_names: list[str] | None = None) -> dict:
+def selection_quality(
+    model,
+    shards,
+    ratio: float,
+    batch_size: int,
+    max_batches: int | None,
+    progress: bool = True,
+    noise_codes: np.ndarray | None = None,
+    kind_names: list[str] | None = None,
+) -> dict:
     """Precision/recall of the model's batch-mode selection against the shards' noise column.
 
     noise_dropped: share of noise tokens the selection drops (recall of the drop);
@@ -109,8 +125,14 @@ def selection_quality(model, shards, ratio: float, batch_size: int, max_batches:
     if noise_codes is not None:
         total = max(sums[:, 0].sum(), 1)
         out["by_kind"] = {
-            name: {"share": tokens / total, "kept": kept_n / tokens, "ref_loss": ref_sum / tokens, "model_loss": ce_sum / tokens,
-                   "excess": (ce_sum - ref_sum) / tokens}
-            for name, (tokens, kept_n, ref_sum, ce_sum) in zip(names, sums) if tokens
+            name: {
+                "share": tokens / total,
+                "kept": kept_n / tokens,
+                "ref_loss": ref_sum / tokens,
+                "model_loss": ce_sum / tokens,
+                "excess": (ce_sum - ref_sum) / tokens,
+            }
+            for name, (tokens, kept_n, ref_sum, ce_sum) in zip(names, sums)
+            if tokens
         }
     return out

@@ -33,7 +33,14 @@ from slm.jobs.resources import SlurmResources, stage_resources
 from slm.pipeline import load_pipeline
 
 TRAINING = ("reference", "finetune", "pretrain")
-COMMANDS = {"demo_data": "slm data demo", "reference": "slm reference", "finetune": "slm finetune", "score": "slm score", "pretrain": "slm pretrain", "eval": "slm eval"}
+COMMANDS = {
+    "demo_data": "slm data demo",
+    "reference": "slm reference",
+    "finetune": "slm finetune",
+    "score": "slm score",
+    "pretrain": "slm pretrain",
+    "eval": "slm eval",
+}
 FROZEN_PIPELINE = "pipeline.yaml"
 
 
@@ -104,7 +111,9 @@ def data_dependencies(stages: list[tuple[str, dict, str]], cwd: Path) -> dict[st
     return deps
 
 
-def plan_jobs(pipeline_path: str | Path | None, out_dir: str | Path, overrides: list[str] | None = None) -> tuple[dict, str, list[RenderedJob]]:
+def plan_jobs(
+    pipeline_path: str | Path | None, out_dir: str | Path, overrides: list[str] | None = None
+) -> tuple[dict, str, list[RenderedJob]]:
     """Load and validate the pipeline and every stage's resources; write nothing.
     Returns the resolved pipeline (a valid pipeline YAML mapping), its source file and the jobs."""
     pipeline, stages, path = load_pipeline(pipeline_path, overrides)
@@ -119,12 +128,23 @@ def plan_jobs(pipeline_path: str | Path | None, out_dir: str | Path, overrides: 
         if s.kind == "score":
             parts = res.array_parts
             cfg = cfg.model_copy(update={"part": 0, "parts": parts})
-        jobs.append(RenderedJob(
-            stage=s.name, kind=s.kind, cfg=cfg, resources=res, out_dir=Path(_abs(s.cfg.out_dir, cwd)),
-            script=out_dir / f"{s.name}.sbatch", config=out_dir / "configs" / f"{s.name}.yaml", log_dir=out_dir / "logs",
-            job_name=f"slm-{pipeline.name}-{s.name}", chdir=cwd, depends_on=deps[s.name],
-            parts=parts, tasks=list(range(parts)) if parts else None,
-        ))
+        jobs.append(
+            RenderedJob(
+                stage=s.name,
+                kind=s.kind,
+                cfg=cfg,
+                resources=res,
+                out_dir=Path(_abs(s.cfg.out_dir, cwd)),
+                script=out_dir / f"{s.name}.sbatch",
+                config=out_dir / "configs" / f"{s.name}.yaml",
+                log_dir=out_dir / "logs",
+                job_name=f"slm-{pipeline.name}-{s.name}",
+                chdir=cwd,
+                depends_on=deps[s.name],
+                parts=parts,
+                tasks=list(range(parts)) if parts else None,
+            )
+        )
     return pipeline.model_dump(mode="json"), str(Path(path).resolve()), jobs
 
 
@@ -132,8 +152,14 @@ def _sbatch_header(job: RenderedJob) -> list[str]:
     r = job.resources
     training = job.kind in TRAINING
     log = job.log_dir / (f"{job.stage}-%A_%a.out" if job.tasks is not None else f"{job.stage}-%j.out")
-    opts = [f"--job-name={job.job_name}", f"--chdir={job.chdir}", f"--output={log}",
-            f"--nodes={r.nodes if training else 1}", "--ntasks-per-node=1", f"--cpus-per-task={r.cpus_per_task}"]
+    opts = [
+        f"--job-name={job.job_name}",
+        f"--chdir={job.chdir}",
+        f"--output={log}",
+        f"--nodes={r.nodes if training else 1}",
+        "--ntasks-per-node=1",
+        f"--cpus-per-task={r.cpus_per_task}",
+    ]
     if r.gpus_per_node:
         opts.append(f"--gpus-per-node={r.gpus_per_node}")
     for key, opt in (("mem", "--mem"), ("time", "--time"), ("partition", "--partition"), ("account", "--account")):
@@ -156,22 +182,33 @@ def launcher_command(job: RenderedJob) -> str:
     """The per-node launcher line of a training stage (run once per node by srun)."""
     r, stage_cmd = job.resources, _stage_command(job)
     if r.launcher == "torchrun":
-        return (f"torchrun --nnodes={r.nodes} --nproc_per_node={r.ranks_per_node} --rdzv_id=$SLURM_JOB_ID "
-                f"--rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT --no-python {stage_cmd}")
-    return (f"deepspeed --hostfile=$SLM_HOSTFILE --no_ssh --node_rank=$SLURM_NODEID --master_addr=$MASTER_ADDR "
-            f"--master_port=$MASTER_PORT --num_nodes={r.nodes} --num_gpus={r.ranks_per_node} --no_python --no_local_rank {stage_cmd}")
+        return (
+            f"torchrun --nnodes={r.nodes} --nproc_per_node={r.ranks_per_node} --rdzv_id=$SLURM_JOB_ID "
+            f"--rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT --no-python {stage_cmd}"
+        )
+    return (
+        f"deepspeed --hostfile=$SLM_HOSTFILE --no_ssh --node_rank=$SLURM_NODEID --master_addr=$MASTER_ADDR "
+        f"--master_port=$MASTER_PORT --num_nodes={r.nodes} --num_gpus={r.ranks_per_node} --no_python --no_local_rank {stage_cmd}"
+    )
 
 
 def script_text(job: RenderedJob, pipeline_source: str) -> str:
     r = job.resources
     threads = max(1, r.cpus_per_task // r.ranks_per_node) if job.kind in TRAINING else r.cpus_per_task
-    lines = ["#!/bin/bash", f"# Rendered by `slm jobs` from {pipeline_source}: stage {job.stage!r} ({job.kind}).",
-             f"# It runs the stage's command on the frozen config {job.config}.", *_sbatch_header(job), "",
-             "set -euo pipefail",
-             "# sbatch exports the submitter's environment: never inherit its process-group rendezvous",
-             "unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK MASTER_ADDR MASTER_PORT",
-             f"export OMP_NUM_THREADS={threads}", *r.setup_lines(),
-             f'echo "slm jobs: stage {job.stage} on $(hostname), job ${{SLURM_JOB_ID}} started $(date -Is)"', ""]
+    lines = [
+        "#!/bin/bash",
+        f"# Rendered by `slm jobs` from {pipeline_source}: stage {job.stage!r} ({job.kind}).",
+        f"# It runs the stage's command on the frozen config {job.config}.",
+        *_sbatch_header(job),
+        "",
+        "set -euo pipefail",
+        "# sbatch exports the submitter's environment: never inherit its process-group rendezvous",
+        "unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK MASTER_ADDR MASTER_PORT",
+        f"export OMP_NUM_THREADS={threads}",
+        *r.setup_lines(),
+        f'echo "slm jobs: stage {job.stage} on $(hostname), job ${{SLURM_JOB_ID}} started $(date -Is)"',
+        "",
+    ]
     if job.kind in TRAINING:
         port = str(r.master_port) if r.master_port else "$((20000 + SLURM_JOB_ID % 20000))"
         lines += [
@@ -181,8 +218,10 @@ def script_text(job: RenderedJob, pipeline_source: str) -> str:
             f"export MASTER_PORT={port}",
         ]
         if r.launcher == "deepspeed":  # its no-ssh mode reads the nodes and their slots from a hostfile
-            lines += [f'export SLM_HOSTFILE="{job.log_dir}/hostfile-{job.stage}-$SLURM_JOB_ID"',
-                      f'echo "$NODES" | sed "s/$/ slots={r.ranks_per_node}/" > "$SLM_HOSTFILE"']
+            lines += [
+                f'export SLM_HOSTFILE="{job.log_dir}/hostfile-{job.stage}-$SLURM_JOB_ID"',
+                f'echo "$NODES" | sed "s/$/ slots={r.ranks_per_node}/" > "$SLM_HOSTFILE"',
+            ]
         lines += [
             f'srun --nodes={r.nodes} --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 \\',
             f"    bash -c {shlex.quote('exec ' + launcher_command(job))}",
@@ -200,13 +239,17 @@ def write_job(job: RenderedJob, pipeline_source: str, tasks: list[int] | None = 
         job.tasks = sorted(tasks)
     job.config.parent.mkdir(parents=True, exist_ok=True)
     job.log_dir.mkdir(parents=True, exist_ok=True)
-    job.config.write_text(f"# frozen by `slm jobs` for stage {job.stage!r}\n" + yaml.safe_dump(dump_config(job.cfg), sort_keys=False))
+    job.config.write_text(
+        f"# frozen by `slm jobs` for stage {job.stage!r}\n" + yaml.safe_dump(dump_config(job.cfg), sort_keys=False)
+    )
     job.script.write_text(script_text(job, pipeline_source))
     job.script.chmod(0o755)
     return job
 
 
-def render_pipeline(pipeline_path: str | Path | None, out_dir: str | Path, overrides: list[str] | None = None) -> list[RenderedJob]:
+def render_pipeline(
+    pipeline_path: str | Path | None, out_dir: str | Path, overrides: list[str] | None = None
+) -> list[RenderedJob]:
     """Write the frozen pipeline, one config and one sbatch script per stage into `out_dir`."""
     frozen, source, jobs = plan_jobs(pipeline_path, out_dir, overrides)
     write_frozen(frozen, source, out_dir)

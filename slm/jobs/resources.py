@@ -41,13 +41,24 @@ class SlurmResources(StrictModel):
     cpu_ranks_per_node: int = Field(1, ge=1, description="Data-parallel ranks per node when gpus_per_node is 0.")
     cpus_per_task: int = Field(1, ge=1, description="CPUs per node of a training stage, per task otherwise.")
     mem: str | None = Field(None, description="Memory per node, e.g. 64G (sbatch --mem).")
-    array_parts: int = Field(1, ge=1, description="Scoring only: the corpus is split into this many array tasks (--part/--parts).")
-    array_concurrency: int | None = Field(None, ge=1, description="Scoring only: at most this many array tasks at once (--array=...%C).")
-    launcher: Literal["deepspeed", "torchrun"] = Field("deepspeed", description="Launcher of the training ranks on each node.")
-    master_port: int | None = Field(None, ge=1024, le=65535, description="Rendezvous port; default: 20000 + job id mod 20000.")
-    extra_sbatch: list[str] = Field(default_factory=list, description="More sbatch options, e.g. ['--qos=high', '--exclusive'].")
+    array_parts: int = Field(
+        1, ge=1, description="Scoring only: the corpus is split into this many array tasks (--part/--parts)."
+    )
+    array_concurrency: int | None = Field(
+        None, ge=1, description="Scoring only: at most this many array tasks at once (--array=...%C)."
+    )
+    launcher: Literal["deepspeed", "torchrun"] = Field(
+        "deepspeed", description="Launcher of the training ranks on each node."
+    )
+    master_port: int | None = Field(
+        None, ge=1024, le=65535, description="Rendezvous port; default: 20000 + job id mod 20000."
+    )
+    extra_sbatch: list[str] = Field(
+        default_factory=list, description="More sbatch options, e.g. ['--qos=high', '--exclusive']."
+    )
     env_setup: list[str] | None = Field(
-        None, description="Shell lines run before the stage (module load, venv activate). Default: put this Python's bin dir on PATH."
+        None,
+        description="Shell lines run before the stage (module load, venv activate). Default: put this Python's bin dir on PATH.",
     )
 
     @field_validator("time")

@@ -126,8 +126,16 @@ def pipeline_status(out_dir: str | Path, squeue: str = "squeue", sacct: str = "s
         stage, out = info["name"], Path(info["out_dir"])
         complete = stage_file_complete(out)
         job = latest.get(stage)
-        row = {"stage": stage, "kind": info["kind"], "job_id": job["job_id"] if job else None, "array": job.get("array") if job else None,
-               "complete": complete, "out_dir": str(out), "tasks": {}, "source": None}
+        row = {
+            "stage": stage,
+            "kind": info["kind"],
+            "job_id": job["job_id"] if job else None,
+            "array": job.get("array") if job else None,
+            "complete": complete,
+            "out_dir": str(out),
+            "tasks": {},
+            "source": None,
+        }
         known = states.get(job["job_id"]) if job else None
         if known:
             row.update(state=known["state"], tasks=known["tasks"], source=known["source"])
@@ -137,7 +145,11 @@ def pipeline_status(out_dir: str | Path, squeue: str = "squeue", sacct: str = "s
             row.update(state="UNKNOWN" if job else "NOT SUBMITTED")
         if info["kind"] == "score":
             row["shards_whole"], row["num_shards"] = len(whole_shards(out)), num_shards(out)
-            row["output"] = "complete" if complete else f"{row['shards_whole']}/{row['num_shards'] if row['num_shards'] is not None else '?'} shards whole"
+            row["output"] = (
+                "complete"
+                if complete
+                else f"{row['shards_whole']}/{row['num_shards'] if row['num_shards'] is not None else '?'} shards whole"
+            )
         else:
             row["output"] = "complete" if complete else ("started" if out.exists() else "-")
         rows.append(row)
@@ -152,7 +164,9 @@ def print_status(rows: list[dict], console: Console | None = None) -> None:
     colour = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "FAILED": "red", "CANCELLED": "red"}
     for r in rows:
         job = (r["job_id"] or "-") + (f" [{r['array']}]" if r.get("array") else "")
-        tasks = ", ".join(f"{n} {s.lower()}" for s, n in sorted(r["tasks"].items())) if sum(r["tasks"].values()) > 1 else ""
+        tasks = (
+            ", ".join(f"{n} {s.lower()}" for s, n in sorted(r["tasks"].items())) if sum(r["tasks"].values()) > 1 else ""
+        )
         state = f"[{colour[r['state']]}]{r['state']}[/]" if r["state"] in colour else r["state"]
         table.add_row(r["stage"], r["kind"], job, state, tasks, r["output"], r["out_dir"])
     (console or Console()).print(table)

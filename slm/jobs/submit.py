@@ -54,7 +54,9 @@ def sbatch_submit(script: Path, dependencies: list[str], sbatch: str = "sbatch")
     except subprocess.TimeoutExpired:
         raise SlmError(f"{' '.join(cmd)}: no answer from sbatch in 120 s") from None
     if proc.returncode != 0:
-        raise SlmError(f"sbatch {script.name} failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+        raise SlmError(
+            f"sbatch {script.name} failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
+        )
     job_id = proc.stdout.strip().splitlines()[-1].split(";")[0].strip() if proc.stdout.strip() else ""
     if not job_id.isdigit():
         raise SlmError(f"sbatch {script.name}: expected a job id, got {proc.stdout.strip()!r}")
@@ -65,15 +67,25 @@ def _todo(job: RenderedJob, previous: dict | None, states: dict[str, dict]) -> t
     """('skip', reason) | ('reuse', job_id) | ('submit', array tasks or None)."""
     if stage_complete(job.stage, job.kind, job.cfg, job.out_dir):
         return "skip", "complete"
-    if previous and states.get(previous["job_id"], {}).get("state") in ACTIVE and not states[previous["job_id"]].get("stuck"):
+    if (
+        previous
+        and states.get(previous["job_id"], {}).get("state") in ACTIVE
+        and not states[previous["job_id"]].get("stuck")
+    ):
         return "reuse", previous["job_id"]
     if job.kind == "score":
         return "submit", unfinished_parts(job.out_dir, job.parts) or [0]
     return "submit", None
 
 
-def submit_pipeline(pipeline_path: str | Path | None, out_dir: str | Path, overrides: list[str] | None = None,
-                    sbatch: str = "sbatch", squeue: str = "squeue", sacct: str = "sacct") -> dict:
+def submit_pipeline(
+    pipeline_path: str | Path | None,
+    out_dir: str | Path,
+    overrides: list[str] | None = None,
+    sbatch: str = "sbatch",
+    squeue: str = "squeue",
+    sacct: str = "sacct",
+) -> dict:
     """Render and submit the unfinished stages; returns {'submitted', 'reused', 'skipped', 'jobs_file'}."""
     out_dir = Path(out_dir).resolve()
     frozen, source, jobs = plan_jobs(pipeline_path, out_dir, overrides)
@@ -83,9 +95,23 @@ def submit_pipeline(pipeline_path: str | Path | None, out_dir: str | Path, overr
     plan = {job.stage: _todo(job, previous.get(job.stage), states) for job in jobs}
 
     write_frozen(frozen, source, out_dir)
-    record.update(pipeline=source, out_dir=str(out_dir), chdir=str(jobs[0].chdir) if jobs else None,
-                  stages=[{"name": j.stage, "kind": j.kind, "out_dir": str(j.out_dir), "script": str(j.script), "config": str(j.config),
-                           "parts": j.parts, "depends_on": j.depends_on} for j in jobs])
+    record.update(
+        pipeline=source,
+        out_dir=str(out_dir),
+        chdir=str(jobs[0].chdir) if jobs else None,
+        stages=[
+            {
+                "name": j.stage,
+                "kind": j.kind,
+                "out_dir": str(j.out_dir),
+                "script": str(j.script),
+                "config": str(j.config),
+                "parts": j.parts,
+                "depends_on": j.depends_on,
+            }
+            for j in jobs
+        ],
+    )
     submission = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "jobs": {}, "reused": {}, "skipped": {}}
     record.setdefault("submissions", []).append(submission)
     ids: dict[str, str] = {}
@@ -101,8 +127,17 @@ def submit_pipeline(pipeline_path: str | Path | None, out_dir: str | Path, overr
         deps = [ids[d] for d in job.depends_on if d in ids]
         job_id = sbatch_submit(job.script, deps, sbatch)
         ids[job.stage] = job_id
-        submission["jobs"][job.stage] = {"job_id": job_id, "array": job.array, "tasks": job.tasks,
-                                         "depends_on": {d: ids[d] for d in job.depends_on if d in ids}}
+        submission["jobs"][job.stage] = {
+            "job_id": job_id,
+            "array": job.array,
+            "tasks": job.tasks,
+            "depends_on": {d: ids[d] for d in job.depends_on if d in ids},
+        }
         atomic_write_json(out_dir / JOBS_FILE, record)  # after every sbatch: a failure later keeps what was submitted
     atomic_write_json(out_dir / JOBS_FILE, record)
-    return {"submitted": submission["jobs"], "reused": submission["reused"], "skipped": submission["skipped"], "jobs_file": str(out_dir / JOBS_FILE)}
+    return {
+        "submitted": submission["jobs"],
+        "reused": submission["reused"],
+        "skipped": submission["skipped"],
+        "jobs_file": str(out_dir / JOBS_FILE),
+    }

@@ -39,7 +39,15 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from slm.models.causal_lm import StreamingCausalLM
 from slm.models.config_base import StreamingConfig
-from slm.models.layers import AttentionProjections, RMSNorm, SwiGLU, apply_rope, init_weights, reject_padding, rope_cos_sin
+from slm.models.layers import (
+    AttentionProjections,
+    RMSNorm,
+    SwiGLU,
+    apply_rope,
+    init_weights,
+    reject_padding,
+    rope_cos_sin,
+)
 from slm.models.registry import GraftSpec, register_backbone
 
 
@@ -90,15 +98,25 @@ def window_mask(n_mem: int, n_old: int, n_raw: int, n_beacons: int, ratio: int, 
     (window indices n_old..), then the beacons; keys: memory, the window's raw tokens, the beacons."""
     n_win = n_old + n_raw
     qi = torch.arange(n_old, n_win, device=device)[:, None]
-    raw_q = torch.cat([torch.ones(n_raw, n_mem, dtype=torch.bool, device=device),
-                       torch.arange(n_win, device=device)[None, :] <= qi,  # causal prefix of the window
-                       torch.zeros(n_raw, n_beacons, dtype=torch.bool, device=device)], 1)
+    raw_q = torch.cat(
+        [
+            torch.ones(n_raw, n_mem, dtype=torch.bool, device=device),
+            torch.arange(n_win, device=device)[None, :] <= qi,  # causal prefix of the window
+            torch.zeros(n_raw, n_beacons, dtype=torch.bool, device=device),
+        ],
+        1,
+    )
     if n_beacons == 0:
         return raw_q
     j = torch.arange(n_beacons, device=device)[:, None]
-    bcn_q = torch.cat([torch.ones(n_beacons, n_mem, dtype=torch.bool, device=device),
-                       torch.arange(n_win, device=device)[None, :] < (j + 1) * ratio,  # stepwise expansion
-                       torch.arange(n_beacons, device=device)[None, :] <= j], 1)  # previous beacons
+    bcn_q = torch.cat(
+        [
+            torch.ones(n_beacons, n_mem, dtype=torch.bool, device=device),
+            torch.arange(n_win, device=device)[None, :] < (j + 1) * ratio,  # stepwise expansion
+            torch.arange(n_beacons, device=device)[None, :] <= j,
+        ],
+        1,
+    )  # previous beacons
     return torch.cat([raw_q, bcn_q], 0)
 
 
@@ -160,7 +178,6 @@ class BeaconPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["BeaconDecoderLayer"]
 
-
     @torch.no_grad()
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -188,8 +205,9 @@ class BeaconModel(BeaconPreTrainedModel):
 
     def _empty_state(self, batch: int, dtype, device) -> list:
         c = self.config
-        e = torch.zeros(batch, c.num_key_value_heads, 0, c.hidden_size // c.num_attention_heads, dtype=dtype,
-                        device=device)
+        e = torch.zeros(
+            batch, c.num_key_value_heads, 0, c.hidden_size // c.num_attention_heads, dtype=dtype, device=device
+        )
         return [BeaconLayerState(e, e, e, e) for _ in self.layers]
 
     def _window_step(self, x, states: list, n_old: int):
@@ -234,7 +252,7 @@ class BeaconModel(BeaconPreTrainedModel):
         while start < T:  # windows are processed one after the other (sec 2.2)
             n_old = (pos + start) % w
             n = min(w - n_old, T - start)
-            out, layers = self._window_step(x[:, start:start + n], layers, n_old)
+            out, layers = self._window_step(x[:, start : start + n], layers, n_old)
             outs.append(out)
             start += n
         h = self.norm(torch.cat(outs, 1))
@@ -250,5 +268,11 @@ def _copy_beacon_projections(model: BeaconForCausalLM) -> None:
         layer.self_attn.copy_regular_to_beacon()
 
 
-register_backbone("beacon", BeaconConfig, BeaconForCausalLM, graft=GraftSpec(
-    closed_options={}, new_parameters=("beacon_",), span_key="window_len", after_copy=_copy_beacon_projections))
+register_backbone(
+    "beacon",
+    BeaconConfig,
+    BeaconForCausalLM,
+    graft=GraftSpec(
+        closed_options={}, new_parameters=("beacon_",), span_key="window_len", after_copy=_copy_beacon_projections
+    ),
+)

@@ -73,8 +73,17 @@ class StreamingCausalLM(GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, use_cache=None,
-                cache=None, logits_to_keep: int = 0, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        labels=None,
+        past_key_values=None,
+        use_cache=None,
+        cache=None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ):
         past = cache if cache is not None else past_key_values
         if isinstance(past, RowStates) or left_padded(attention_mask, input_ids.shape[1], self.config.model_type):
             logits, state = self._forward_rows(input_ids, attention_mask, past)
@@ -130,6 +139,8 @@ def left_padded(attention_mask, chunk_len: int, model_type: str) -> bool:
     if bool(mask.all()):
         return False
     if bool((mask[:, :-1] & ~mask[:, 1:]).any()):  # a 1 followed by a 0
-        raise ValueError(f"{model_type.removeprefix('slm_')}: attention_mask pads on the right or inside a row; the "
-                         "streaming backbones take left padding (tokenizer.padding_side = 'left', as generate uses)")
+        raise ValueError(
+            f"{model_type.removeprefix('slm_')}: attention_mask pads on the right or inside a row; the "
+            "streaming backbones take left padding (tokenizer.padding_side = 'left', as generate uses)"
+        )
     return True

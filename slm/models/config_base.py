@@ -36,8 +36,17 @@ class StreamingConfig(PretrainedConfig):
     attention_out_bias: bool = False  # bias on o (Llama's attention_bias)
 
     integer_keys: ClassVar[dict[str, int]] = dict.fromkeys(
-        ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-         "num_key_value_heads", "max_position_embeddings"), 1)
+        (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ),
+        1,
+    )
     positive_keys: ClassVar[tuple[str, ...]] = ("rope_theta", "rms_norm_eps")
 
     def __post_init__(self, **kwargs):
@@ -59,11 +68,15 @@ class StreamingConfig(PretrainedConfig):
 
     def _check_structure(self):
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_key_value_heads={self.num_key_value_heads}: must divide num_attention_heads="
-                             f"{self.num_attention_heads} (grouped-query attention)")
+            raise ValueError(
+                f"num_key_value_heads={self.num_key_value_heads}: must divide num_attention_heads="
+                f"{self.num_attention_heads} (grouped-query attention)"
+            )
         if not self._heads_split_evenly():
-            raise ValueError(f"hidden_size={self.hidden_size}: must split into num_attention_heads="
-                             f"{self.num_attention_heads} heads of even size (RoPE)")
+            raise ValueError(
+                f"hidden_size={self.hidden_size}: must split into num_attention_heads="
+                f"{self.num_attention_heads} heads of even size (RoPE)"
+            )
 
     def _check_numbers(self):
         for key in self.positive_keys:

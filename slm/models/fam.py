@@ -47,8 +47,16 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from slm.models.causal_lm import StreamingCausalLM
 from slm.models.config_base import StreamingConfig
-from slm.models.layers import (AttentionProjections, RMSNorm, SwiGLU, apply_rope, causal_attention, init_weights,
-                               reject_padding, rope_cos_sin)
+from slm.models.layers import (
+    AttentionProjections,
+    RMSNorm,
+    SwiGLU,
+    apply_rope,
+    causal_attention,
+    init_weights,
+    reject_padding,
+    rope_cos_sin,
+)
 from slm.models.registry import GraftSpec, register_backbone
 
 
@@ -101,10 +109,12 @@ class FamCache:
     def tensors(self) -> list[torch.Tensor]:
         return [t for s in self.layers for t in (s.fam, s.mem_k, s.mem_v, s.blk_k, s.blk_v)]
 
-    def detach(self) -> "FamCache":
+    def detach(self) -> FamCache:
         """Cut the autograd graph (truncated BPTT across chunks)."""
-        return FamCache([FamLayerState(*(t.detach() for t in (s.fam, s.mem_k, s.mem_v, s.blk_k, s.blk_v)))
-                         for s in self.layers], self.position)
+        return FamCache(
+            [FamLayerState(*(t.detach() for t in (s.fam, s.mem_k, s.mem_v, s.blk_k, s.blk_v))) for s in self.layers],
+            self.position,
+        )
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.position
@@ -184,7 +194,10 @@ class FamDecoderLayer(AttentionProjections):
                     fam = self.ffn(af if blk_start == 0 else af + fam)  # first update: zero residual (B.1)
                 drop = max(0, mem_k.shape[-2] + L - self.memory_blocks * L)  # BSWA: keep memory_blocks blocks
                 # (contiguous copies: a view would keep the whole concatenation alive in the carried state)
-                mem_k, mem_v = torch.cat([mem_k, blk_k], -2)[:, :, drop:].contiguous(), torch.cat([mem_v, blk_v], -2)[:, :, drop:].contiguous()
+                mem_k, mem_v = (
+                    torch.cat([mem_k, blk_k], -2)[:, :, drop:].contiguous(),
+                    torch.cat([mem_v, blk_v], -2)[:, :, drop:].contiguous(),
+                )
                 blk_k, blk_v = blk_k[:, :, :0], blk_v[:, :, :0]
             start += n
         x = x + self.merge(torch.cat(outs, dim=-2))  # a_t = SelfAttention(...) + i_t
@@ -259,6 +272,14 @@ class FamForCausalLM(StreamingCausalLM, FamPreTrainedModel):
     decoder_class = FamModel
 
 
-register_backbone("fam", FamConfig, FamForCausalLM, graft=GraftSpec(
-    closed_options={"fam_read": "gated"}, new_parameters=("fam_prompt", "fam_gate", "fam_init"), span_key="block_len",
-    renames=((".self_attn.", "."),)))  # the layer owns its projections: layers.i.q_proj
+register_backbone(
+    "fam",
+    FamConfig,
+    FamForCausalLM,
+    graft=GraftSpec(
+        closed_options={"fam_read": "gated"},
+        new_parameters=("fam_prompt", "fam_gate", "fam_init"),
+        span_key="block_len",
+        renames=((".self_attn.", "."),),
+    ),
+)  # the layer owns its projections: layers.i.q_proj

@@ -112,14 +112,18 @@ def continue_checkpoint(path: str, model_cfg, config: PretrainedConfig) -> PreTr
         overrides["max_position_embeddings"] = model_cfg.max_position_embeddings
     if model_cfg.rope_scaling:
         if config.model_type not in SOURCE_CLASSES:
-            raise SlmError(f"model.rope_scaling: applies to Llama-family checkpoints ({SUPPORTED_SOURCES}); "
-                           f"{path!r} is {config.model_type!r}")
+            raise SlmError(
+                f"model.rope_scaling: applies to Llama-family checkpoints ({SUPPORTED_SOURCES}); "
+                f"{path!r} is {config.model_type!r}"
+            )
         from slm.models.llama import normalize_rope_parameters
 
         overrides["rope_parameters"] = normalize_rope_parameters(
-            model_cfg.rope_scaling, rope_theta=rope_theta_of(config),
+            model_cfg.rope_scaling,
+            rope_theta=rope_theta_of(config),
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-            max_position_embeddings=overrides.get("max_position_embeddings", config.max_position_embeddings))
+            max_position_embeddings=overrides.get("max_position_embeddings", config.max_position_embeddings),
+        )
     for key, value in overrides.items():
         if not hasattr(config, key):
             raise SlmError(f"model.options.{key}: {config.model_type!r} checkpoint {path!r} has no config key {key!r}")
@@ -148,10 +152,25 @@ def graft_config_kwargs(config: PretrainedConfig, model_cfg) -> dict[str, Any]:
     """The source's sizes in the streaming backbones' (Llama-style) config keys."""
     qkv_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
     out_bias = config.model_type == "llama" and bool(getattr(config, "attention_bias", False))
-    kwargs = {key: source_value(config, key) for key in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps", "tie_word_embeddings",
-        "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id")}
+    kwargs = {
+        key: source_value(config, key)
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+            "rope_theta",
+            "rms_norm_eps",
+            "tie_word_embeddings",
+            "initializer_range",
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
+        )
+    }
     if "max_position_embeddings" in model_cfg.model_fields_set:
         kwargs["max_position_embeddings"] = model_cfg.max_position_embeddings
     return {**kwargs, "attention_bias": qkv_bias, "attention_out_bias": out_bias}
@@ -161,11 +180,15 @@ def graft(path: str, model_cfg, config: PretrainedConfig, wanted: str) -> PreTra
     backbone = get_backbone(wanted)
     graftable = sorted(name for name, b in BACKBONES.items() if b.graft is not None)
     if backbone.graft is None:
-        raise SlmError(f"model.backbone={wanted!r} cannot be grafted onto a pretrained checkpoint ({backbone.graft_refusal}); "
-                       f"graftable backbones: {graftable} (and llama with rope_scaling)")
+        raise SlmError(
+            f"model.backbone={wanted!r} cannot be grafted onto a pretrained checkpoint ({backbone.graft_refusal}); "
+            f"graftable backbones: {graftable} (and llama with rope_scaling)"
+        )
     if config.model_type not in SOURCE_CLASSES:
-        raise SlmError(f"model.init_from={path!r}: model_type {config.model_type!r} cannot be grafted onto {wanted!r}; "
-                       f"supported sources: {SUPPORTED_SOURCES}")
+        raise SlmError(
+            f"model.init_from={path!r}: model_type {config.model_type!r} cannot be grafted onto {wanted!r}; "
+            f"supported sources: {SUPPORTED_SOURCES}"
+        )
     if model_cfg.rope_scaling:
         raise SlmError(f"model.rope_scaling: applies to backbone llama only, not {wanted!r}")
     check_graftable_layout(path, config)
@@ -178,8 +201,10 @@ def graft(path: str, model_cfg, config: PretrainedConfig, wanted: str) -> PreTra
     span = getattr(target_config, spec.span_key)
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     if window and window < span:
-        raise SlmError(f"model.options.{spec.span_key}={span} exceeds the source's sliding_window={window}: within one "
-                       f"{spec.span_key} the graft must see what the source sees; use {spec.span_key} <= {window}")
+        raise SlmError(
+            f"model.options.{spec.span_key}={span} exceeds the source's sliding_window={window}: within one "
+            f"{spec.span_key} the graft must see what the source sees; use {spec.span_key} <= {window}"
+        )
     source = AutoModelForCausalLM.from_pretrained(path)
     target = backbone.model_cls(target_config).to(next(source.parameters()).dtype)
     copy_shared_weights(source, target, spec, where=f"{path!r} -> {wanted!r}")
@@ -197,13 +222,17 @@ def copy_shared_weights(source: PreTrainedModel, target: PreTrainedModel, spec, 
         if dest not in target_state:
             raise SlmError(f"graft {where}: source weight {name!r} has no place in the backbone (looked for {dest!r})")
         if target_state[dest].shape != value.shape:
-            raise SlmError(f"graft {where}: {name!r} has shape {tuple(value.shape)}, {dest!r} needs {tuple(target_state[dest].shape)}")
+            raise SlmError(
+                f"graft {where}: {name!r} has shape {tuple(value.shape)}, {dest!r} needs {tuple(target_state[dest].shape)}"
+            )
         target_state[dest].copy_(value)
         copied.add(dest)
     new = [name for name in target_state if name not in copied]
     not_new = [name for name in new if not spec.is_new(name)]
     if not_new:
-        raise SlmError(f"graft {where}: the source has no weights for {not_new[:4]}{' ...' if len(not_new) > 4 else ''}")
+        raise SlmError(
+            f"graft {where}: the source has no weights for {not_new[:4]}{' ...' if len(not_new) > 4 else ''}"
+        )
     if spec.after_copy is not None:
         spec.after_copy(target)
     return new

@@ -38,8 +38,16 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from slm.models.causal_lm import StreamingCausalLM
 from slm.models.config_base import StreamingConfig
-from slm.models.layers import (AttentionProjections, RMSNorm, SwiGLU, apply_rope, causal_attention, init_weights,
-                               reject_padding, rope_cos_sin)
+from slm.models.layers import (
+    AttentionProjections,
+    RMSNorm,
+    SwiGLU,
+    apply_rope,
+    causal_attention,
+    init_weights,
+    reject_padding,
+    rope_cos_sin,
+)
 from slm.models.registry import GraftSpec, register_backbone
 
 
@@ -72,7 +80,9 @@ class InfiniConfig(StreamingConfig):
         if self.memory_update not in ("linear", "delta"):
             raise ValueError(f"memory_update={self.memory_update!r}: expected 'linear' or 'delta'")
         if self.gate_mode not in ("mix", "add"):
-            raise ValueError(f"gate_mode={self.gate_mode!r}: expected 'mix' (eq. 6) or 'add' (zero-initialised tanh gate)")
+            raise ValueError(
+                f"gate_mode={self.gate_mode!r}: expected 'mix' (eq. 6) or 'add' (zero-initialised tanh gate)"
+            )
 
     def _check_numbers(self):
         super()._check_numbers()
@@ -97,10 +107,12 @@ class InfiniCache:
     def tensors(self) -> list[torch.Tensor]:
         return [t for s in self.layers for t in (s.M, s.z, s.k, s.k_rope, s.v)]
 
-    def detach(self) -> "InfiniCache":
+    def detach(self) -> InfiniCache:
         """Cut the autograd graph (truncated BPTT across chunks)."""
-        return InfiniCache([InfiniLayerState(*(t.detach() for t in (s.M, s.z, s.k, s.k_rope, s.v)))
-                            for s in self.layers], self.position)
+        return InfiniCache(
+            [InfiniLayerState(*(t.detach() for t in (s.M, s.z, s.k, s.k_rope, s.v))) for s in self.layers],
+            self.position,
+        )
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.position
@@ -158,8 +170,9 @@ class InfiniAttention(AttentionProjections):
         if state is None:
             mem_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
             empty = x.new_zeros(B, KVH, 0, D)
-            state = InfiniLayerState(x.new_zeros(B, KVH, D, D, dtype=mem_dtype), x.new_zeros(B, KVH, D, dtype=mem_dtype),
-                                     empty, empty, empty)
+            state = InfiniLayerState(
+                x.new_zeros(B, KVH, D, D, dtype=mem_dtype), x.new_zeros(B, KVH, D, dtype=mem_dtype), empty, empty, empty
+            )
         M, z, seg_k, seg_k_rope, seg_v = state.M, state.z, state.k, state.k_rope, state.v
         gate = self.memory_gate().view(1, self.heads, 1, 1)
         outs, start = [], 0
@@ -211,7 +224,6 @@ class InfiniPreTrainedModel(PreTrainedModel):
             nn.init.constant_(module.beta, float(self.config.gate_init))
 
 
-
 class InfiniModel(InfiniPreTrainedModel):
     def __init__(self, config: InfiniConfig):
         super().__init__(config)
@@ -245,5 +257,13 @@ class InfiniForCausalLM(StreamingCausalLM, InfiniPreTrainedModel):
     decoder_class = InfiniModel
 
 
-register_backbone("infini", InfiniConfig, InfiniForCausalLM, graft=GraftSpec(
-    closed_options={"gate_mode": "add", "gate_init": 0.0}, new_parameters=("self_attn.beta",), span_key="segment_len"))
+register_backbone(
+    "infini",
+    InfiniConfig,
+    InfiniForCausalLM,
+    graft=GraftSpec(
+        closed_options={"gate_mode": "add", "gate_init": 0.0},
+        new_parameters=("self_attn.beta",),
+        span_key="segment_len",
+    ),
+)

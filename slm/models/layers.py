@@ -14,8 +14,10 @@ from torch import nn
 def reject_padding(attention_mask: torch.Tensor | None, backbone: str, state: str) -> None:
     """The streaming backbones carry state across the sequence: a pad token would enter it, so padded masks are refused."""
     if attention_mask is not None and not bool(attention_mask.bool().all()):
-        raise ValueError(f"{backbone}: attention_mask with padding is not supported (the {state} would absorb pad tokens); "
-                         "pack sequences without padding or feed rows one at a time")
+        raise ValueError(
+            f"{backbone}: attention_mask with padding is not supported (the {state} would absorb pad tokens); "
+            "pack sequences without padding or feed rows one at a time"
+        )
 
 
 class RMSNorm(nn.Module):
@@ -96,8 +98,11 @@ class AttentionProjections(nn.Module):
         return x.view(x.shape[0], x.shape[1], heads, self.head_dim).transpose(1, 2)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (self.split(self.q_proj(x), self.heads), self.split(self.k_proj(x), self.kv_heads),
-                self.split(self.v_proj(x), self.kv_heads))
+        return (
+            self.split(self.q_proj(x), self.heads),
+            self.split(self.k_proj(x), self.kv_heads),
+            self.split(self.v_proj(x), self.kv_heads),
+        )
 
     def merge(self, a: torch.Tensor) -> torch.Tensor:
         """[B, H, T, D] -> [B, T, C] through W_O."""

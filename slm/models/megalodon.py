@@ -45,7 +45,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from slm.models.causal_lm import StreamingCausalLM
 from slm.models.config_base import StreamingConfig
-from slm.models.layers import RMSNorm, SwiGLU, apply_rope, reject_padding, init_weights, rope_cos_sin
+from slm.models.layers import RMSNorm, SwiGLU, apply_rope, init_weights, reject_padding, rope_cos_sin
 from slm.models.registry import register_backbone
 
 
@@ -66,7 +66,10 @@ class MegalodonConfig(StreamingConfig):
     norm_num_groups: int = 8
     norm_eps: float = 1e-5
 
-    integer_keys = {**StreamingConfig.integer_keys, **dict.fromkeys(("z_dim", "value_dim", "cema_ndim", "chunk_len", "norm_num_groups"), 1)}
+    integer_keys = {
+        **StreamingConfig.integer_keys,
+        **dict.fromkeys(("z_dim", "value_dim", "cema_ndim", "chunk_len", "norm_num_groups"), 1),
+    }
     positive_keys = (*StreamingConfig.positive_keys, "norm_eps")
 
     def _fill_defaults(self):
@@ -76,7 +79,9 @@ class MegalodonConfig(StreamingConfig):
 
     def _check_structure(self):  # replaces the hidden_size head split: the heads split z_dim / value_dim
         if self.attention_bias or self.attention_out_bias:
-            raise ValueError("attention_bias / attention_out_bias: megalodon has no Llama attention projections to bias")
+            raise ValueError(
+                "attention_bias / attention_out_bias: megalodon has no Llama attention projections to bias"
+            )
         if self.z_dim % (2 * self.num_attention_heads):
             raise ValueError(f"z_dim={self.z_dim}: must be divisible by 2*num_attention_heads (even RoPE head dim)")
         if self.value_dim % self.num_attention_heads:
@@ -294,7 +299,9 @@ class MegalodonLayer(nn.Module):
         if not want_state:
             return out, None
         keep = (prefix + T) % self.chunk_len  # tokens of the still incomplete chunk
-        return out, MegalodonLayerState(mean, var, h, k[:, :, k.shape[2] - keep:].clone(), v[:, :, v.shape[2] - keep:].clone())
+        return out, MegalodonLayerState(
+            mean, var, h, k[:, :, k.shape[2] - keep :].clone(), v[:, :, v.shape[2] - keep :].clone()
+        )
 
 
 # ---------------------------------------------------------------- HF wrappers
@@ -302,7 +309,6 @@ class MegalodonPreTrainedModel(PreTrainedModel):
     config_class = MegalodonConfig
     base_model_prefix = "model"
     _no_split_modules = ["MegalodonLayer"]
-
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -357,5 +363,9 @@ class MegalodonForCausalLM(StreamingCausalLM, MegalodonPreTrainedModel):
     decoder_class = MegalodonModel
 
 
-register_backbone("megalodon", MegalodonConfig, MegalodonForCausalLM,
-                  graft_refusal="its CEMA and timestep-norm layers replace attention: no source weight has a place in them")
+register_backbone(
+    "megalodon",
+    MegalodonConfig,
+    MegalodonForCausalLM,
+    graft_refusal="its CEMA and timestep-norm layers replace attention: no source weight has a place in them",
+)

@@ -6,8 +6,9 @@ backbone loads with `AutoModelForCausalLM.from_pretrained(path)` once `slm` is i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
@@ -62,8 +63,14 @@ def common_config_kwargs(model_cfg, vocab_size: int) -> dict[str, Any]:
     )
 
 
-def register_backbone(name: str, config_cls, model_cls, config_kwargs=common_config_kwargs, graft: GraftSpec | None = None,
-                      graft_refusal: str = "") -> None:
+def register_backbone(
+    name: str,
+    config_cls,
+    model_cls,
+    config_kwargs=common_config_kwargs,
+    graft: GraftSpec | None = None,
+    graft_refusal: str = "",
+) -> None:
     if config_cls.model_type not in _registered_model_types():
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)

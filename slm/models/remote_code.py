@@ -45,14 +45,19 @@ def standalone_source(module_name: str) -> str:
                 continue
             short = node.module.rsplit(".", 1)[-1]
             if not node.module.startswith("slm.models.") or short not in SHARED_MODULES:
-                raise RuntimeError(f"{module_name} imports {node.module}: not exportable as remote code "
-                                   f"(a backbone may import only slm.models.{{{', '.join(SHARED_MODULES)}}})")
+                raise RuntimeError(
+                    f"{module_name} imports {node.module}: not exportable as remote code "
+                    f"(a backbone may import only slm.models.{{{', '.join(SHARED_MODULES)}}})"
+                )
             names = ", ".join(a.name if a.asname is None else f"{a.name} as {a.asname}" for a in node.names)
             edits.append((*span, f"from .{exported_name(node.module)} import {names}\n"))
         elif isinstance(node, ast.Import) and any(a.name.startswith("slm") for a in node.names):
             raise RuntimeError(f"{module_name}: `import slm...` is not exportable as remote code")
-        elif (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
-              and getattr(node.value.func, "id", None) == "register_backbone"):
+        elif (
+            isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Call)
+            and getattr(node.value.func, "id", None) == "register_backbone"
+        ):
             edits.append((*span, ""))
     for start, end, text in sorted(edits, reverse=True):
         lines[start:end] = [text]
@@ -62,7 +67,10 @@ def standalone_source(module_name: str) -> str:
 
 def auto_map(model_cls) -> dict[str, str]:
     module = exported_name(model_cls.__module__)
-    return {"AutoConfig": f"{module}.{model_cls.config_class.__name__}", "AutoModelForCausalLM": f"{module}.{model_cls.__name__}"}
+    return {
+        "AutoConfig": f"{module}.{model_cls.config_class.__name__}",
+        "AutoModelForCausalLM": f"{module}.{model_cls.__name__}",
+    }
 
 
 def write_remote_code(model_cls, directory: str | Path) -> list[Path]:

@@ -53,16 +53,23 @@ class ShardMetadata:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, obj: dict, source: str) -> "ShardMetadata":
+    def from_json(cls, obj: dict, source: str) -> ShardMetadata:
         names = {f.name for f in fields(cls)}
         missing = [f.name for f in fields(cls) if f.name not in obj and f.default is MISSING]  # the rest are optional
         if missing:
             raise SlmError(f"{source}: shard metadata lacks {sorted(missing)}")
         if obj.get("format_version") != FORMAT_VERSION:
-            raise SlmError(f"{source}: shard format version {obj.get('format_version')!r}, this slm reads version {FORMAT_VERSION}")
+            raise SlmError(
+                f"{source}: shard format version {obj.get('format_version')!r}, this slm reads version {FORMAT_VERSION}"
+            )
         return cls(**{k: v for k, v in obj.items() if k in names})
 
-    def check_compatible(self, other: "ShardMetadata", source: str, keys=("tokenizer_sha256", "vocab_size", "seq_len", "reference_sha256")) -> None:
+    def check_compatible(
+        self,
+        other: ShardMetadata,
+        source: str,
+        keys=("tokenizer_sha256", "vocab_size", "seq_len", "reference_sha256"),
+    ) -> None:
         for key in keys:
             a, b = getattr(self, key), getattr(other, key)
             if a != b:

@@ -68,8 +68,18 @@ class RowView:
     def token(self, i: int) -> TokenView:
         f = lambda a: None if a is None else float(a[i])  # noqa: E731
         b = lambda a: None if a is None else bool(a[i])  # noqa: E731
-        return TokenView(i, int(self.token_ids[i]), self.pieces[i], float(self.ref_loss[i]), bool(self.valid[i]), not bool(self.loss_mask[i]),
-                         b(self.noise), f(self.model_loss), f(self.excess), b(self.kept))
+        return TokenView(
+            i,
+            int(self.token_ids[i]),
+            self.pieces[i],
+            float(self.ref_loss[i]),
+            bool(self.valid[i]),
+            not bool(self.loss_mask[i]),
+            b(self.noise),
+            f(self.model_loss),
+            f(self.excess),
+            b(self.kept),
+        )
 
     def tokens(self) -> list[TokenView]:
         return [self.token(i) for i in range(len(self))]
@@ -82,13 +92,20 @@ class RowView:
         v = self.valid
         mean = lambda a, m: float(a[m].mean()) if a is not None and m.any() else None  # noqa: E731
         out = {
-            "row": self.row, "shard": self.shard, "sequence_id": self.sequence_id,
-            "tokens": int(self.loss_mask.sum()), "padding": int((~self.loss_mask).sum()), "valid_tokens": int(v.sum()),
+            "row": self.row,
+            "shard": self.shard,
+            "sequence_id": self.sequence_id,
+            "tokens": int(self.loss_mask.sum()),
+            "padding": int((~self.loss_mask).sum()),
+            "valid_tokens": int(v.sum()),
             "mean_ref_loss": mean(self.ref_loss, v),
-            "mean_model_loss": mean(self.model_loss, v), "mean_excess": mean(self.excess, v),
-            "kept_tokens": None, "kept_fraction": None,
+            "mean_model_loss": mean(self.model_loss, v),
+            "mean_excess": mean(self.excess, v),
+            "kept_tokens": None,
+            "kept_fraction": None,
             "noise_share": float(self.noise[v].mean()) if self.noise is not None and v.any() else None,
-            "noise_share_kept": None, "noise_share_dropped": None,
+            "noise_share_kept": None,
+            "noise_share_dropped": None,
         }
         if self.kept is not None:
             kept, dropped = self.kept & v, ~self.kept & v
@@ -166,7 +183,14 @@ def visible(piece: str) -> str:
     return "".join(out)
 
 
-def render_row(shards: ShardSet | str | Path, row: int, tokenizer, model=None, threshold: float | None = None, ratio: float | None = None) -> RowView:
+def render_row(
+    shards: ShardSet | str | Path,
+    row: int,
+    tokenizer,
+    model=None,
+    threshold: float | None = None,
+    ratio: float | None = None,
+) -> RowView:
     """Row `row` (global index over the shard set) with per-token pieces and losses; with a
     `model`, its per-token loss, the excess loss and (given `threshold` or `ratio`) what is kept."""
     shards = shards if isinstance(shards, ShardSet) else ShardSet(shards)
@@ -192,14 +216,26 @@ def render_row(shards: ShardSet | str | Path, row: int, tokenizer, model=None, t
     shard = shards.names[int(np.searchsorted(shards.offsets, row, side="right") - 1)]
     ref = data["ref_loss"].astype(np.float32)
     mask = data["loss_mask"].astype(bool)
-    view = RowView(row=row, shard=shard, sequence_id=int(data["sequence_id"]), token_ids=ids, pieces=decode_pieces(tokenizer, ids),
-                   ref_loss=ref, loss_mask=mask, valid=mask & np.isfinite(ref),
-                   noise=data["noise"].astype(bool) if "noise" in data else None, threshold=threshold, ratio=ratio)
+    view = RowView(
+        row=row,
+        shard=shard,
+        sequence_id=int(data["sequence_id"]),
+        token_ids=ids,
+        pieces=decode_pieces(tokenizer, ids),
+        ref_loss=ref,
+        loss_mask=mask,
+        valid=mask & np.isfinite(ref),
+        noise=data["noise"].astype(bool) if "noise" in data else None,
+        threshold=threshold,
+        ratio=ratio,
+    )
     if model is None:
         return view
     emb = model.get_input_embeddings()
     if emb is not None and ids.max(initial=0) >= emb.num_embeddings:
-        raise SlmError(f"row {row} holds token id {int(ids.max())}, the model's vocabulary has {emb.num_embeddings}; is it on the shards' tokenizer?")
+        raise SlmError(
+            f"row {row} holds token id {int(ids.max())}, the model's vocabulary has {emb.num_embeddings}; is it on the shards' tokenizer?"
+        )
     param = next(model.parameters())
     was_training = model.training
     model.eval()
@@ -266,7 +302,10 @@ def _summary_line(view: RowView) -> str:
     s = view.summary()
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     num = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-    parts = [f"{s['tokens']} tokens ({s['valid_tokens']} scored, {s['padding']} padding)", f"mean ref loss {num(s['mean_ref_loss'])}"]
+    parts = [
+        f"{s['tokens']} tokens ({s['valid_tokens']} scored, {s['padding']} padding)",
+        f"mean ref loss {num(s['mean_ref_loss'])}",
+    ]
     if view.model_loss is not None:
         parts.append(f"mean model loss {num(s['mean_model_loss'])}, mean excess {num(s['mean_excess'])}")
     if view.kept is not None:
@@ -281,7 +320,9 @@ def _summary_line(view: RowView) -> str:
 
 
 def _title(view: RowView) -> str:
-    return f"row {view.row} ({view.shard}, sequence {view.sequence_id})" + (f", model {view.model_name}" if view.model_name else "")
+    return f"row {view.row} ({view.shard}, sequence {view.sequence_id})" + (
+        f", model {view.model_name}" if view.model_name else ""
+    )
 
 
 def print_row(view: RowView, console=None) -> None:
@@ -301,7 +342,15 @@ def print_row(view: RowView, console=None) -> None:
             text.append(piece, style=Style(color="grey50"))
         else:
             kept = None if view.kept is None else bool(view.kept[i])
-            text.append(piece, style=Style(color=_hex((float(values[i]) - lo) / (hi - lo)), bold=kept is True, dim=kept is False, strike=kept is False))
+            text.append(
+                piece,
+                style=Style(
+                    color=_hex((float(values[i]) - lo) / (hi - lo)),
+                    bold=kept is True,
+                    dim=kept is False,
+                    strike=kept is False,
+                ),
+            )
     console.print(Text(_title(view), style="bold"))
     console.print(text)
     what, styles, grey = _legend(view)
@@ -349,7 +398,7 @@ def write_html(view: RowView, path: str | Path) -> Path:
 <meta charset="utf-8">
 <title>{title}</title>
 <style>
-{_CSS % (_hex(0, .35), _hex(.5, .35), _hex(1, .35))}
+{_CSS % (_hex(0, 0.35), _hex(0.5, 0.35), _hex(1, 0.35))}
 </style>
 </head>
 <body>

@@ -68,7 +68,9 @@ def forget_shard(directory: Path, name: str) -> None:
 def merge_manifest(directory: Path, metadata: ShardMetadata, num_shards: int) -> Manifest:
     """Rebuild manifest.json from the sidecars of whole shards (atomic, under a lock)."""
     with _locked(directory):
-        shards = {p.name[: -len(".json")]: json.loads(p.read_text()) for p in sorted((directory / DONE_DIR).glob("*.json"))}
+        shards = {
+            p.name[: -len(".json")]: json.loads(p.read_text()) for p in sorted((directory / DONE_DIR).glob("*.json"))
+        }
         manifest = Manifest(metadata, num_shards, shards)
         atomic_write_json(directory / MANIFEST, manifest.to_json())
     return manifest

@@ -21,7 +21,9 @@ def open_shard(path: Path) -> pa.Table:
     try:
         return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
     except (pa.ArrowInvalid, OSError) as e:
-        raise SlmError(f"{path}: corrupt or truncated shard ({describe(e)}); run `slm shards verify` and rerun `slm score` to repair") from None
+        raise SlmError(
+            f"{path}: corrupt or truncated shard ({describe(e)}); run `slm shards verify` and rerun `slm score` to repair"
+        ) from None
 
 
 REPAIR = "run `slm shards verify` for the full list; rerun `slm score` with the same config to repair"
@@ -63,7 +65,9 @@ class ShardSet:
             raise SlmError(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or altered); {REPAIR}")
         if hash_it and name not in self._hashed:
             if (digest := sha256_file(path)) != entry["sha256"]:
-                raise SlmError(f"{path}: sha256 {digest[:12]}..., the manifest says {entry['sha256'][:12]}... (altered); {REPAIR}")
+                raise SlmError(
+                    f"{path}: sha256 {digest[:12]}..., the manifest says {entry['sha256'][:12]}... (altered); {REPAIR}"
+                )
             self._hashed.add(name)
 
     def _check_table(self, name: str, table: pa.Table) -> None:
@@ -77,8 +81,10 @@ class ShardSet:
         bad = (ids < 0) | (ids >= meta.vocab_size)
         if bad.any():
             row, pos = (int(i) for i in np.argwhere(bad)[0])
-            raise SlmError(f"{path}: token id {int(ids[row, pos])} at row {row} position {pos} is outside the vocabulary "
-                           f"[0, {meta.vocab_size}) of the shards' metadata ({int(bad.sum())} such ids; corrupt ids); {REPAIR}")
+            raise SlmError(
+                f"{path}: token id {int(ids[row, pos])} at row {row} position {pos} is outside the vocabulary "
+                f"[0, {meta.vocab_size}) of the shards' metadata ({int(bad.sum())} such ids; corrupt ids); {REPAIR}"
+            )
         if problems := count_problems(table, entry, meta.seq_len):
             raise SlmError(f"{path}: {problems[0]}; {REPAIR}")
 
@@ -105,7 +111,9 @@ class ShardSet:
     def columns(self) -> list[str]:
         return self.table(self.names[0]).schema.names
 
-    def rows(self, indices: np.ndarray, columns: tuple[str, ...] = ("input_ids", "ref_loss", "loss_mask")) -> dict[str, np.ndarray]:
+    def rows(
+        self, indices: np.ndarray, columns: tuple[str, ...] = ("input_ids", "ref_loss", "loss_mask")
+    ) -> dict[str, np.ndarray]:
         """Rows at global `indices` (any order) as arrays [n, seq_len] (sequence_id as [n])."""
         indices = np.asarray(indices, dtype=np.int64)
         shard_of = np.searchsorted(self.offsets, indices, side="right") - 1
@@ -139,7 +147,9 @@ def verify_shards(directory: str | Path, check_sha: bool = True) -> list[str]:
         problems.append(f"{directory}: {len(manifest.shards)} of {manifest.num_shards} shards whole")
     for path in sorted(directory.glob("shard-*.arrow")):
         if path.name not in manifest.shards:
-            problems.append(f"{path.name}: not listed in the manifest (a partial or stray shard; rerun `slm score` or delete it)")
+            problems.append(
+                f"{path.name}: not listed in the manifest (a partial or stray shard; rerun `slm score` or delete it)"
+            )
     meta = manifest.metadata
     for name, entry in sorted(manifest.shards.items()):
         path = directory / name

@@ -17,9 +17,9 @@ Quantiles use numpy's default ("linear") definition; the AUC counts ties as one 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -49,7 +49,9 @@ def sortable_keys(values: np.ndarray) -> np.ndarray:
     return np.where(bits & _SIGN, ~bits, bits | _SIGN)
 
 
-def iter_batches(shards: ShardSet, max_rows: int | None = None, with_noise: bool = True) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
+def iter_batches(
+    shards: ShardSet, max_rows: int | None = None, with_noise: bool = True
+) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
     """(shard name, ref_loss [n, L] float32, loss_mask [n, L] bool, noise [n, L] bool or None)
     for the first `max_rows` rows (all when None), in global row order."""
     L = shards.seq_len
@@ -97,7 +99,9 @@ def _first_pass(shards: ShardSet, max_rows: int | None) -> _Counts:
         scored = mask & finite
         nan = int((mask[:, 1:] & ~finite[:, 1:]).sum())  # position 0 is NaN by definition
         values = ref[scored]
-        s = c.per_shard.setdefault(name, {"shard": name, "rows": 0, "tokens": 0, "scored_tokens": 0, "nan_tokens": 0, "_sum": 0.0})
+        s = c.per_shard.setdefault(
+            name, {"shard": name, "rows": 0, "tokens": 0, "scored_tokens": 0, "nan_tokens": 0, "_sum": 0.0}
+        )
         s["rows"] += len(ref)
         s["tokens"] += int(mask.sum())
         s["scored_tokens"] += len(values)
@@ -187,7 +191,10 @@ def _exact(shards: ShardSet, max_rows: int | None, c: _Counts, ranks: set[int], 
             if cut_rank is not None and before[b] <= cut_rank < before[b] + hist[b]:
                 inside = v <= v[cut_rank - before[b]]
                 below_noise = int(noise_h[:b].sum()) if noise_h is not None else 0
-                kept = (below_noise + int((inside & lab).sum()), int(before[b]) - below_noise + int((inside & ~lab).sum()))
+                kept = (
+                    below_noise + int((inside & lab).sum()),
+                    int(before[b]) - below_noise + int((inside & ~lab).sum()),
+                )
             if auc and noise_h[b] and clean_h[b]:
                 clean = v[~lab]  # already sorted
                 nv = v[lab]
@@ -208,7 +215,9 @@ def _share(a: int, b: int) -> float | None:
     return a / b if b else None
 
 
-def shard_stats(shards: ShardSet | str | Path, ratio: float | None = None, max_rows: int | None = None, _auc: bool = True) -> dict:
+def shard_stats(
+    shards: ShardSet | str | Path, ratio: float | None = None, max_rows: int | None = None, _auc: bool = True
+) -> dict:
     """Counts, reference-loss quantiles, per-shard figures and (with a `noise` column) how well
     the reference loss alone separates noise.
 
@@ -239,7 +248,9 @@ def shard_stats(shards: ShardSet | str | Path, ratio: float | None = None, max_r
     if k:
         ranks.add(k - 1)
     want_auc = _auc and c.hist_noise is not None
-    order_stats, auc, kept = _exact(shards, max_rows, c, ranks, want_auc, k - 1 if k else None) if n else ({}, None, None)
+    order_stats, auc, kept = (
+        _exact(shards, max_rows, c, ranks, want_auc, k - 1 if k else None) if n else ({}, None, None)
+    )
 
     per_shard = []
     for s in c.per_shard.values():
@@ -259,7 +270,10 @@ def shard_stats(shards: ShardSet | str | Path, ratio: float | None = None, max_r
             "mean": c.total / n if n else None,
             "min": c.minimum if n else None,
             "max": c.maximum if n else None,
-            "quantiles": {quantile_key(q): _linear_quantile(order_stats[lo], order_stats[hi], t) for q, (lo, hi, t) in plan.items()},
+            "quantiles": {
+                quantile_key(q): _linear_quantile(order_stats[lo], order_stats[hi], t)
+                for q, (lo, hi, t) in plan.items()
+            },
         },
         "per_shard": per_shard,
         "noise": None,
@@ -276,7 +290,12 @@ def shard_stats(shards: ShardSet | str | Path, ratio: float | None = None, max_r
             "auc": auc,
         }
     if ratio is not None:
-        sel = {"rule": "reference-only proxy: keep ref_loss <= cut (the lowest-loss ratio)", "ratio": ratio, "cut": None, "kept_tokens": 0}
+        sel = {
+            "rule": "reference-only proxy: keep ref_loss <= cut (the lowest-loss ratio)",
+            "ratio": ratio,
+            "cut": None,
+            "kept_tokens": 0,
+        }
         kept_noise = kept_clean = 0
         if k:
             kept_noise, kept_clean = kept
@@ -313,7 +332,11 @@ def print_stats(stats: dict, console=None, max_shards: int = 20) -> None:
     from rich.table import Table
 
     console = console or Console()
-    head = Table(title=f"shards in {stats['directory']}" + (f" (first {stats['max_rows']:,} rows)" if stats.get("max_rows") else ""), show_header=False)
+    head = Table(
+        title=f"shards in {stats['directory']}"
+        + (f" (first {stats['max_rows']:,} rows)" if stats.get("max_rows") else ""),
+        show_header=False,
+    )
     head.add_column(style="bold")
     head.add_column(justify="right")
     for key in ("shards", "rows", "tokens", "scored_tokens", "nan_tokens", "padding_tokens"):
@@ -332,29 +355,49 @@ def print_stats(stats: dict, console=None, max_shards: int = 20) -> None:
     for col in ("shard", "rows", "tokens", "scored", "NaN", "mean ref loss"):
         per.add_column(col, justify="left" if col == "shard" else "right")
     for s in stats["per_shard"][:max_shards]:
-        per.add_row(s["shard"], _fmt(s["rows"]), _fmt(s["tokens"]), _fmt(s["scored_tokens"]), _fmt(s["nan_tokens"]), _fmt(s["mean_ref_loss"]))
+        per.add_row(
+            s["shard"],
+            _fmt(s["rows"]),
+            _fmt(s["tokens"]),
+            _fmt(s["scored_tokens"]),
+            _fmt(s["nan_tokens"]),
+            _fmt(s["mean_ref_loss"]),
+        )
     if len(stats["per_shard"]) > max_shards:
         per.add_row(f"... {len(stats['per_shard']) - max_shards} more", "", "", "", "", "")
     console.print(per)
     noise, sel = stats.get("noise"), stats.get("selection")
     if noise or sel:
-        nt = Table(title="noise separation by reference loss" if noise else "reference-only selection", show_header=False)
+        nt = Table(
+            title="noise separation by reference loss" if noise else "reference-only selection", show_header=False
+        )
         nt.add_column(style="bold")
         nt.add_column(justify="right")
         if noise:
             nt.add_row("noise share (scored tokens)", _pct(noise["noise_share"]))
-            nt.add_row("mean ref loss noise / clean", f"{_fmt(noise['mean_ref_loss_noise'])} / {_fmt(noise['mean_ref_loss_clean'])}")
+            nt.add_row(
+                "mean ref loss noise / clean",
+                f"{_fmt(noise['mean_ref_loss_noise'])} / {_fmt(noise['mean_ref_loss_clean'])}",
+            )
             nt.add_row("ROC AUC of ref loss as noise detector", _fmt(noise["auc"]))
         if sel:
-            nt.add_row(f"keep lowest-ref-loss {_pct(sel['ratio'])} (cut {_fmt(sel['cut'])})", f"{_fmt(sel['kept_tokens'])} kept ({_pct(sel['kept_fraction'])})")
+            nt.add_row(
+                f"keep lowest-ref-loss {_pct(sel['ratio'])} (cut {_fmt(sel['cut'])})",
+                f"{_fmt(sel['kept_tokens'])} kept ({_pct(sel['kept_fraction'])})",
+            )
             if noise:
                 nt.add_row("noise tokens dropped (recall)", _pct(sel["noise_dropped_share"]))
                 nt.add_row("kept tokens clean (precision)", _pct(sel["kept_clean_share"]))
-                nt.add_row("noise share kept / dropped", f"{_pct(sel['noise_share_kept'])} / {_pct(sel['noise_share_dropped'])}")
+                nt.add_row(
+                    "noise share kept / dropped",
+                    f"{_pct(sel['noise_share_kept'])} / {_pct(sel['noise_share_dropped'])}",
+                )
         console.print(nt)
 
 
-def plot_histogram(shards: ShardSet | str | Path, path: str | Path, bins: int = 100, max_rows: int | None = None) -> Path:
+def plot_histogram(
+    shards: ShardSet | str | Path, path: str | Path, bins: int = 100, max_rows: int | None = None
+) -> Path:
     """Histogram PNG of the reference loss (log-count axis), noise and clean apart when tagged,
     with the quantiles marked. Written atomically."""
     from slm.plots import plt, save_png
@@ -379,14 +422,44 @@ def plot_histogram(shards: ShardSet | str | Path, path: str | Path, bins: int = 
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if stats["noise"] is not None:
-        ax.stairs(counts["all"] - counts["noise"], edges, fill=True, alpha=0.55, color="tab:green", label=f"clean ({stats['noise']['clean_tokens']:,})")
-        ax.stairs(counts["noise"], edges, fill=True, alpha=0.55, color="tab:red", label=f"noise ({stats['noise']['noise_tokens']:,})")
+        ax.stairs(
+            counts["all"] - counts["noise"],
+            edges,
+            fill=True,
+            alpha=0.55,
+            color="tab:green",
+            label=f"clean ({stats['noise']['clean_tokens']:,})",
+        )
+        ax.stairs(
+            counts["noise"],
+            edges,
+            fill=True,
+            alpha=0.55,
+            color="tab:red",
+            label=f"noise ({stats['noise']['noise_tokens']:,})",
+        )
     else:
-        ax.stairs(counts["all"], edges, fill=True, alpha=0.7, color="tab:blue", label=f"scored tokens ({stats['scored_tokens']:,})")
+        ax.stairs(
+            counts["all"],
+            edges,
+            fill=True,
+            alpha=0.7,
+            color="tab:blue",
+            label=f"scored tokens ({stats['scored_tokens']:,})",
+        )
     ax.set_yscale("log")
     for key, value in ref["quantiles"].items():
         ax.axvline(value, color="black", lw=0.8, ls="--", alpha=0.6)
-        ax.text(value, 0.98, f" {key} {value:.2f}", transform=ax.get_xaxis_transform(), rotation=90, va="top", ha="right", fontsize=7)
+        ax.text(
+            value,
+            0.98,
+            f" {key} {value:.2f}",
+            transform=ax.get_xaxis_transform(),
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize=7,
+        )
     ax.axvline(ref["mean"], color="tab:purple", lw=1.0, label=f"mean {ref['mean']:.3f}")
     ax.set_xlabel("reference loss (nats)")
     ax.set_ylabel("tokens (log scale)")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -53,7 +53,14 @@ class ShardWriter:
                 tokens += int(mask.sum())
                 # position 0 is NaN by definition; count only NaNs the model produced
                 nan_tokens += int((np.isnan(np.asarray(batch["ref_loss"]))[:, 1:] & mask[:, 1:]).sum())
-        entry = {"rows": rows, "tokens": tokens, "nan_tokens": nan_tokens, "bytes": final.stat().st_size, "sha256": sha256_file(final), **(extra or {})}
+        entry = {
+            "rows": rows,
+            "tokens": tokens,
+            "nan_tokens": nan_tokens,
+            "bytes": final.stat().st_size,
+            "sha256": sha256_file(final),
+            **(extra or {}),
+        }
         try:
             record_shard(self.directory, name, entry)
         except BaseException:  # (a full disk) a shard no sidecar records is redone by the next run: free its space now

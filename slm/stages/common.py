@@ -62,7 +62,9 @@ class StageRun:
             absent = object()
             theirs, mine = flat(record.get("config") or {}), flat(dump_config(self.cfg))
             keys = [k for k in sorted(theirs.keys() | mine.keys()) if theirs.get(k, absent) != mine.get(k, absent)]
-            said = "; ".join(f"{k} was {show(theirs.get(k, absent))}, now {show(mine.get(k, absent))}" for k in keys[:5])
+            said = "; ".join(
+                f"{k} was {show(theirs.get(k, absent))}, now {show(mine.get(k, absent))}" for k in keys[:5]
+            )
             more = f"; and {len(keys) - 5} more" if len(keys) > 5 else ""
             raise SlmError(
                 f"{self.out_dir}: holds a finished {self.kind} run with another config; "

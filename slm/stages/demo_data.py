@@ -25,5 +25,9 @@ def run(cfg: DemoDataConfig, force: bool = False) -> dict:
     outputs = {name: str(getattr(files, name)) for name in ("hq", "train", "validation", "questions", "tokenizer")}
     # the held-out questions as an lm-evaluation-harness task: slm eval harness --tasks slm_demo_questions --include-path DIR
     outputs["harness_task"] = str(write_demo_task(files.questions, out / "harness"))
-    fingerprints = {"config": config_fingerprint(cfg), "tokenizer": tokenizer_fingerprint(files.tokenizer), "train": sha256_file(files.train)}
+    fingerprints = {
+        "config": config_fingerprint(cfg),
+        "tokenizer": tokenizer_fingerprint(files.tokenizer),
+        "train": sha256_file(files.train),
+    }
     return stage.complete(fingerprints, {}, started, outputs)

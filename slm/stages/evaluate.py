@@ -45,8 +45,9 @@ def run(cfg: EvalConfig, force: bool = False) -> dict:
         if cfg.noise_corpus:
             n_rows = len(shards) if cfg.max_batches is None else min(len(shards), cfg.max_batches * cfg.batch_size)
             codes, kinds = noise_kind_codes(shards, cfg.noise_corpus, tokenizer, n_rows)
-        metrics["selection"] = selection_quality(model, shards, cfg.selection_ratio, cfg.batch_size, cfg.max_batches,
-                                                 noise_codes=codes, kind_names=kinds)
+        metrics["selection"] = selection_quality(
+            model, shards, cfg.selection_ratio, cfg.batch_size, cfg.max_batches, noise_codes=codes, kind_names=kinds
+        )
     atomic_write_json(out / "results.json", {"model": cfg.model, **metrics})
     print_results(cfg.model, metrics)
     fingerprints = {"config": config_fingerprint(cfg), "model": weights_fingerprint(cfg.model)}
@@ -75,5 +76,12 @@ def kinds_table(by_kind: dict, ratio: float) -> Table:
     for col in ("kind", "share of tokens", "kept", "reference loss", "model loss", "excess loss"):
         table.add_column(col, justify="left" if col == "kind" else "right")
     for name, k in by_kind.items():
-        table.add_row(name, f"{k['share']:.1%}", f"{k['kept']:.1%}", f"{k['ref_loss']:.2f}", f"{k['model_loss']:.2f}", f"{k['excess']:+.2f}")
+        table.add_row(
+            name,
+            f"{k['share']:.1%}",
+            f"{k['kept']:.1%}",
+            f"{k['ref_loss']:.2f}",
+            f"{k['model_loss']:.2f}",
+            f"{k['excess']:+.2f}",
+        )
     return table

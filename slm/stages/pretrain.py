@@ -56,10 +56,14 @@ def make_step_loss(cfg: PretrainConfig):
 def check_shards_match(shards: ShardSet, cfg: PretrainConfig, tokenizer_dir: str, vocab: int) -> None:
     meta, where = shards.metadata, cfg.shards
     if cfg.train.seq_len != meta.seq_len:
-        raise SlmError(f"{where}: shards have seq_len {meta.seq_len}, train.seq_len is {cfg.train.seq_len}; set train.seq_len={meta.seq_len}")
+        raise SlmError(
+            f"{where}: shards have seq_len {meta.seq_len}, train.seq_len is {cfg.train.seq_len}; set train.seq_len={meta.seq_len}"
+        )
     mine = tokenizer_fingerprint(tokenizer_dir)
     if mine != meta.tokenizer_sha256:
-        raise SlmError(f"{where}: shards were scored with tokenizer sha256 {meta.tokenizer_sha256[:12]}, tokenizer {tokenizer_dir!r} has {mine[:12]}")
+        raise SlmError(
+            f"{where}: shards were scored with tokenizer sha256 {meta.tokenizer_sha256[:12]}, tokenizer {tokenizer_dir!r} has {mine[:12]}"
+        )
     if vocab != meta.vocab_size:
         raise SlmError(f"{where}: shards have vocab_size {meta.vocab_size}, tokenizer {tokenizer_dir!r} has {vocab}")
     if cfg.selection.mode == "static" and "base_loss" not in shards.columns:
@@ -82,8 +86,10 @@ def check_something_to_learn(shards: ShardSet, cfg: PretrainConfig) -> None:
         if (mask.astype(bool) & np.logical_and.reduce([np.isfinite(s) for s in scores])).any():
             return
     scored = "base_loss and ref_loss" if cfg.selection.mode == "static" else "ref_loss"
-    raise SlmError(f"{cfg.shards}: no token can be trained on: of {t['tokens']} tokens in {t['rows']} rows none has "
-                   f"loss_mask 1 and a finite {scored} (all NaN, or every position masked); rescore the shards with `slm score`")
+    raise SlmError(
+        f"{cfg.shards}: no token can be trained on: of {t['tokens']} tokens in {t['rows']} rows none has "
+        f"loss_mask 1 and a finite {scored} (all NaN, or every position masked); rescore the shards with `slm score`"
+    )
 
 
 def run(cfg: PretrainConfig, force: bool = False, resume: bool = True, stop_after: int | None = None) -> dict:
@@ -104,7 +110,11 @@ def run(cfg: PretrainConfig, force: bool = False, resume: bool = True, stop_afte
     check_vocab(model, tokenizer, tokenizer_dir)
     if warning := check_seq_len(model.config, cfg.train.seq_len, "train.seq_len", f"the {cfg.model.backbone} model"):
         say(f"[yellow]pretrain[/]: {warning}")
-    heldout = packed_corpus(cfg.validation, tokenizer, tokenizer_dir, cfg.train.seq_len, out / "data") if cfg.validation else None
+    heldout = (
+        packed_corpus(cfg.validation, tokenizer, tokenizer_dir, cfg.train.seq_len, out / "data")
+        if cfg.validation
+        else None
+    )
     columns = ["input_ids", "ref_loss", "loss_mask"]
     columns += [c for c in ("base_loss", "noise") if c in shards.columns]
     fingerprints = {
@@ -113,9 +123,17 @@ def run(cfg: PretrainConfig, force: bool = False, resume: bool = True, stop_afte
         "data": sha256_json({n: e["sha256"] for n, e in shards.manifest.shards.items()}),
         "reference": shards.metadata.reference_sha256,
     }
-    what = f"selective (mode={cfg.selection.mode}, ratio={cfg.selection.ratio})" if cfg.selection.enabled else "plain causal LM (baseline)"
-    say(f"pretrain: {cfg.model.backbone}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {what}, {len(shards)} rows")
-    trainer = Trainer(model, cfg.train, out, shards, tuple(columns), make_step_loss(cfg), fingerprints, heldout, stop_after)
+    what = (
+        f"selective (mode={cfg.selection.mode}, ratio={cfg.selection.ratio})"
+        if cfg.selection.enabled
+        else "plain causal LM (baseline)"
+    )
+    say(
+        f"pretrain: {cfg.model.backbone}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {what}, {len(shards)} rows"
+    )
+    trainer = Trainer(
+        model, cfg.train, out, shards, tuple(columns), make_step_loss(cfg), fingerprints, heldout, stop_after
+    )
     result = trainer.fit(resume=resume)
     if result.step < cfg.train.max_steps:
         return {"status": "stopped", "step": result.step}
@@ -130,4 +148,6 @@ def run(cfg: PretrainConfig, force: bool = False, resume: bool = True, stop_afte
         "resumed_from": result.resumed_from,
         **{k: last[k] for k in ("kept_fraction", "noise_dropped", "kept_clean") if k in last},
     }
-    return stage.complete(fingerprints, metrics, started, {"model": str(model_dir), "metrics": str(out / "metrics.jsonl")})
+    return stage.complete(
+        fingerprints, metrics, started, {"model": str(model_dir), "metrics": str(out / "metrics.jsonl")}
+    )

@@ -40,14 +40,25 @@ def train_causal_lm(kind: str, cfg: ReferenceConfig, force: bool, resume: bool, 
         "tokenizer": tokenizer_fingerprint(cfg.tokenizer),
         "data": corpus_fingerprint(cfg.corpus),
     }
-    say(f"{kind}: {cfg.model.backbone if cfg.model.init_from is None else type(model).__name__}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_rows)} rows of {seq_len} tokens")
-    trainer = Trainer(model, cfg.train, out, train_rows, ("input_ids", "loss_mask"), causal_lm_step, fingerprints, heldout, stop_after)
+    say(
+        f"{kind}: {cfg.model.backbone if cfg.model.init_from is None else type(model).__name__}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_rows)} rows of {seq_len} tokens"
+    )
+    trainer = Trainer(
+        model, cfg.train, out, train_rows, ("input_ids", "loss_mask"), causal_lm_step, fingerprints, heldout, stop_after
+    )
     result = trainer.fit(resume=resume)
     if result.step < cfg.train.max_steps:  # stopped early on purpose (tests)
         return {"status": "stopped", "step": result.step}
     model_dir = trainer.export(out / "model", tokenizer)
     if rank() == 0:
         plot_learning_curves({kind: result.history}, out / "learning_curve.png")
-    metrics = {"steps": result.step, "tokens_seen": result.tokens_seen, "final_heldout_loss": result.final_heldout_loss, "resumed_from": result.resumed_from}
-    return stage.complete(fingerprints, metrics, started, {"model": str(model_dir), "metrics": str(out / "metrics.jsonl")})
+    metrics = {
+        "steps": result.step,
+        "tokens_seen": result.tokens_seen,
+        "final_heldout_loss": result.final_heldout_loss,
+        "resumed_from": result.resumed_from,
+    }
+    return stage.complete(
+        fingerprints, metrics, started, {"model": str(model_dir), "metrics": str(out / "metrics.jsonl")}
+    )

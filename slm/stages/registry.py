@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from slm.config import STAGE_CONFIGS
 
@@ -10,8 +10,14 @@ from slm.config import STAGE_CONFIGS
 def stage_runner(kind: str) -> Callable:
     from slm.stages import demo_data, evaluate, finetune, pretrain, reference, score
 
-    return {"demo_data": demo_data.run, "reference": reference.run, "finetune": finetune.run, "score": score.run,
-            "pretrain": pretrain.run, "eval": evaluate.run}[kind]
+    return {
+        "demo_data": demo_data.run,
+        "reference": reference.run,
+        "finetune": finetune.run,
+        "score": score.run,
+        "pretrain": pretrain.run,
+        "eval": evaluate.run,
+    }[kind]
 
 
 def stage_config_class(kind: str):

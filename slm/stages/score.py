@@ -26,7 +26,7 @@ from slm.io import DiskFull, read_json, sha256_file
 from slm.models import load_pretrained
 from slm.models.checks import check_vocab
 from slm.scoring import check_seq_len, score_rows, weights_fingerprint
-from slm.shards.format import ROW_STRIDE, FORMAT_VERSION, ShardMetadata, shard_name
+from slm.shards.format import FORMAT_VERSION, ROW_STRIDE, ShardMetadata, shard_name
 from slm.shards.manifest import DONE_DIR, MANIFEST, forget_shard, load_manifest, merge_manifest
 from slm.shards.writer import ShardWriter
 from slm.stages.common import StageRun, say
@@ -144,9 +144,19 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
     )
     if (out / MANIFEST).is_file():
         existing = load_manifest(out).metadata
-        for key in ("tokenizer_sha256", "vocab_size", "seq_len", "reference_sha256", "corpus_fingerprint", "documents_per_shard", "base_sha256"):
+        for key in (
+            "tokenizer_sha256",
+            "vocab_size",
+            "seq_len",
+            "reference_sha256",
+            "corpus_fingerprint",
+            "documents_per_shard",
+            "base_sha256",
+        ):
             if getattr(existing, key) != getattr(meta, key):
-                raise SlmError(f"{out}: holds shards with another {key} ({getattr(existing, key)!s:.16} vs {getattr(meta, key)!s:.16} now); use --force or another out_dir")
+                raise SlmError(
+                    f"{out}: holds shards with another {key} ({getattr(existing, key)!s:.16} vs {getattr(meta, key)!s:.16} now); use --force or another out_dir"
+                )
 
     num_shards = math.ceil(len(corpus) / cfg.documents_per_shard)
     todo = my_shards(num_shards, cfg.part, cfg.parts, rank(), world_size())
@@ -164,7 +174,9 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
         lo, hi = k * cfg.documents_per_shard, min((k + 1) * cfg.documents_per_shard, len(corpus))
         docs = iter_documents(corpus, tokenizer, cfg.corpus.text_field, cfg.corpus.noise_field, lo, hi)
         rows = pack_documents(docs, cfg.seq_len, tokenizer.eos_token_id, pad_id, whole=cfg.corpus.packing == "whole")
-        batches = score_rows(rows, reference, cfg.batch_size, cfg.logprob_chunk_tokens, k * ROW_STRIDE, base, dev, bar.update)
+        batches = score_rows(
+            rows, reference, cfg.batch_size, cfg.logprob_chunk_tokens, k * ROW_STRIDE, base, dev, bar.update
+        )
         try:
             writer.write(k, batches, extra={"documents": hi - lo, "part": cfg.part})
             merge_manifest(out, meta, num_shards)  # list each whole shard as it lands
@@ -176,11 +188,18 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
     manifest = merge_manifest(out, meta, num_shards)
     totals = manifest.totals()
     if totals["nan_tokens"]:
-        say(f"[yellow]score[/]: {totals['nan_tokens']} token losses were NaN; they are kept as NaN and excluded from selection")
+        say(
+            f"[yellow]score[/]: {totals['nan_tokens']} token losses were NaN; they are kept as NaN and excluded from selection"
+        )
     if not manifest.complete:
-        say(f"score: part {cfg.part}/{cfg.parts} done ({len(todo) - skipped} shards scored, {skipped} already whole); {len(manifest.shards)} of {num_shards} shards whole")
+        say(
+            f"score: part {cfg.part}/{cfg.parts} done ({len(todo) - skipped} shards scored, {skipped} already whole); {len(manifest.shards)} of {num_shards} shards whole"
+        )
         return {"status": "partial", "shards_whole": len(manifest.shards), "num_shards": num_shards}
-    fingerprints = {"tokenizer": meta.tokenizer_sha256, "reference": meta.reference_sha256, "data": meta.corpus_fingerprint}
+    fingerprints = {
+        "tokenizer": meta.tokenizer_sha256,
+        "reference": meta.reference_sha256,
+        "data": meta.corpus_fingerprint,
+    }
     metrics = {"num_shards": num_shards, "scored_now": scored_now, **totals}
     return stage.complete(fingerprints, metrics, started, {"shards": str(out), "manifest": str(out / MANIFEST)})
-

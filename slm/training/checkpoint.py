@@ -68,9 +68,17 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep:
 
 def check_fingerprints(saved: dict, current: dict, where: Path) -> None:
     """Refuse a checkpoint of another run: name every fingerprint that differs."""
-    diffs = [f"{k} ({saved.get(k, 'absent')!s:.12} in checkpoint vs {current[k]!s:.12} now)" for k in current if saved.get(k) != current[k]]
+    diffs = [
+        f"{k} ({saved.get(k, 'absent')!s:.12} in checkpoint vs {current[k]!s:.12} now)"
+        for k in current
+        if saved.get(k) != current[k]
+    ]
     if diffs:
-        raise SlmError(f"{where}: checkpoint belongs to another run; differs in " + ", ".join(diffs) + "; use --force to start over")
+        raise SlmError(
+            f"{where}: checkpoint belongs to another run; differs in "
+            + ", ".join(diffs)
+            + "; use --force to start over"
+        )
 
 
 def load_latest(engine, ckpt_dir: Path, fingerprints: dict) -> dict | None:
@@ -80,7 +88,9 @@ def load_latest(engine, ckpt_dir: Path, fingerprints: dict) -> dict | None:
         return None
     latest = found[-1]
     check_fingerprints(read_json(latest / MARKER)["fingerprints"], fingerprints, latest)
-    _, client = engine.load_checkpoint(str(ckpt_dir), tag=latest.name, load_optimizer_states=True, load_lr_scheduler_states=True)
+    _, client = engine.load_checkpoint(
+        str(ckpt_dir), tag=latest.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if client is None:
         raise SlmError(f"{latest}: DeepSpeed could not load this checkpoint")
     own = rng_file(latest, rank())
@@ -89,6 +99,8 @@ def load_latest(engine, ckpt_dir: Path, fingerprints: dict) -> dict | None:
     elif "rng" in client:  # written before the per-rank files: rank 0's state, shared by all ranks
         set_rng_state(client["rng"])
     else:
-        raise SlmError(f"{latest}: no random-generator state for rank {rank()} ({own.name}); "
-                       "was it saved with fewer ranks? resume with the same number of ranks")
+        raise SlmError(
+            f"{latest}: no random-generator state for rank {rank()} ({own.name}); "
+            "was it saved with fewer ranks? resume with the same number of ranks"
+        )
     return client

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -106,7 +106,9 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=parameter_groups(model, cfg.optim), config=deepspeed_config(cfg, world_size())
         )
-        self.loader = DeterministicLoader(train_rows, cfg.micro_batch_size, cfg.grad_accum, rank(), world_size(), cfg.seed, columns)
+        self.loader = DeterministicLoader(
+            train_rows, cfg.micro_batch_size, cfg.grad_accum, rank(), world_size(), cfg.seed, columns
+        )
         self.metrics = MetricsLog(self.out_dir, enabled=rank() == 0)
         self.ckpt_dir = self.out_dir / "checkpoints"
 
@@ -115,12 +117,19 @@ class Trainer:
         return self.engine.module
 
     def _client_state(self, step: int, tokens: int) -> dict:
-        return {"step": step, "tokens_seen": tokens, "data_position": step * self.loader.global_batch, "fingerprints": self.fingerprints}
+        return {
+            "step": step,
+            "tokens_seen": tokens,
+            "data_position": step * self.loader.global_batch,
+            "fingerprints": self.fingerprints,
+        }
 
     def _evaluate(self) -> float | None:
         if self.heldout_rows is None:
             return None
-        return heldout_loss(self.model, self.heldout_rows, self.cfg.micro_batch_size, self.cfg.eval_batches, self.device)
+        return heldout_loss(
+            self.model, self.heldout_rows, self.cfg.micro_batch_size, self.cfg.eval_batches, self.device
+        )
 
     def fit(self, resume: bool = True) -> TrainResult:
         cfg = self.cfg
@@ -132,7 +141,13 @@ class Trainer:
                 self.metrics.truncate_after(step)
         history: list[dict] = []
         started = time.time()
-        bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {self.out_dir.name}", disable=rank() != 0, dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=step,
+            desc=f"train {self.out_dir.name}",
+            disable=rank() != 0,
+            dynamic_ncols=True,
+        )
         window_tokens, window_start, tokens_per_s = 0, time.time(), 0.0
         self.engine.train()
         while step < cfg.max_steps:
@@ -155,10 +170,17 @@ class Trainer:
                     logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
                 window_tokens += micro["input_ids"].numel() * world_size()
             if self.engine.skipped_steps > skipped_before:
-                raise SlmError(f"{self.out_dir}: DeepSpeed skipped optimizer step {step + 1} (overflow); lower train.optim.lr or use precision fp32")
+                raise SlmError(
+                    f"{self.out_dir}: DeepSpeed skipped optimizer step {step + 1} (overflow); lower train.optim.lr or use precision fp32"
+                )
             step += 1
             tokens += self.loader.global_batch * self.loader.source.seq_len
-            record = {"loss": all_reduce_sum(loss_sum / cfg.grad_accum) / world_size(), "lr": self.engine.get_lr()[0], "tokens": tokens, **logs}
+            record = {
+                "loss": all_reduce_sum(loss_sum / cfg.grad_accum) / world_size(),
+                "lr": self.engine.get_lr()[0],
+                "tokens": tokens,
+                **logs,
+            }
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 record.update(gate_stats(self.model))
                 now = time.time()
@@ -171,7 +193,9 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                ckpt.save_checkpoint(self.engine, self.ckpt_dir, step, self._client_state(step, tokens), cfg.keep_checkpoints)
+                ckpt.save_checkpoint(
+                    self.engine, self.ckpt_dir, step, self._client_state(step, tokens), cfg.keep_checkpoints
+                )
             if self.stop_after is not None and step >= self.stop_after:
                 break
         bar.close()

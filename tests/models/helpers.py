@@ -52,7 +52,7 @@ def run_chunks(model, ids, sizes, **kwargs):
     final state. kwargs go to every forward call (e.g. use_cache=True)."""
     state, outs, start = None, [], 0
     for n in sizes:
-        out = model(ids[:, start:start + n], past_key_values=state, **kwargs)
+        out = model(ids[:, start : start + n], past_key_values=state, **kwargs)
         state, start = out.cache, start + n
         outs.append(out.logits)
     assert start == ids.shape[1]
@@ -103,7 +103,7 @@ def reference_logits(model, ids, attn_prefix="self_attn."):
     cos, sin = torch.cos(ang), torch.sin(ang)
 
     def rope(x):  # x [B, H, T, D], rotate the pairs (i, i + D/2)
-        a, b = x[..., : D // 2], x[..., D // 2:]
+        a, b = x[..., : D // 2], x[..., D // 2 :]
         return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
 
     x = W["model.embed_tokens.weight"][ids]

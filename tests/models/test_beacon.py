@@ -2,27 +2,49 @@
 
 import pytest
 import torch
+from helpers import (
+    change_token,
+    chunked_diffs,
+    greedy_recompute,
+    make_tiny_model,
+    random_cuts,
+    run_chunks,
+    save_and_reload,
+    shifted_loss,
+    state_numel,
+    tokens,
+    train_losses,
+)
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import slm.models.beacon as bcn
 from slm.models.beacon import BeaconConfig, BeaconForCausalLM
 
-from helpers import (change_token, chunked_diffs, greedy_recompute, make_tiny_model, random_cuts, run_chunks,
-                     save_and_reload, shifted_loss, state_numel, tokens, train_losses)
-
 V = 53
 
 
 def tiny_config(**kw):
-    base = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                window_len=8, condensing_ratio=2, max_beacon_windows=64, rms_norm_eps=1e-6, rope_theta=500.0)
+    base = dict(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        window_len=8,
+        condensing_ratio=2,
+        max_beacon_windows=64,
+        rms_norm_eps=1e-6,
+        rope_theta=500.0,
+    )
     base.update(kw)
     return BeaconConfig(**base)
 
 
 def make_model(seed=0, dtype=torch.float64, **kw):
     # larger weights than the 0.02 init so attention is far from uniform
-    return make_tiny_model(BeaconForCausalLM, tiny_config(**kw), dtype, seed, lambda name: 0.02 if "norm" in name else 0.15)
+    return make_tiny_model(
+        BeaconForCausalLM, tiny_config(**kw), dtype, seed, lambda name: 0.02 if "norm" in name else 0.15
+    )
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(num_key_value_heads=2, condensing_ratio=4, max_beacon_windows=2)])
@@ -43,11 +65,21 @@ def test_chunked_with_state_equals_whole(kw):
 
 def _llama_copy(model):
     c = model.config
-    cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
-                      num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
-                      intermediate_size=c.intermediate_size, rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=True,
-                      attention_bias=False, mlp_bias=False, hidden_act="silu", max_position_embeddings=256,
-                      rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta})
+    cfg = LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        intermediate_size=c.intermediate_size,
+        rms_norm_eps=c.rms_norm_eps,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        mlp_bias=False,
+        hidden_act="silu",
+        max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+    )
     cfg._attn_implementation = "sdpa"  # the eager path runs softmax in float32
     llama = LlamaForCausalLM(cfg).to(torch.float64).eval()
     missing, unexpected = llama.load_state_dict(model.state_dict(), strict=False)
@@ -63,6 +95,7 @@ def _llama_copy(model):
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
     llama.model.rotary_emb.forward = rope64
+
     def rms64(m):
         return lambda x: m.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
 

@@ -14,14 +14,17 @@ CONFIGS = [InfiniConfig, MegalodonConfig, FamConfig, BeaconConfig]
 
 
 @pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
-@pytest.mark.parametrize("key, value, expected", [
-    ("hidden_size", True, "hidden_size=True: must be an integer >= 1"),
-    ("num_hidden_layers", 0, "num_hidden_layers=0: must be an integer >= 1"),
-    ("max_position_embeddings", 2.5, "max_position_embeddings=2.5: must be an integer >= 1"),
-    ("rope_theta", "x", "rope_theta='x': must be a positive number"),
-    ("rms_norm_eps", 0.0, "rms_norm_eps=0.0: must be a positive number"),
-    ("initializer_range", -0.1, "initializer_range=-0.1: must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("hidden_size", True, "hidden_size=True: must be an integer >= 1"),
+        ("num_hidden_layers", 0, "num_hidden_layers=0: must be an integer >= 1"),
+        ("max_position_embeddings", 2.5, "max_position_embeddings=2.5: must be an integer >= 1"),
+        ("rope_theta", "x", "rope_theta='x': must be a positive number"),
+        ("rms_norm_eps", 0.0, "rms_norm_eps=0.0: must be a positive number"),
+        ("initializer_range", -0.1, "initializer_range=-0.1: must be >= 0"),
+    ],
+)
 def test_shared_size_keys_are_checked_alike(cls, key, value, expected):
     assert issubclass(cls, StreamingConfig)
     with pytest.raises(ValueError, match="^" + expected.replace("(", r"\(").replace(".", r"\.")):

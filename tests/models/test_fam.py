@@ -4,18 +4,38 @@ import math
 
 import pytest
 import torch
+from helpers import (
+    assert_config_rejects,
+    change_token,
+    chunked_diffs,
+    greedy_recompute,
+    make_tiny_model,
+    norm_jitter,
+    random_split,
+    reference_logits,
+    save_and_reload,
+    shifted_loss,
+    state_numel,
+    tokens,
+    train_losses,
+)
 
 import slm.models.fam as fam
-
-from helpers import (assert_config_rejects, change_token, chunked_diffs, greedy_recompute, make_tiny_model, norm_jitter,
-                     random_split, reference_logits, save_and_reload, shifted_loss, state_numel, tokens, train_losses)
 
 VOCAB = 64
 
 
 def make_model(dtype=torch.float64, seed=0, **overrides):
-    kwargs = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, block_len=5, memory_blocks=1, fam_len=3)
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        block_len=5,
+        memory_blocks=1,
+        fam_len=3,
+    )
     kwargs.update(overrides)
     return make_tiny_model(fam.FamForCausalLM, fam.FamConfig(**kwargs), dtype, seed, norm_jitter)
 
@@ -59,7 +79,7 @@ def test_fam_carries_information_beyond_the_window(fam_init):
     model = make_model(fam_init=fam_init)
     a, b = model(ids).logits, model(ids2).logits
     for blk in range(3, 7):
-        assert (a[:, 5 * blk:5 * blk + 5] - b[:, 5 * blk:5 * blk + 5]).abs().max().item() > 1e-6, blk
+        assert (a[:, 5 * blk : 5 * blk + 5] - b[:, 5 * blk : 5 * blk + 5]).abs().max().item() > 1e-6, blk
 
 
 @torch.no_grad()
@@ -131,7 +151,9 @@ def test_bf16_runs():
     assert out.cache.layers[0].fam.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("key,value", [("block_len", 0), ("memory_blocks", -1), ("fam_len", -2),
-                                       ("fam_init", "zeros"), ("num_attention_heads", 5)])
+@pytest.mark.parametrize(
+    "key,value",
+    [("block_len", 0), ("memory_blocks", -1), ("fam_len", -2), ("fam_init", "zeros"), ("num_attention_heads", 5)],
+)
 def test_config_rejects_nonsense(key, value):
     assert_config_rejects(fam.FamConfig, key, value)

@@ -3,8 +3,18 @@ built with transformers: at initialisation the graft equals the source within on
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from helpers import run_chunks, tokens
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 import slm.models  # noqa: F401  (registers the backbones)
 from slm.config import ModelConfig
@@ -12,18 +22,27 @@ from slm.errors import SlmError
 from slm.models import build_model
 from slm.models.graft import SIZE_KEYS
 
-from helpers import run_chunks, tokens
-
 VOCAB, SPAN = 64, 16
-SIZES = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256)
+SIZES = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 SOURCES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "llama_bias": (LlamaConfig, LlamaForCausalLM, {"attention_bias": True}),  # biases on q, k, v and o
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 64}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"rope_theta": 1e6}),  # q/k/v biases, another rope theta
 }
-GRAFTS = {"infini": {"segment_len": SPAN}, "fam": {"block_len": SPAN, "fam_len": 4}, "beacon": {"window_len": SPAN, "condensing_ratio": 4}}
+GRAFTS = {
+    "infini": {"segment_len": SPAN},
+    "fam": {"block_len": SPAN, "fam_len": 4},
+    "beacon": {"window_len": SPAN, "condensing_ratio": 4},
+}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +95,9 @@ def test_every_source_weight_is_copied_and_only_new_paths_are_new(source_dirs, b
     assert new and all(expected in n for n in new), new
     if backbone == "beacon":  # the paper's init: the beacons' q/k/v/o (and biases) copy the regular ones
         attn = model.model.layers[1].self_attn
-        assert torch.equal(attn.beacon_q_weight, attn.q_proj.weight) and torch.equal(attn.beacon_k_bias, attn.k_proj.bias)
+        assert torch.equal(attn.beacon_q_weight, attn.q_proj.weight) and torch.equal(
+            attn.beacon_k_bias, attn.k_proj.bias
+        )
 
 
 @pytest.mark.parametrize("backbone", ["infini", "fam"])
@@ -107,8 +128,12 @@ def test_llama_family_with_rope_scaling_keeps_every_weight(source_dirs, src):
     ids = tokens(VOCAB, 2, 40, seed=6)
     same = graft(source_dirs[src], "llama", rope_scaling={"rope_type": "linear", "factor": 1.0})
     assert type(same) is type(base) and (same(ids).logits - base(ids).logits).abs().max() < 1e-5
-    yarn = graft(source_dirs[src], "llama", max_position_embeddings=1024,
-                 rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256})
+    yarn = graft(
+        source_dirs[src],
+        "llama",
+        max_position_embeddings=1024,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256},
+    )
     assert yarn.config.rope_parameters["rope_type"] == "yarn" and yarn.config.max_position_embeddings == 1024
     assert yarn.config.rope_parameters["rope_theta"] == base.config.rope_parameters["rope_theta"]
     assert all(torch.equal(a, b) for a, b in zip(yarn.state_dict().values(), base.state_dict().values()))
@@ -126,13 +151,20 @@ def test_grafted_model_round_trips(source_dirs, tmp_path):
 
 
 def test_refusals_name_what_is_supported(source_dirs, tmp_path):
-    with pytest.raises(SlmError, match=r"megalodon.*cannot be grafted.*CEMA.*graftable backbones: \['beacon', 'fam', 'infini'\]"):
+    with pytest.raises(
+        SlmError, match=r"megalodon.*cannot be grafted.*CEMA.*graftable backbones: \['beacon', 'fam', 'infini'\]"
+    ):
         graft(source_dirs["llama"], "megalodon")
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB)).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(SlmError, match=r"model_type 'gpt2' cannot be grafted onto 'infini'; supported sources: "
-                                       r"LlamaForCausalLM \(llama\), MistralForCausalLM \(mistral\), Qwen2ForCausalLM \(qwen2\)"):
+    with pytest.raises(
+        SlmError,
+        match=r"model_type 'gpt2' cannot be grafted onto 'infini'; supported sources: "
+        r"LlamaForCausalLM \(llama\), MistralForCausalLM \(mistral\), Qwen2ForCausalLM \(qwen2\)",
+    ):
         graft(tmp_path / "gpt2", "infini")
-    with pytest.raises(SlmError, match=r"model.hidden_size=64 disagrees with .* \(hidden_size=32\).*drop model.hidden_size"):
+    with pytest.raises(
+        SlmError, match=r"model.hidden_size=64 disagrees with .* \(hidden_size=32\).*drop model.hidden_size"
+    ):
         graft(source_dirs["llama"], "infini", hidden_size=64)
     with pytest.raises(SlmError, match=r"segment_len=128 exceeds the source's sliding_window=64"):
         graft(source_dirs["mistral"], "infini", options={"segment_len": 128})

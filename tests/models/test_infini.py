@@ -4,18 +4,37 @@ import math
 
 import pytest
 import torch
+from helpers import (
+    assert_config_rejects,
+    change_token,
+    chunked_diffs,
+    greedy_recompute,
+    make_tiny_model,
+    norm_jitter,
+    random_split,
+    reference_logits,
+    save_and_reload,
+    shifted_loss,
+    state_numel,
+    tokens,
+    train_losses,
+)
 
 import slm.models.infini as infini
-
-from helpers import (assert_config_rejects, change_token, chunked_diffs, greedy_recompute, make_tiny_model, norm_jitter,
-                     random_split, reference_logits, save_and_reload, shifted_loss, state_numel, tokens, train_losses)
 
 VOCAB = 64
 
 
 def make_model(dtype=torch.float64, seed=0, **overrides):
-    kwargs = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, segment_len=8, memory_update="delta")
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        segment_len=8,
+        memory_update="delta",
+    )
     kwargs.update(overrides)
     return make_tiny_model(infini.InfiniForCausalLM, infini.InfiniConfig(**kwargs), dtype, seed, norm_jitter)
 
@@ -66,7 +85,7 @@ def test_memory_carries_information_across_segments(update):
     set_beta(model, 0.0)
     a, b = model(ids).logits, model(ids2).logits
     for seg in range(1, 4):
-        assert (a[:, 8 * seg:8 * seg + 8] - b[:, 8 * seg:8 * seg + 8]).abs().max().item() > 1e-6, seg
+        assert (a[:, 8 * seg : 8 * seg + 8] - b[:, 8 * seg : 8 * seg + 8]).abs().max().item() > 1e-6, seg
 
 
 @torch.no_grad()
@@ -132,8 +151,9 @@ def test_greedy_generate_matches_recompute():
     assert torch.equal(out, greedy_recompute(model, prompt, 9))  # no state: recompute everything each step
 
 
-@pytest.mark.parametrize("key,value", [("segment_len", 0), ("memory_update", "none"), ("memory_eps", 0.0),
-                                       ("num_attention_heads", 5)])
+@pytest.mark.parametrize(
+    "key,value", [("segment_len", 0), ("memory_update", "none"), ("memory_eps", 0.0), ("num_attention_heads", 5)]
+)
 def test_config_rejects_nonsense(key, value):
     assert_config_rejects(infini.InfiniConfig, key, value)
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import save_and_reload, tokens
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -28,8 +29,6 @@ from slm.longrope import (
     yarn_factors,
 )
 from slm.models import build_model
-
-from helpers import save_and_reload, tokens
 
 VOCAB = 97
 ORIG = 32  # "pretraining" length

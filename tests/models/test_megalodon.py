@@ -4,19 +4,38 @@ import math
 
 import pytest
 import torch
+from helpers import (
+    change_token,
+    chunked_diffs,
+    greedy_recompute,
+    make_tiny_model,
+    random_cuts,
+    save_and_reload,
+    shifted_loss,
+    state_numel,
+    tokens,
+    train_losses,
+)
 
 import slm.models.megalodon as meg
 from slm.models.megalodon import MegalodonConfig, MegalodonForCausalLM
-
-from helpers import (change_token, chunked_diffs, greedy_recompute, make_tiny_model, random_cuts, save_and_reload,
-                     shifted_loss, state_numel, tokens, train_losses)
 
 V = 61
 
 
 def tiny_config(**kw):
-    base = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-                z_dim=16, value_dim=32, cema_ndim=4, chunk_len=8, norm_num_groups=4)
+    base = dict(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        z_dim=16,
+        value_dim=32,
+        cema_ndim=4,
+        chunk_len=8,
+        norm_num_groups=4,
+    )
     base.update(kw)
     return MegalodonConfig(**base)
 
@@ -92,7 +111,7 @@ def test_cema_theta_zero_is_mega_damped_ema():
     for steps in ([L], [1] * L, [5, 1, 15]):  # FFT path, recurrent path, both with carried state
         h, ys, start = None, [], 0
         for n in steps:
-            y, h = cema(x[:, start:start + n], h, True)
+            y, h = cema(x[:, start : start + n], h, True)
             ys.append(y)
             start += n
         assert (torch.cat(ys, 1)[0] - expected).abs().max() < 1e-12
@@ -113,7 +132,7 @@ def test_chunk_attention_degenerate_and_chunked():
         assert (meg.chunk_attention(q, k, v, chunk_len) - plain(q, k, v)).abs().max() < 1e-12
     # chunk_len < T: independent causal attention inside each chunk of 4
     got = meg.chunk_attention(q, k, v, 4)
-    ref = torch.cat([plain(q[:, :, i:i + 4], k[:, :, i:i + 4], v[:, :, i:i + 4]) for i in range(0, T, 4)], 2)
+    ref = torch.cat([plain(q[:, :, i : i + 4], k[:, :, i : i + 4], v[:, :, i : i + 4]) for i in range(0, T, 4)], 2)
     assert (got - ref).abs().max() < 1e-12
     # a cached prefix of 3 keys: the queries are positions 3.. of the same chunk grid
     got = meg.chunk_attention(q[:, :, 3:], k, v, 4, prefix=3)

@@ -10,12 +10,19 @@ from transformers import AutoTokenizer, pipeline
 from slm.config import ModelConfig
 from slm.models import build_model
 
-STREAMING = {"infini": {"segment_len": 8}, "megalodon": {"chunk_len": 8}, "fam": {"block_len": 8}, "beacon": {"window_len": 8, "condensing_ratio": 2}}
+STREAMING = {
+    "infini": {"segment_len": 8},
+    "megalodon": {"chunk_len": 8},
+    "fam": {"block_len": 8},
+    "beacon": {"window_len": 8, "condensing_ratio": 2},
+}
 VOCAB = 50
 
 
 def make(backbone, vocab=VOCAB):
-    cfg = ModelConfig(backbone=backbone, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, options=STREAMING[backbone])
+    cfg = ModelConfig(
+        backbone=backbone, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, options=STREAMING[backbone]
+    )
     return build_model(cfg, vocab_size=vocab, seed=0).double().eval()
 
 
@@ -24,7 +31,7 @@ def left_pad(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, t
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
     return ids, mask
 
 
@@ -56,8 +63,8 @@ def test_each_left_padded_row_equals_the_row_alone(backbone):
     streamed = torch.cat(pieces, 1)
     for i, r in enumerate(rows):
         alone = model(r[None]).logits[0]
-        assert (batched.logits[i, -len(r):] - alone).abs().max() < 1e-10, (backbone, i)
-        assert (streamed[i, -len(r):] - alone).abs().max() < 1e-10, (backbone, i)
+        assert (batched.logits[i, -len(r) :] - alone).abs().max() < 1e-10, (backbone, i)
+        assert (streamed[i, -len(r) :] - alone).abs().max() < 1e-10, (backbone, i)
         assert not batched.logits[i, : ids.shape[1] - len(r)].any()  # pad positions: zero logits
 
 
@@ -71,7 +78,7 @@ def test_batched_generate_with_left_padding_equals_per_row_greedy(backbone):
     batched = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     for i, r in enumerate(rows):
         alone = model.generate(r[None], max_new_tokens=10, do_sample=False, pad_token_id=0)
-        assert torch.equal(batched[i, ids.shape[1]:], alone[0, len(r):]), (backbone, i)
+        assert torch.equal(batched[i, ids.shape[1] :], alone[0, len(r) :]), (backbone, i)
 
 
 def test_text_generation_pipeline_batches(tiny_demo):

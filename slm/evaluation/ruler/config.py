@@ -34,7 +34,9 @@ def check_placeholders(template: str, required: set[str], allowed: set[str]) -> 
     if missing:
         raise ValueError(f"{template!r} lacks placeholder(s) {sorted('{' + m + '}' for m in missing)}")
     if unknown:
-        raise ValueError(f"{template!r} uses unknown placeholder(s) {sorted('{' + u + '}' for u in unknown)}; allowed: {sorted(allowed)}")
+        raise ValueError(
+            f"{template!r} uses unknown placeholder(s) {sorted('{' + u + '}' for u in unknown)}; allowed: {sorted(allowed)}"
+        )
     return template
 
 
@@ -97,8 +99,12 @@ class TaskOptions(StrictModel):
 
     passkey_digits: int = Field(5, ge=1, le=18, description="Digits of the pass key (Landmark Attention: 5).")
     value_digits: int = Field(7, ge=1, le=18, description="Digits of a NIAH value with template_set=ruler (RULER: 7).")
-    niah_values: Literal["numbers", "uuids"] = Field("numbers", description="template_set=ruler: NIAH values as numbers or UUIDs.")
-    multikey_keys: int = Field(4, ge=2, description="niah_multikey: needles in all; one is asked for, the rest distract.")
+    niah_values: Literal["numbers", "uuids"] = Field(
+        "numbers", description="template_set=ruler: NIAH values as numbers or UUIDs."
+    )
+    multikey_keys: int = Field(
+        4, ge=2, description="niah_multikey: needles in all; one is asked for, the rest distract."
+    )
     multivalue_values: int = Field(4, ge=2, description="niah_multivalue: values stored under the one key.")
     multiquery_queries: int = Field(4, ge=2, description="niah_multiquery: keys asked for at once.")
     vt_chains: int = Field(1, ge=1, description="variable_tracking: chains of assignments (one is asked for).")
@@ -131,16 +137,24 @@ class RulerConfig(StrictModel):
         default_factory=lambda: [4096, 8192, 16384, 32768, 65536, 131072],
         description="Target lengths in tokens (prompt + answer).",
     )
-    samples_per_length: int = Field(25, ge=1, description="Samples per task and length; depth i cycles through `depths`.")
-    depths: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], description="Needle depths (0 = start).")
-    template_set: Literal["ruler", "compact"] = Field("ruler", description="ruler: RULER's wording; compact: short, for tiny models.")
+    samples_per_length: int = Field(
+        25, ge=1, description="Samples per task and length; depth i cycles through `depths`."
+    )
+    depths: list[float] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], description="Needle depths (0 = start)."
+    )
+    template_set: Literal["ruler", "compact"] = Field(
+        "ruler", description="ruler: RULER's wording; compact: short, for tiny models."
+    )
     chunk_len: int = Field(2048, ge=1, description="Prompt tokens per forward pass (state carried between chunks).")
     max_new_tokens: int | None = Field(
         None, ge=1, description="None: per task (RULER's budgets for ruler; answer length + 4 for compact)."
     )
     stop_at_newline: bool = Field(True, description="Stop decoding at a newline (and EOS); score the first line.")
     seed: int = 0
-    threshold: float = Field(85.6, ge=0, le=100, description="Absolute threshold for the effective length (RULER: 85.6).")
+    threshold: float = Field(
+        85.6, ge=0, le=100, description="Absolute threshold for the effective length (RULER: 85.6)."
+    )
     relative_threshold: float | None = Field(
         None, gt=0, le=1, description="If set: threshold = this fraction of the score at the shortest length."
     )

@@ -10,13 +10,13 @@ backbones take `past_key_values`. `cache_argument` picks whichever the model's f
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
-from typing import Iterable
+from collections.abc import Iterable
+from functools import cache
 
 import torch
 
 
-@lru_cache(maxsize=None)
+@cache
 def _forward_params(cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)
 
@@ -88,7 +88,9 @@ def stop_token_ids(tokenizer, newline: bool = True) -> list[int]:
         ids.add(int(tokenizer.eos_token_id))
     if not newline:
         return sorted(ids)
-    texts = tokenizer.batch_decode([[t] for t in range(len(tokenizer))], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    texts = tokenizer.batch_decode(
+        [[t] for t in range(len(tokenizer))], skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
     ids.update(t for t, text in enumerate(texts) if "\n" in text)
     return sorted(ids)
 

@@ -17,7 +17,9 @@ def depth_key(depth: float | None) -> str:
     return "all" if depth is None else f"{depth:g}"
 
 
-def aggregate(rows: list[dict], tasks: list[str], lengths: list[int], ci: str = "wilson", confidence: float = 0.95) -> dict:
+def aggregate(
+    rows: list[dict], tasks: list[str], lengths: list[int], ci: str = "wilson", confidence: float = 0.95
+) -> dict:
     """rows: one per sample with task, length, depth, score (0..1), metric.
 
     Returns {"scores": {task: {length: {score, ci_low, ci_high, n, metric, by_depth}}},
@@ -33,7 +35,9 @@ def aggregate(rows: list[dict], tasks: list[str], lengths: list[int], ci: str = 
             by_depth: dict[str, list[float]] = {}
             for r in mine:
                 by_depth.setdefault(depth_key(r["depth"]), []).append(r["score"])
-            entry["by_depth"] = {d: 100 * mean(v) for d, v in sorted(by_depth.items(), key=lambda kv: _depth_order(kv[0]))}
+            entry["by_depth"] = {
+                d: 100 * mean(v) for d, v in sorted(by_depth.items(), key=lambda kv: _depth_order(kv[0]))
+            }
             scores[task][str(length)] = entry
     average = {str(L): mean(scores[t][str(L)]["score"] for t in tasks) for L in lengths}
     return {"scores": scores, "average": average}
@@ -96,7 +100,12 @@ def plot_average(average: dict[str, float], lengths: list[int], effective: dict,
     ax.plot(range(len(lengths)), ys, marker="o", label="average")
     ax.axhline(effective["threshold"], color="gray", linestyle="--", label=f"threshold {effective['threshold']:.1f}")
     if effective["length"] is not None:
-        ax.axvline(lengths.index(effective["length"]), color="green", linestyle=":", label=f"effective {fmt_length(effective['length'])}")
+        ax.axvline(
+            lengths.index(effective["length"]),
+            color="green",
+            linestyle=":",
+            label=f"effective {fmt_length(effective['length'])}",
+        )
     ax.set_xticks(range(len(lengths)), [fmt_length(L) for L in lengths])
     ax.set_ylim(0, 100)
     ax.set_xlabel("context length (tokens)")
@@ -117,7 +126,9 @@ def summary_table(results: dict) -> str:
         lines.append(f"{task:<{width}}" + "".join(f"{results['scores'][task][str(L)]['score']:9.1f}" for L in lengths))
     lines.append(f"{'average':<{width}}" + "".join(f"{results['average'][str(L)]:9.1f}" for L in lengths))
     eff = results["effective_length"]
-    what = f"{eff['threshold']:.1f}" + (f" (= {eff['relative_threshold']:g} x shortest)" if eff["kind"] == "relative" else "")
+    what = f"{eff['threshold']:.1f}" + (
+        f" (= {eff['relative_threshold']:g} x shortest)" if eff["kind"] == "relative" else ""
+    )
     got = fmt_length(eff["length"]) if eff["length"] is not None else "none (the shortest length is already below)"
     lines.append(f"effective length at threshold {what}: {got}")
     return "\n".join(lines)

@@ -122,7 +122,9 @@ def run_ruler(cfg: RulerConfig, progress: bool = True) -> dict:
     gen_kwargs = dict(tokenizer=tokenizer, templates=templates, options=cfg.options, depths=cfg.depths, seed=cfg.seed)
 
     # fail fast: a length too short for a task shows up before the model is loaded
-    first = {(task, length): generate_sample(task, length, 0, **gen_kwargs) for task in cfg.tasks for length in cfg.lengths}
+    first = {
+        (task, length): generate_sample(task, length, 0, **gen_kwargs) for task in cfg.tasks for length in cfg.lengths
+    }
 
     device, dtype, precision = _resolve_device(cfg)
     try:
@@ -140,8 +142,15 @@ def run_ruler(cfg: RulerConfig, progress: bool = True) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     pred_path = out_dir / "predictions.jsonl"
     fingerprint = sha256_json(
-        {"format": FORMAT, "model": _model_fingerprint(model_dir), "tokenizer": tokenizer_fingerprint(tok_dir),
-         "max_new_tokens": cfg.max_new_tokens, "stop_at_newline": cfg.stop_at_newline, "template_set": cfg.template_set, "precision": precision}
+        {
+            "format": FORMAT,
+            "model": _model_fingerprint(model_dir),
+            "tokenizer": tokenizer_fingerprint(tok_dir),
+            "max_new_tokens": cfg.max_new_tokens,
+            "stop_at_newline": cfg.stop_at_newline,
+            "template_set": cfg.template_set,
+            "precision": precision,
+        }
     )
     previous = _load_previous(pred_path, fingerprint) if cfg.resume else {}
     if not previous:  # start the log afresh; otherwise keep it and append (the last row of a key wins)
@@ -166,15 +175,26 @@ def run_ruler(cfg: RulerConfig, progress: bool = True) -> dict:
                         reused += 1
                     else:
                         ids = encode_prompt(tokenizer, s.prompt)
-                        new = greedy_generate(model, ids, max_new_tokens_for(cfg, task, s.answer_tokens), cfg.chunk_len, stops)
+                        new = greedy_generate(
+                            model, ids, max_new_tokens_for(cfg, task, s.answer_tokens), cfg.chunk_len, stops
+                        )
                         raw = tokenizer.decode(new, skip_special_tokens=True)
                         prediction = clean_prediction(raw, first_line=cfg.stop_at_newline)
                         row = {
-                            "task": task, "length": length, "index": index, "depth": s.depth,
-                            "needle_depth": s.needle_depth, "prompt_tokens": len(ids), "answer_tokens": s.answer_tokens,
-                            "generated_tokens": len(new), "prediction": prediction, "raw": raw,
-                            "answers": s.answers, "metric": s.metric,
-                            "score": score_sample(prediction, s.answers, s.metric), "prompt_sha256": prompt_sha,
+                            "task": task,
+                            "length": length,
+                            "index": index,
+                            "depth": s.depth,
+                            "needle_depth": s.needle_depth,
+                            "prompt_tokens": len(ids),
+                            "answer_tokens": s.answer_tokens,
+                            "generated_tokens": len(new),
+                            "prediction": prediction,
+                            "raw": raw,
+                            "answers": s.answers,
+                            "metric": s.metric,
+                            "score": score_sample(prediction, s.answers, s.metric),
+                            "prompt_sha256": prompt_sha,
                         }
                         log.write(json.dumps(row) + "\n")
                         log.flush()

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterable
 from statistics import NormalDist
-from typing import Iterable
 
 
 def _contains(ref: str, pred: str) -> bool:

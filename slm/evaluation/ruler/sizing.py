@@ -10,7 +10,7 @@ fit, and the prompt it returns always fits.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 class TooShort(Exception):

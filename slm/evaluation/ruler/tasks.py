@@ -31,8 +31,8 @@ import math
 import random
 import string
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 from slm.errors import SlmError
 from slm.evaluation.ruler.config import TASKS, TaskOptions
@@ -198,7 +198,9 @@ def _passkey(rng, tpl: TemplateSet, opt: TaskOptions, depth: float, seed: int) -
     key = number(rng, opt.passkey_digits)
     filler = FillerStream(tpl, seed)
     needle = tpl.passkey_needle.format(key=key)
-    return Draft([key], lambda n: layout(tpl, tpl.passkey_intro, filler.take(n), [(depth, needle, True)], tpl.passkey_question))
+    return Draft(
+        [key], lambda n: layout(tpl, tpl.passkey_intro, filler.take(n), [(depth, needle, True)], tpl.passkey_question)
+    )
 
 
 def _niah(rng, tpl: TemplateSet, depth: float, seed: int, *, n_keys: int, n_values: int, n_asked: int) -> Draft:
@@ -255,7 +257,11 @@ def _niah_multiquery(rng, tpl, opt: TaskOptions, depth, seed) -> Draft:
 
 def _variable_tracking(rng, tpl: TemplateSet, opt: TaskOptions, depth: float, seed: int) -> Draft:
     n_vars = opt.vt_hops + 1
-    names = distinct(lambda: "".join(rng.choice(string.ascii_uppercase) for _ in range(5)), opt.vt_chains * n_vars, what="variable names")
+    names = distinct(
+        lambda: "".join(rng.choice(string.ascii_uppercase) for _ in range(5)),
+        opt.vt_chains * n_vars,
+        what="variable names",
+    )
     values = distinct(lambda: number(rng, 5), opt.vt_chains, what="values")
     inserts = []
     for c in range(opt.vt_chains):
@@ -396,8 +402,7 @@ def generate_sample(
     except TooShort as e:
         raise SlmError(
             f"length {length} is too short for task {task!r} (template_set={templates.name}): its smallest prompt "
-            f"takes {e.needed} tokens and the answer {answer_tokens}; use a longer length"
-            + SIZE_HINTS.get(task, "")
+            f"takes {e.needed} tokens and the answer {answer_tokens}; use a longer length" + SIZE_HINTS.get(task, "")
         ) from None
     r = rendered[n]
     return Sample(
