@@ -452,21 +452,25 @@ def test_global_selection_equals_single_process_top_k(tmp_path: Path):
         assert int(got_mask.sum()) == round(ratio * int(valid.sum()))
         for r in ranks:
             torch.testing.assert_close(
-                r[case]["loss_mean"], sel.loss.detach(), rtol=1e-5, atol=1e-7, msg=lambda m: f"{case} loss: {m}"
+                r[case]["loss_mean"],
+                sel.loss.detach(),
+                rtol=1e-5,
+                atol=1e-7,
+                msg=lambda m, case=case: f"{case} loss: {m}",
             )
             torch.testing.assert_close(
                 r[case]["param_grads"],
                 torch.stack([theta.grad, b.grad]),
                 rtol=1e-5,
                 atol=1e-7,
-                msg=lambda m: f"{case} grads: {m}",
+                msg=lambda m, case=case: f"{case} grads: {m}",
             )
         torch.testing.assert_close(
             torch.cat([r[case]["ce_grad"] for r in ranks]) / 2,
             ce.grad,
             rtol=1e-5,
             atol=1e-7,
-            msg=lambda m: f"{case} token grads: {m}",
+            msg=lambda m, case=case: f"{case} token grads: {m}",
         )
         if case == "empty_rank":
             assert not ranks[1][case]["weights"].any() and float(ranks[1][case]["loss"]) == 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,8 +114,8 @@ def test_eval_reports_loss_accuracy_and_selection_quality(scored, tiny_demo, tmp
         max_new_tokens=12,
     )
     record = evaluate.run(cfg)
-    results = json.loads(open(f"{cfg.out_dir}/results.json").read())
-    answers = json.loads(open(f"{cfg.out_dir}/answers.json").read())
+    results = json.loads(Path(f"{cfg.out_dir}/results.json").read_text())
+    answers = json.loads(Path(f"{cfg.out_dir}/answers.json").read_text())
     assert results["domain_accuracy"] == pytest.approx(np.mean([a["correct"] for a in answers]))
     assert len(answers) == 10 and all(a["correct"] == (a["prediction"] == a["answer"]) for a in answers)
     sel = results["selection"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,9 +28,9 @@ def test_heldout_loss_falls_and_outputs_are_written(tiny_reference_cfg):
         m["heldout_loss"] for m in read_metrics(f"{cfg.out_dir}/metrics.jsonl") if m.get("heldout_loss") is not None
     ]
     assert len(heldout) == 3 and heldout[-1] < heldout[0] - 0.5
-    stage = json.loads(open(f"{cfg.out_dir}/stage.json").read())
+    stage = json.loads(Path(f"{cfg.out_dir}/stage.json").read_text())
     assert stage["status"] == "complete" and stage["metrics"]["final_heldout_loss"] == pytest.approx(heldout[-1])
-    assert (open(f"{cfg.out_dir}/learning_curve.png", "rb").read(8)) == b"\x89PNG\r\n\x1a\n"
+    assert Path(f"{cfg.out_dir}/learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert record["outputs"]["model"].endswith("model")
 
 

@@ -68,7 +68,7 @@ def iter_batches(
             n = min(batch.num_rows, left)
             batch = batch.slice(0, n)
             left -= n
-            get = lambda c: fixed_list_to_numpy(batch.column(c), L)  # noqa: E731
+            get = lambda c, batch=batch: fixed_list_to_numpy(batch.column(c), L)
             noise = get("noise").astype(bool) if "noise" in cols else None
             yield name, get("ref_loss"), get("loss_mask").astype(bool), noise
 

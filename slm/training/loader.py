@@ -8,8 +8,7 @@ only the step, and a resumed loader yields exactly the batches an uninterrupted 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,14 +23,21 @@ class DeterministicLoader:
     world_size: int
     seed: int
     columns: tuple[str, ...]
+    # per-loader cache of the last two epochs' permutations (a batch can straddle an epoch boundary)
+    _perms: dict[int, np.ndarray] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def global_batch(self) -> int:
         return self.micro_batch_size * self.grad_accum * self.world_size
 
-    @lru_cache(maxsize=2)
     def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+            if len(self._perms) >= 2:
+                del self._perms[next(iter(self._perms))]
+            self._perms[epoch] = perm
+        return perm
 
     def stream_indices(self, start: int, count: int) -> np.ndarray:
         n = len(self.source)

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,7 +98,7 @@ def test_export_loads_without_slm_and_matches(exports, name):
 
 def test_export_files_and_auto_map(exports):
     dirs, remote, tokenizer = exports
-    config = json.loads(open(dirs["beacon"] + "/config.json").read())
+    config = json.loads(Path(dirs["beacon"] + "/config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "modeling_slm_beacon.BeaconConfig",
         "AutoModelForCausalLM": "modeling_slm_beacon.BeaconForCausalLM",
@@ -117,7 +118,7 @@ def test_exported_code_is_the_package_module_made_standalone(backbone):
         and "register_backbone(" not in code
     )
     assert any(line.startswith("from .slm_layers import") for line in imports)
-    original = open(sys.modules[module].__file__).read()
+    original = Path(sys.modules[module].__file__).read_text()
     body = [line for line in original.splitlines() if not line.startswith(("from slm", "register_backbone", "    "))]
     kept = code.splitlines()
     assert all(line in kept for line in body if line.startswith(("class ", "def ")))  # every class and function kept
