@@ -161,7 +161,7 @@ def test_verify_damaged_shard_exits_2_naming_it(verify_cases, case):
     assert "all shards whole" not in out.stdout and "Traceback" not in out.stderr
 
 
-# ----------------------------------------------------------------------------- in-process: run_cli is what main() exits with
+# ---------------------------------------------------------------------- in-process: run_cli is what main() exits with
 
 
 def _shard_copy(scored, tmp_path) -> tuple[Path, list[str]]:

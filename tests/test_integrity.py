@@ -274,7 +274,8 @@ def test_scoring_refuses_a_tokenizer_that_does_not_fit_the_embedding(scored, tin
     ref = _reference_without_tokenizer(scored, tmp_path, vocab=1024)
     with pytest.raises(
         SlmError,
-        match=r"tokenizer .* has \d+ tokens, the embedding of reference model .* has 1024 rows: \d+ rows no token reaches",
+        match=r"tokenizer .* has \d+ tokens, the embedding of reference model .* has 1024 rows: "
+        r"\d+ rows no token reaches",
     ):
         score.run(
             cfg.model_copy(
@@ -304,7 +305,8 @@ def test_seq_len_above_max_position_embeddings(scored, tiny_demo, tmp_path):
     cfg = scored["score_cfg"]
     with pytest.raises(
         SlmError,
-        match=r"seq_len=1024 exceeds max_position_embeddings=512 of reference model .*: positions past 512 were never trained",
+        match=r"seq_len=1024 exceeds max_position_embeddings=512 of reference model .*: "
+        r"positions past 512 were never trained",
     ):
         score.run(cfg.model_copy(update={"out_dir": str(tmp_path / "s"), "seq_len": 1024}))
     pcfg = pretrain_cfg(scored["shards"], tiny_demo, tmp_path, model={**TINY_MODEL, "max_position_embeddings": 32})
@@ -352,7 +354,8 @@ def test_other_runs_output_is_refused_naming_the_keys_and_values(scored, tmp_pat
     cfg = scored["score_cfg"].model_copy(update={"out_dir": str(out), "batch_size": 4, "seq_len": 32})
     with pytest.raises(
         SlmError,
-        match=r"another config; use --force .*\(differs: batch_size was 8, now 4; out_dir was '.*scored.*', now .*; seq_len was 64, now 32\)",
+        match=r"another config; use --force .*\(differs: batch_size was 8, now 4; "
+        r"out_dir was '.*scored.*', now .*; seq_len was 64, now 32\)",
     ):
         score.run(cfg)
 

@@ -559,7 +559,8 @@ def slurm():
     problem = _sinfo_problem()
     if problem:
         pytest.skip(
-            f'no reachable Slurm cluster ({problem}); start one with: eval "$(bash scripts/slurm/start_local_cluster.sh)"'
+            f"no reachable Slurm cluster ({problem}); "
+            'start one with: eval "$(bash scripts/slurm/start_local_cluster.sh)"'
         )
 
 
@@ -721,7 +722,8 @@ def test_cancelled_array_task_is_resubmitted_alone(cluster_run):
     assert record["submissions"][-1]["jobs"]["score_fine"]["tasks"] == [1]
     assert_ok(wait_for(submitted_ids(root / "jobs"), root / "jobs"), root / "jobs")
     print(
-        f"cancel + resubmit of one array task: {time.time() - started:.0f} s ({len(part1)} of task 1's 50 shards were whole at the cancel)"
+        f"cancel + resubmit of one array task: {time.time() - started:.0f} s "
+        f"({len(part1)} of task 1's 50 shards were whole at the cancel)"
     )
     assert json.loads((shards / "stage.json").read_text())["status"] == "complete"
     _check_sequences(shards, corpus, root / "work" / "reference" / "model", 10, 64)

@@ -1,5 +1,6 @@
-"""The RULER evaluator measures retrieval: through `slm eval ruler`, a hand-built copying model (tests/induction_model.py)
-scores high on pass-key and multi-key NIAH at every length, and the same model with its rule off scores 0."""
+"""The RULER evaluator measures retrieval: through `slm eval ruler`, a hand-built copying model
+(tests/induction_model.py) scores high on pass-key and multi-key NIAH at every length, and the same
+model with its rule off scores 0."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`slm analyze token-dynamics`: RHO-1's token categories over checkpoints (rule, fit, end to end, DeepSpeed weights)."""
+"""`slm analyze token-dynamics`: RHO-1's token categories over checkpoints (rule, fit, end to end,
+DeepSpeed weights)."""
 
 from __future__ import annotations
 
