@@ -138,7 +138,7 @@ class Trainer:
             client = ckpt.load_latest(self.engine, self.ckpt_dir, self.fingerprints)
             if client is not None:
                 step, tokens, resumed_from = client["step"], client["tokens_seen"], client["step"]
-                self.metrics.truncate_after(step)
+        self.metrics.start(resumed_from)
         history: list[dict] = []
         started = time.time()
         bar = tqdm(

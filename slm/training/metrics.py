@@ -1,10 +1,18 @@
-"""Metrics to JSONL (always) and TensorBoard (when installed), from rank 0 only."""
+"""Metrics to JSONL (always) and TensorBoard (when installed), from rank 0 only.
+
+`metrics.jsonl` always describes one run: a run that starts without a checkpoint starts the file
+afresh (an earlier file, e.g. of a run killed before its first checkpoint, is kept as
+`metrics.jsonl.prev`), and a run that resumes keeps exactly the lines up to its checkpoint's step.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
+
+from slm.io import atomic_write_text
 
 
 class MetricsLog:
@@ -21,12 +29,38 @@ class MetricsLog:
             except Exception:  # tensorboard not installed
                 self._tb = None
 
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint so the log matches an uninterrupted run."""
+    @property
+    def prev_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".prev")
+
+    def start(self, resumed_step: int | None) -> None:
+        """Make the file match the run that starts now: steps 1..resumed_step kept on resume, else a fresh file.
+
+        On a fresh start an existing file (a run killed before its first checkpoint, or resume turned off) becomes
+        `metrics.jsonl.prev`, replacing an older one, so its lines are neither lost nor mixed with the new run's.
+        """
         if not (self.enabled and self.path.is_file()):
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        if resumed_step is None:
+            os.replace(self.path, self.prev_path)
+        else:
+            self.truncate_after(resumed_step)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint so the log matches an uninterrupted run.
+
+        A line cut short by a kill (not valid JSON) can only be the last one written, after the checkpoint: dropped."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step:
+                keep.append(line)
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
