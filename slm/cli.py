@@ -100,7 +100,8 @@ def finetune(
         "auto", "--resume", help="auto: continue from the newest whole checkpoint; never: start fresh."
     ),
 ):
-    """Continue a checkpoint, or graft a long-context backbone onto one (model.init_from + model.backbone), on a corpus."""
+    """Continue a checkpoint, or graft a long-context backbone onto one (model.init_from + model.backbone),
+    on a corpus."""
     from slm.stages import finetune as stage
 
     stage.run(
@@ -169,9 +170,7 @@ def eval_harness(
     out: Path = typer.Option(..., "--out", help="Where results.json and samples.jsonl go."),
     include_path: Path | None = typer.Option(None, "--include-path", help="Directory of local task YAMLs."),
     batch_size: int = typer.Option(1, "--batch-size"),
-    max_length: int | None = typer.Option(
-        None, "--max-length", help="Default: the model's max_position_embeddings."
-    ),
+    max_length: int | None = typer.Option(None, "--max-length", help="Default: the model's max_position_embeddings."),
     limit: int | None = typer.Option(None, "--limit", help="At most this many documents per task."),
     num_fewshot: int | None = typer.Option(None, "--num-fewshot"),
     device: str = typer.Option("cpu", "--device"),
@@ -230,7 +229,8 @@ def shards_verify(
         typer.echo(f"BAD {p}")
     for tmp in leftover_temp_files(directory):
         typer.echo(
-            f"WARN {tmp.relative_to(directory)}: leftover temp file of an interrupted write; not part of the data, safe to delete"
+            f"WARN {tmp.relative_to(directory)}: leftover temp file of an interrupted write; "
+            "not part of the data, safe to delete"
         )
     if problems:
         typer.echo(

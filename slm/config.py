@@ -98,7 +98,8 @@ class ModelConfig(StrictModel):
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = Field(
         None,
-        description="transformers rope parameters, e.g. {rope_type: yarn, factor: 4, original_max_position_embeddings: 256}.",
+        description="transformers rope parameters, "
+        "e.g. {rope_type: yarn, factor: 4, original_max_position_embeddings: 256}.",
     )
     tie_embeddings: bool = True
     options: dict[str, Any] = Field(default_factory=dict, description="Backbone-specific config keys.")

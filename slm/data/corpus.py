@@ -112,7 +112,8 @@ def _is_decode_error(e: BaseException | None) -> bool:
 
 
 def _text_is_utf8(ds, text_field: str) -> bool:
-    """Arrow takes a json or text file's bytes as they are; a byte that is not UTF-8 fails only when the text is read."""
+    """Arrow takes a json or text file's bytes as they are; a byte that is not UTF-8 fails only when the
+    text is read."""
     import pyarrow as pa
 
     try:
@@ -159,7 +160,8 @@ def load_corpus(cfg: CorpusConfig):
         raise SlmError(f"corpus.path {cfg.path!r}: could not be read ({describe(e)})") from None
     if cfg.text_field not in ds.column_names:
         raise SlmError(
-            f"corpus.path {cfg.path!r}: no text field {cfg.text_field!r}; columns are {ds.column_names} (set corpus.text_field)"
+            f"corpus.path {cfg.path!r}: no text field {cfg.text_field!r}; "
+            f"columns are {ds.column_names} (set corpus.text_field)"
         )
     if cfg.noise_field and cfg.noise_field not in ds.column_names:
         raise SlmError(f"corpus.path {cfg.path!r}: no noise field {cfg.noise_field!r}; columns are {ds.column_names}")

@@ -181,9 +181,15 @@ def noise_segment(rng: random.Random) -> tuple[str, str, list[list[int]]]:
         text = " | ".join(rng.sample(NAV, rng.randint(4, 8)))
     elif kind == "markup":
         tag = rng.choice(TAGS)
-        text = f'<{tag} class="{rng.choice(["nav", "item", "row", "col-md-4", "btn"])}-{rng.randint(1, 99)}"><a href="/p/{rng.randint(100, 99999)}">{rng.choice(NAV)}</a></{tag}>'
+        text = (  # one f-string split in two: the draws happen in the same order
+            f'<{tag} class="{rng.choice(["nav", "item", "row", "col-md-4", "btn"])}-{rng.randint(1, 99)}">'
+            f'<a href="/p/{rng.randint(100, 99999)}">{rng.choice(NAV)}</a></{tag}>'
+        )
     elif kind == "identifiers":
-        text = f"session={_hash(rng, 24)} token:{_hash(rng, 16)} id={''.join(rng.choice(string.ascii_letters + string.digits) for _ in range(12))}"
+        text = (
+            f"session={_hash(rng, 24)} token:{_hash(rng, 16)} "
+            f"id={''.join(rng.choice(string.ascii_letters + string.digits) for _ in range(12))}"
+        )
     elif kind == "shuffled":
         words = (arithmetic_problem(rng) if rng.random() < 0.5 else word_problem(rng)).split()
         rng.shuffle(words)

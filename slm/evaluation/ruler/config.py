@@ -35,7 +35,8 @@ def check_placeholders(template: str, required: set[str], allowed: set[str]) -> 
         raise ValueError(f"{template!r} lacks placeholder(s) {sorted('{' + m + '}' for m in missing)}")
     if unknown:
         raise ValueError(
-            f"{template!r} uses unknown placeholder(s) {sorted('{' + u + '}' for u in unknown)}; allowed: {sorted(allowed)}"
+            f"{template!r} uses unknown placeholder(s) {sorted('{' + u + '}' for u in unknown)}; "
+            f"allowed: {sorted(allowed)}"
         )
     return template
 
@@ -120,7 +121,8 @@ class TaskOptions(StrictModel):
     def _freqs(self):
         if self.cwe_freq_common <= self.cwe_freq_uncommon:
             raise ValueError(
-                f"options.cwe_freq_common={self.cwe_freq_common} must exceed options.cwe_freq_uncommon={self.cwe_freq_uncommon}"
+                f"options.cwe_freq_common={self.cwe_freq_common} "
+                f"must exceed options.cwe_freq_uncommon={self.cwe_freq_uncommon}"
             )
         return self
 
