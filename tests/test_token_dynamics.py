@@ -193,7 +193,7 @@ def _ds_checkpoint(run, step: int, state_dict: dict):
             "module": state_dict,
             "ds_config": {"zero_optimization": {"stage": 2}},
             "mp_world_size": 1,
-            "rng": {"numpy": np.random.get_state()},
+            "step": step,  # slm's client state: plain values (RNG states live in rng-rankNNNNN.pt as tensors)
         },
         tag / "mp_rank_00_model_states.pt",
     )

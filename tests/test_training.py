@@ -190,3 +190,54 @@ def test_checkpoint_restores_each_ranks_random_generators(tmp_path):
     rng_file(saved, 0).unlink()  # e.g. saved by fewer ranks than resume it
     with pytest.raises(SlmError, match=r"step-00000003: no random-generator state for rank 0 \(rng-rank00000.pt\)"):
         load_latest(engine, tmp_path, fingerprints)
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_zero_checkpoints_resume_through_the_weights_only_reader(tiny_reference_cfg, zero):
+    """DeepSpeed's ZeRO optimizer files hold a few of its own classes (loss scaler, fragment map, stage enum):
+    TRUSTED_GLOBALS lets the weights-only reader rebuild them, and resume continues from the checkpoint."""
+    cfg = tiny_reference_cfg(f"z{zero}", max_steps=3, checkpoint_every=2, zero_stage=zero)
+    reference.run(cfg, stop_after=2)
+    assert reference.run(cfg)["metrics"]["resumed_from"] == 2
+
+
+class _RunsCode:
+    """A pickle payload: unpickling it runs `touch <path>` (what a foreign checkpoint file could do)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.mark.parametrize("planted", ["rng-rank00000.pt", "mp_rank_00_model_states.pt"])
+def test_foreign_pickle_in_a_checkpoint_is_refused_and_never_run(tiny_reference_cfg, tmp_path, planted, capsys):
+    """Resume reads every checkpoint file with torch.load(weights_only=True): a pickle that calls os.system
+    is refused in one line naming the file and the call, and the call never happens."""
+    from slm import cli
+    from slm.training.checkpoint import UntrustedCheckpoint, safe_torch_load, whole_checkpoints
+
+    cfg = tiny_reference_cfg("planted", max_steps=4, checkpoint_every=2)
+    reference.run(cfg, stop_after=2)
+    (latest,) = whole_checkpoints(tmp_path / "planted" / "checkpoints")
+    assert set(safe_torch_load(latest / "rng-rank00000.pt")) == {"torch", "numpy", "python"}  # tensors and numbers
+    ran = tmp_path / "it-ran"
+    torch.save({"module": _RunsCode(ran)}, latest / planted)
+
+    with pytest.raises(UntrustedCheckpoint, match=rf"{planted}: refused to load: it asks to run posix.system") as err:
+        reference.run(cfg)
+    assert "weights_only=True" in str(err.value) and "\n" not in str(err.value)
+    assert not ran.exists()
+
+    config = tmp_path / "planted.yaml"
+    config.write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
+    assert cli.run_cli(["reference", "--config", str(config)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and f"{planted}: refused to load" in lines[-1]
+    assert not ran.exists()
+
+    torch.load(latest / planted, weights_only=False)  # the control: a plain pickle load runs the payload
+    assert ran.exists()

@@ -41,7 +41,7 @@ import torch
 from pydantic import Field, model_validator
 
 from slm.config import CorpusConfig, StrictModel, apply_overrides, dump_config, read_yaml, validate
-from slm.errors import SlmError, describe
+from slm.errors import SlmError
 from slm.io import atomic_write_bytes, atomic_write_json, read_json
 
 CATEGORIES = ("H->H", "L->H", "H->L", "L->L")
@@ -252,14 +252,13 @@ def load_deepspeed_weights(model: torch.nn.Module, tag_dir: str | Path) -> torch
     """Load a DeepSpeed ZeRO 0-2 checkpoint's module weights (`<tag>/mp_rank_00_model_states.pt`,
     key `module`) into `model`, an instance of the same architecture. Returns `model`.
 
-    The file is a full pickle (client state holds RNG states), so it is read with
-    weights_only=False: load only checkpoints you trust. With bf16 training the module weights
-    are the bf16 copies (the fp32 masters live in the optimizer states)."""
+    The file is read with torch.load(weights_only=True) (`safe_torch_load`): a pickle that would run code
+    is refused. With bf16 training the module weights are the bf16 copies (the fp32 masters live in the
+    optimizer states)."""
+    from slm.training.checkpoint import safe_torch_load
+
     path = deepspeed_model_file(tag_dir)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:
-        raise SlmError(f"{path}: could not be read ({describe(e)})") from None
+    state = safe_torch_load(path, map_location="cpu", mmap=True)
     if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
         raise SlmError(f"{path}: no 'module' state dict in this DeepSpeed checkpoint")
     zero = ((state.get("ds_config") or {}).get("zero_optimization") or {}).get("stage")

@@ -5,35 +5,125 @@ Layout: `<out>/checkpoints/step-00000100/` (DeepSpeed's files), one `rng-rankNNN
 by rank 0 only), and `slm-complete.json` written atomically by rank 0 after every rank has saved.
 `--resume auto` takes the newest directory with that marker; a crash mid-save leaves a directory
 without it, which is ignored.
+
+Untrusted files: every `.pt` file of a checkpoint is read with `torch.load(weights_only=True)`
+(`safe_torch_load`; DeepSpeed's own reads are routed through it by `guard_checkpoint_reads`), so a
+checkpoint folder is data, never code: a pickle that names any callable outside tensors, plain
+containers and the few DeepSpeed state classes in `TRUSTED_GLOBALS` is refused with one line and
+never run. The RNG files hold tensors and plain numbers only (`rng_state`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from slm.errors import SlmError
+from slm.errors import SlmError, describe
 from slm.io import atomic_open, atomic_write_json, read_json
 from slm.training.distributed import barrier, rank
 
 MARKER = "slm-complete.json"
 
 
+# Classes in DeepSpeed's own checkpoint files (ZeRO 1-3 optimizer states: loss scaler, the fp32
+# fragment map, the ZeRO stage enum) that the weights-only unpickler may rebuild: plain data holders
+# and an enum, restored by setting attributes, never by calling code named in the file.
+TRUSTED_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+)
+
+
+class UntrustedCheckpoint(SlmError):
+    """A checkpoint file that is not tensors and plain data (a foreign or altered pickle): refused, never run."""
+
+
+def _trusted_globals() -> list:
+    found = []
+    for name in TRUSTED_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        # another DeepSpeed version: a class it lacks, it cannot have written
+        with contextlib.suppress(ImportError, AttributeError):
+            found.append(getattr(importlib.import_module(module), attr))
+    return found
+
+
+def safe_torch_load(path: str | Path, map_location="cpu", mmap: bool = False):
+    """`torch.load(path, weights_only=True)`: tensors, containers, numbers and strings (and `TRUSTED_GLOBALS`).
+
+    A pickle that would import or call anything else raises `UntrustedCheckpoint` naming the file and the
+    global it asked for; nothing in it runs. A damaged or non-torch file is an SlmError too."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(_trusted_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise SlmError(f"{path}: file not found") from None
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it asks to run {found.group(1)}" if found else "it holds pickle content other than tensors and data"
+        raise UntrustedCheckpoint(
+            f"{path}: refused to load: {what}; slm reads checkpoints with torch.load(weights_only=True) and never "
+            f"runs code from them; this file was not written by slm (or was altered): delete it, or rerun with --force "
+            f"to start over"
+        ) from None
+    except Exception as e:  # noqa: BLE001 -- truncated, not a torch file, ...
+        raise SlmError(f"{path}: could not be read as a torch checkpoint ({describe(e)}); rerun with --force") from None
+
+
+def guard_checkpoint_reads(engine) -> None:
+    """Route every file DeepSpeed's `load_checkpoint` reads through `safe_torch_load` (it uses weights_only=False)."""
+
+    def load(path: str, map_location=None):
+        return safe_torch_load(path, map_location=map_location)
+
+    engine.checkpoint_engine.load = load
+
+
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's torch, CUDA, numpy and Python generator states as tensors and plain numbers only
+    (what `torch.load(weights_only=True)` reads back); `set_rng_state` restores them."""
+    np_state = np.random.get_state(legacy=False)  # the global RandomState: MT19937 key, position, cached gaussian
+    version, words, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+def set_rng_state(state: dict, where: Path | None = None) -> None:
+    try:
+        n, py = state["numpy"], state["python"]
+        numpy_state = (n["bit_generator"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+        python_state = (py["version"], tuple(int(w) for w in py["words"].tolist()), py["gauss"])
+        torch_state = state["torch"]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise SlmError(
+            f"{where}: not a random-generator state written by this slm ({describe(e)}); rerun with --force"
+        ) from None
+    torch.set_rng_state(torch_state)
+    np.random.set_state(numpy_state)
+    random.setstate(python_state)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -88,19 +178,17 @@ def load_latest(engine, ckpt_dir: Path, fingerprints: dict) -> dict | None:
         return None
     latest = found[-1]
     check_fingerprints(read_json(latest / MARKER)["fingerprints"], fingerprints, latest)
+    guard_checkpoint_reads(engine)
     _, client = engine.load_checkpoint(
         str(ckpt_dir), tag=latest.name, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if client is None:
         raise SlmError(f"{latest}: DeepSpeed could not load this checkpoint")
     own = rng_file(latest, rank())
-    if own.is_file():
-        set_rng_state(torch.load(own, weights_only=False))
-    elif "rng" in client:  # written before the per-rank files: rank 0's state, shared by all ranks
-        set_rng_state(client["rng"])
-    else:
+    if not own.is_file():
         raise SlmError(
             f"{latest}: no random-generator state for rank {rank()} ({own.name}); "
             "was it saved with fewer ranks? resume with the same number of ranks"
         )
+    set_rng_state(safe_torch_load(own), own)
     return client
