@@ -28,7 +28,8 @@ def noise_kind_codes(
     docs = load_corpus(corpus)
     if kinds_field not in docs.column_names:
         raise SlmError(
-            f"corpus.path {corpus.path!r}: no field {kinds_field!r} (the kind of each noise span); columns are {docs.column_names}"
+            f"corpus.path {corpus.path!r}: no field {kinds_field!r} (the kind of each noise span); "
+            f"columns are {docs.column_names}"
         )
     names = sorted({k for row in docs[kinds_field] for k in row})
     code_of = {k: i + 1 for i, k in enumerate(names)}
@@ -55,7 +56,8 @@ def noise_kind_codes(
         packed = np.array([r.input_ids for r in rows[:want]], dtype=stored.dtype)
         if len(rows) != shards.offsets[i + 1] - shards.offsets[i] or not np.array_equal(packed, stored):
             raise SlmError(
-                f"{shards.directory / name}: its tokens differ from corpus.path {corpus.path!r} documents {lo}-{hi} re-packed; "
+                f"{shards.directory / name}: its tokens differ from corpus.path {corpus.path!r} "
+                f"documents {lo}-{hi} re-packed; "
                 "not the corpus (or tokenizer) these shards were scored from"
             )
         out.append(np.array([r.noise for r in rows[:want]], dtype=np.int16))

@@ -188,7 +188,8 @@ def launcher_command(job: RenderedJob) -> str:
         )
     return (
         f"deepspeed --hostfile=$SLM_HOSTFILE --no_ssh --node_rank=$SLURM_NODEID --master_addr=$MASTER_ADDR "
-        f"--master_port=$MASTER_PORT --num_nodes={r.nodes} --num_gpus={r.ranks_per_node} --no_python --no_local_rank {stage_cmd}"
+        f"--master_port=$MASTER_PORT --num_nodes={r.nodes} --num_gpus={r.ranks_per_node} "
+        f"--no_python --no_local_rank {stage_cmd}"
     )
 
 
@@ -223,7 +224,8 @@ def script_text(job: RenderedJob, pipeline_source: str) -> str:
                 f'echo "$NODES" | sed "s/$/ slots={r.ranks_per_node}/" > "$SLM_HOSTFILE"',
             ]
         lines += [
-            f'srun --nodes={r.nodes} --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 \\',
+            f'srun --nodes={r.nodes} --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" '
+            "--kill-on-bad-exit=1 \\",
             f"    bash -c {shlex.quote('exec ' + launcher_command(job))}",
         ]
     else:

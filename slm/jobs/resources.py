@@ -58,7 +58,8 @@ class SlurmResources(StrictModel):
     )
     env_setup: list[str] | None = Field(
         None,
-        description="Shell lines run before the stage (module load, venv activate). Default: put this Python's bin dir on PATH.",
+        description="Shell lines run before the stage (module load, venv activate). "
+        "Default: put this Python's bin dir on PATH.",
     )
 
     @field_validator("time")

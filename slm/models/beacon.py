@@ -21,7 +21,8 @@ i.e. plain causal Llama attention as long as at most `max_beacon_windows` window
 
 State (`BeaconState`, passed as `past_key_values` / `cache`): per layer the memory KV and the raw KV of the
 incomplete current window (both pre-RoPE), plus the absolute position `pos`. Padding masks are refused
-(`attention_mask` must be all ones): pad tokens would be condensed into beacons. Only raw tokens reach `last_hidden_state`, aligned with input_ids.
+(`attention_mask` must be all ones): pad tokens would be condensed into beacons. Only raw tokens reach
+`last_hidden_state`, aligned with input_ids.
 
 Config keys of its own: window_len (64), condensing_ratio (8; 0 = none; must divide window_len),
 max_beacon_windows (64).

@@ -13,11 +13,12 @@ rescales one, and RHO-1 continues TinyLlama. `model_from_checkpoint` does the sa
   Each new path starts closed, so that at step 0 the grafted model computes what the source computes on
   any input within one segment / block / window:
 
-  | backbone | new parameters | why it starts as the source |
-  | --- | --- | --- |
-  | infini | gate beta per head (`gate_mode: add`, A = A_dot + tanh(beta) A_mem, beta = 0) | memory read is shut; within the first segment the memory is empty too |
-  | fam | FAM prompt, gate gamma per head (`fam_read: gated`, gamma = 0) | block tokens read no FAM; the FAM still updates |
-  | beacon | beacon embedding, beacon q/k/v/o = copies of the regular ones (paper sec. 2.3) | no beacon exists before the first window completes |
+  - infini: new gate beta per head (`gate_mode: add`, A = A_dot + tanh(beta) A_mem, beta = 0); it starts
+    as the source because the memory read is shut, and within the first segment the memory is empty too;
+  - fam: new FAM prompt and gate gamma per head (`fam_read: gated`, gamma = 0); block tokens read no FAM
+    (the FAM still updates);
+  - beacon: new beacon embedding, beacon q/k/v/o = copies of the regular ones (paper sec. 2.3); no beacon
+    exists before the first window completes.
 
   The model *differs* from the source past one segment by design: the new backbone forgets raw tokens
   beyond its span until continued training teaches the new path. megalodon replaces attention with CEMA
@@ -223,7 +224,8 @@ def copy_shared_weights(source: PreTrainedModel, target: PreTrainedModel, spec, 
             raise SlmError(f"graft {where}: source weight {name!r} has no place in the backbone (looked for {dest!r})")
         if target_state[dest].shape != value.shape:
             raise SlmError(
-                f"graft {where}: {name!r} has shape {tuple(value.shape)}, {dest!r} needs {tuple(target_state[dest].shape)}"
+                f"graft {where}: {name!r} has shape {tuple(value.shape)}, "
+                f"{dest!r} needs {tuple(target_state[dest].shape)}"
             )
         target_state[dest].copy_(value)
         copied.add(dest)

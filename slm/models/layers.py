@@ -12,7 +12,8 @@ from torch import nn
 
 
 def reject_padding(attention_mask: torch.Tensor | None, backbone: str, state: str) -> None:
-    """The streaming backbones carry state across the sequence: a pad token would enter it, so padded masks are refused."""
+    """The streaming backbones carry state across the sequence: a pad token would enter it, so padded
+    masks are refused."""
     if attention_mask is not None and not bool(attention_mask.bool().all()):
         raise ValueError(
             f"{backbone}: attention_mask with padding is not supported (the {state} would absorb pad tokens); "

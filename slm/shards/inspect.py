@@ -210,7 +210,8 @@ def render_row(
     meta = shards.metadata
     if len(tokenizer) != meta.vocab_size:
         raise SlmError(
-            f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} has {len(tokenizer)} tokens, "
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} "
+            f"has {len(tokenizer)} tokens, "
             f"the shards were scored with tokenizer {meta.tokenizer_name!r} of {meta.vocab_size} tokens"
         )
     shard = shards.names[int(np.searchsorted(shards.offsets, row, side="right") - 1)]
@@ -234,7 +235,8 @@ def render_row(
     emb = model.get_input_embeddings()
     if emb is not None and ids.max(initial=0) >= emb.num_embeddings:
         raise SlmError(
-            f"row {row} holds token id {int(ids.max())}, the model's vocabulary has {emb.num_embeddings}; is it on the shards' tokenizer?"
+            f"row {row} holds token id {int(ids.max())}, the model's vocabulary has {emb.num_embeddings}; "
+            "is it on the shards' tokenizer?"
         )
     param = next(model.parameters())
     was_training = model.training
@@ -360,7 +362,8 @@ def print_row(view: RowView, console=None) -> None:
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-.row{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;line-height:1.9;border:1px solid #ddd;padding:.8em}
+.row{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;line-height:1.9;\
+border:1px solid #ddd;padding:.8em}
 .t{border-radius:2px;padding:1px 0;margin:0 1px 0 0}
 .k{font-weight:bold}.d{opacity:.45;text-decoration:line-through}
 .u{color:#888;background:#eee}.p{color:#999;font-style:italic}.n{box-shadow:inset 0 -2px 0 #7b3294}

@@ -22,7 +22,8 @@ def open_shard(path: Path) -> pa.Table:
         return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
     except (pa.ArrowInvalid, OSError) as e:
         raise SlmError(
-            f"{path}: corrupt or truncated shard ({describe(e)}); run `slm shards verify` and rerun `slm score` to repair"
+            f"{path}: corrupt or truncated shard ({describe(e)}); "
+            "run `slm shards verify` and rerun `slm score` to repair"
         ) from None
 
 
@@ -45,7 +46,8 @@ class ShardSet:
         self.manifest: Manifest = load_manifest(self.directory)
         if require_complete and not self.manifest.complete:
             raise SlmError(
-                f"{self.directory}: incomplete shards ({len(self.manifest.shards)} of {self.manifest.num_shards} whole); finish `slm score` first"
+                f"{self.directory}: incomplete shards "
+                f"({len(self.manifest.shards)} of {self.manifest.num_shards} whole); finish `slm score` first"
             )
         if not self.manifest.shards:
             raise SlmError(f"{self.directory}: the manifest lists no shard")
