@@ -63,7 +63,8 @@ class TokenDynamicsThresholds(StrictModel):
     )
     level: float | None = Field(
         None,
-        description="Loss at the last checkpoint separating high from low; null: the mean last-checkpoint loss of all tokens (paper's L_mean).",
+        description="Loss at the last checkpoint separating high from low; "
+        "null: the mean last-checkpoint loss of all tokens (paper's L_mean).",
     )
 
 
@@ -71,7 +72,8 @@ class TokenDynamicsConfig(StrictModel):
     """`slm analyze token-dynamics`: RHO-1 token categories (H->H, L->H, H->L, L->L) over checkpoints."""
 
     out_dir: str = Field(
-        description="Writes token_dynamics.json, token_dynamics.png, token_losses.npz (and the packed rows under data/)."
+        description="Writes token_dynamics.json, token_dynamics.png, token_losses.npz "
+        "(and the packed rows under data/)."
     )
     checkpoints: list[str] | None = Field(None, description="Hugging Face model directories, in training order.")
     run_dir: str | None = Field(
@@ -79,7 +81,8 @@ class TokenDynamicsConfig(StrictModel):
     )
     architecture: str | None = Field(
         None,
-        description="With run_dir: HF model directory whose architecture the checkpoints share (default <run_dir>/model).",
+        description="With run_dir: HF model directory whose architecture the checkpoints share "
+        "(default <run_dir>/model).",
     )
     tokenizer: str | None = Field(
         None, description="Default: the first checkpoint's directory (or the architecture's, with run_dir)."
@@ -193,7 +196,10 @@ def resolve_checkpoints(cfg: TokenDynamicsConfig) -> list[Checkpoint]:
         for d in whole_checkpoints(run / "checkpoints"):
             step = read_json(d / MARKER).get("step")
             found.append(Checkpoint(d.name, d, int(step) if step is not None else _step_from_name(d.name), "deepspeed"))
-        where = f"run_dir {cfg.run_dir!r} has {len(found)} whole checkpoint(s) under checkpoints/; keep more with train.keep_checkpoints"
+        where = (
+            f"run_dir {cfg.run_dir!r} has {len(found)} whole checkpoint(s) under checkpoints/; "
+            "keep more with train.keep_checkpoints"
+        )
     if len(found) < 2:
         raise SlmError(f"token dynamics needs at least 2 checkpoints in training order; {where}")
     if cfg.x_axis == "step":
@@ -218,8 +224,9 @@ def deepspeed_model_file(tag_dir: str | Path) -> Path:
 
 def _zero3_message(tag_dir: Path) -> str:
     return (
-        f"{tag_dir}: a ZeRO-3 checkpoint (weights partitioned across ranks) is not supported; consolidate it with DeepSpeed's "
-        f"zero_to_fp32.py (saved beside the checkpoints), add the run's model/config.json, and pass those directories as checkpoints"
+        f"{tag_dir}: a ZeRO-3 checkpoint (weights partitioned across ranks) is not supported; "
+        "consolidate it with DeepSpeed's zero_to_fp32.py (saved beside the checkpoints), "
+        "add the run's model/config.json, and pass those directories as checkpoints"
     )
 
 
@@ -237,7 +244,8 @@ def load_module_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], 
     if missing or unexpected:
         raise SlmError(
             f"{where}: weights do not fit the architecture: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}; is the architecture the run's own model?"
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}; "
+            "is the architecture the run's own model?"
         )
     for k, v in state.items():
         if tuple(v.shape) != tuple(own[k].shape):
@@ -290,7 +298,8 @@ def _architecture_dir(cfg: TokenDynamicsConfig) -> Path:
     if not (arch / "config.json").is_file():
         raise SlmError(
             f"architecture {str(arch)!r}: no Hugging Face model (config.json) to load the checkpoints into; "
-            f"finish the run (its export is <run_dir>/model) or set architecture to a model directory of the same config"
+            "finish the run (its export is <run_dir>/model) "
+            "or set architecture to a model directory of the same config"
         )
     return arch
 
@@ -301,7 +310,8 @@ def _tokenizer_dir(cfg: TokenDynamicsConfig, checkpoints: list[Checkpoint]) -> P
     d = checkpoints[0].path if checkpoints[0].kind == "hf" else _architecture_dir(cfg)
     if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise SlmError(
-            f"{d}: holds no tokenizer; set tokenizer to the directory of the tokenizer the checkpoints were trained with"
+            f"{d}: holds no tokenizer; "
+            "set tokenizer to the directory of the tokenizer the checkpoints were trained with"
         )
     return d
 
@@ -431,9 +441,11 @@ def _summarise(cfg, checkpoints, flat, cats: TokenCategories, valid, input_ids, 
         }
     return {
         "rule": (
-            "RHO-1 (Lin et al. 2024) appendix, Details of Token Categories: least-squares line through each token's losses over "
-            "the checkpoints; dL = fitted end - fitted start; dL < -change: H->L, dL > change: L->H; otherwise last loss <= level: "
-            "L->L, else H->H; level defaults to the mean loss at the last checkpoint (L_mean)"
+            "RHO-1 (Lin et al. 2024) appendix, Details of Token Categories: "
+            "least-squares line through each token's losses over the checkpoints; "
+            "dL = fitted end - fitted start; dL < -change: H->L, dL > change: L->H; "
+            "otherwise last loss <= level: L->L, else H->H; "
+            "level defaults to the mean loss at the last checkpoint (L_mean)"
         ),
         "checkpoints": [{"name": c.name, "path": str(c.path), "step": c.step, "kind": c.kind} for c in checkpoints],
         "x_axis": cfg.x_axis,

@@ -10,9 +10,10 @@ from slm.data.demo import generate_demo
 from slm.data.tokenizer import tokenizer_fingerprint
 from slm.evaluation.harness import write_demo_task
 from slm.io import sha256_file
-from slm.stages.common import StageRun, config_fingerprint, say
+from slm.stages.common import StageRun, config_fingerprint, locked_stage, say
 
 
+@locked_stage("demo_data")
 def run(cfg: DemoDataConfig, force: bool = False) -> dict:
     out = Path(cfg.out_dir)
     stage = StageRun("demo_data", cfg, out)
@@ -23,7 +24,8 @@ def run(cfg: DemoDataConfig, force: bool = False) -> dict:
     say(f"demo_data: generating {cfg.hq_documents} high-quality and {cfg.train_documents} web documents into {out}")
     files = generate_demo(cfg)
     outputs = {name: str(getattr(files, name)) for name in ("hq", "train", "validation", "questions", "tokenizer")}
-    # the held-out questions as an lm-evaluation-harness task: slm eval harness --tasks slm_demo_questions --include-path DIR
+    # the held-out questions as an lm-evaluation-harness task:
+    #   slm eval harness --tasks slm_demo_questions --include-path DIR
     outputs["harness_task"] = str(write_demo_task(files.questions, out / "harness"))
     fingerprints = {
         "config": config_fingerprint(cfg),

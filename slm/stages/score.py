@@ -29,7 +29,7 @@ from slm.scoring import check_seq_len, score_rows, weights_fingerprint
 from slm.shards.format import FORMAT_VERSION, ROW_STRIDE, ShardMetadata, shard_name
 from slm.shards.manifest import DONE_DIR, MANIFEST, forget_shard, load_manifest, merge_manifest
 from slm.shards.writer import ShardWriter
-from slm.stages.common import StageRun, say
+from slm.stages.common import StageRun, locked_stage, say
 from slm.training.distributed import all_reduce_sum, barrier, device, init_distributed, rank, world_size
 from slm.training.ds_config import resolve_precision
 
@@ -48,7 +48,8 @@ def _check_tokenizer_matches(tokenizer_dir: str, model_dir: str, what: str) -> b
         mine, theirs = tokenizer_fingerprint(tokenizer_dir), tokenizer_fingerprint(model_dir)
         if mine != theirs:
             raise SlmError(
-                f"tokenizer {tokenizer_dir!r} (sha256 {mine[:12]}) is not the tokenizer of {what} {model_dir!r} (sha256 {theirs[:12]})"
+                f"tokenizer {tokenizer_dir!r} (sha256 {mine[:12]}) "
+                f"is not the tokenizer of {what} {model_dir!r} (sha256 {theirs[:12]})"
             )
         return True
     return False
@@ -63,8 +64,8 @@ def check_tokenizer_fits(model, tokenizer, tokenizer_dir: str, model_dir: str, w
     if rows - tokens > allowed:
         raise SlmError(
             f"tokenizer {tokenizer_dir!r} has {tokens} tokens, the embedding of {what} {model_dir!r} has {rows} rows: "
-            f"{rows - tokens} rows no token reaches, more than padding explains (at most {allowed}); it is not the tokenizer "
-            f"the model was trained with"
+            f"{rows - tokens} rows no token reaches, more than padding explains (at most {allowed}); "
+            f"it is not the tokenizer the model was trained with"
         )
 
 
@@ -91,9 +92,10 @@ def _disk_full(e: DiskFull, out: Path, shards_left: int) -> SlmError:
     sizes = [read_json(p)["bytes"] for p in (out / DONE_DIR).glob("*.json")]
     per_shard = max(sum(sizes) // len(sizes), e.written) if sizes else e.written
     return SlmError(
-        f"{e.path}: no space left on the device ({e.free} bytes free); the {shards_left} shard(s) left to score need about "
-        f"{per_shard * shards_left} bytes ({per_shard} each{'' if sizes else ' at least'}); free space or choose another "
-        f"out_dir, then rerun: whole shards are kept, nothing partial is listed"
+        f"{e.path}: no space left on the device ({e.free} bytes free); "
+        f"the {shards_left} shard(s) left to score need about "
+        f"{per_shard * shards_left} bytes ({per_shard} each{'' if sizes else ' at least'}); "
+        f"free space or choose another out_dir, then rerun: whole shards are kept, nothing partial is listed"
     )
 
 
@@ -103,6 +105,7 @@ def my_shards(num_shards: int, part: int, parts: int, rank_: int, world: int) ->
     return of_part[rank_::world]
 
 
+@locked_stage("score")
 def run(cfg: ScoreConfig, force: bool = False) -> dict:
     out = Path(cfg.out_dir)
     # the config without part/parts: every part of one scoring run shares one stage.json, and the
@@ -155,7 +158,9 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
         ):
             if getattr(existing, key) != getattr(meta, key):
                 raise SlmError(
-                    f"{out}: holds shards with another {key} ({getattr(existing, key)!s:.16} vs {getattr(meta, key)!s:.16} now); use --force or another out_dir"
+                    f"{out}: holds shards with another {key} "
+                    f"({getattr(existing, key)!s:.16} vs {getattr(meta, key)!s:.16} now); "
+                    "use --force or another out_dir"
                 )
 
     num_shards = math.ceil(len(corpus) / cfg.documents_per_shard)
@@ -189,11 +194,13 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
     totals = manifest.totals()
     if totals["nan_tokens"]:
         say(
-            f"[yellow]score[/]: {totals['nan_tokens']} token losses were NaN; they are kept as NaN and excluded from selection"
+            f"[yellow]score[/]: {totals['nan_tokens']} token losses were NaN; "
+            "they are kept as NaN and excluded from selection"
         )
     if not manifest.complete:
         say(
-            f"score: part {cfg.part}/{cfg.parts} done ({len(todo) - skipped} shards scored, {skipped} already whole); {len(manifest.shards)} of {num_shards} shards whole"
+            f"score: part {cfg.part}/{cfg.parts} done ({len(todo) - skipped} shards scored, {skipped} already whole); "
+            f"{len(manifest.shards)} of {num_shards} shards whole"
         )
         return {"status": "partial", "shards_whole": len(manifest.shards), "num_shards": num_shards}
     fingerprints = {
