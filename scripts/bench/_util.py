@@ -9,6 +9,7 @@ it past a memory budget or a time limit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -118,10 +119,8 @@ def set_threads(n: int) -> None:
     import torch
 
     torch.set_num_threads(n)
-    try:
+    with contextlib.suppress(RuntimeError):  # already set once in this process
         torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set once in this process
-        pass
 
 
 # ----------------------------------------------------------------------------- child processes

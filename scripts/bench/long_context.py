@@ -71,7 +71,8 @@ def model_config(backbone: str, args, intermediate_size: int):
 
 
 def parse_sets(items: list[str] | None) -> dict[str, dict]:
-    """["beacon.max_beacon_windows=64", ...] -> {"beacon": {"max_beacon_windows": 64}} (values parsed as JSON when they parse)."""
+    """["beacon.max_beacon_windows=64", ...] -> {"beacon": {"max_beacon_windows": 64}} (values parsed as JSON
+    when they parse)."""
     out: dict[str, dict] = {}
     for item in items or []:
         key, _, value = item.partition("=")
@@ -182,7 +183,8 @@ def worker_measure(spec: dict) -> dict:
     _util.malloc_trim()
     live = _util.rss_mb() - base_rss
     del cache
-    # time: short lengths are streamed again (fresh state each pass) until --min-seconds of passes; the median pass counts
+    # time: short lengths are streamed again (fresh state each pass) until --min-seconds of passes;
+    # the median pass counts
     walls, cpus = [wall], [cpu]
     while sum(walls) < args.min_seconds and len(walls) < args.max_passes:
         gc.collect()
@@ -394,8 +396,9 @@ def main() -> None:
         type=int,
         default=65536,
         metavar="BYTES",
-        help="glibc's mmap threshold (MALLOC_MMAP_THRESHOLD_) in the measurement processes (default 64 KiB: large tensors "
-        "are returned to the OS when freed, so the RSS high-water measures the model, not heap retention; 0: glibc's dynamic default)",
+        help="glibc's mmap threshold (MALLOC_MMAP_THRESHOLD_) in the measurement processes "
+        "(default 64 KiB: large tensors are returned to the OS when freed, so the RSS high-water measures the model, "
+        "not heap retention; 0: glibc's dynamic default)",
     )
     p.add_argument(
         "--min-seconds",
@@ -439,11 +442,13 @@ def main() -> None:
     info = _util.machine_info(args.threads)
     sizes = matched_sizes(args)
     console.print(
-        f"[bold]long_context[/]: lengths {args.lengths}, chunk {args.chunk}, threads {args.threads}, backbones {args.backbones}"
+        f"[bold]long_context[/]: lengths {args.lengths}, chunk {args.chunk}, threads {args.threads}, "
+        f"backbones {args.backbones}"
     )
     for name, s in sizes.items():
         console.print(
-            f"  {name:10s} params {s['params']:,} ({s['params_vs_llama']:.3f}x llama), intermediate_size {s['intermediate_size']}"
+            f"  {name:10s} params {s['params']:,} ({s['params_vs_llama']:.3f}x llama), "
+            f"intermediate_size {s['intermediate_size']}"
             + (f", {s['segment_key']}={s['segment']}" if s["segment"] else "")
         )
     public_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -480,8 +485,8 @@ def main() -> None:
             results[name][str(L)] = r
             if r["status"] == "ok":
                 console.print(
-                    f"  {name:10s} {human(L):>5s}: {r['us_per_token']:8.1f} µs/token, peak +{r['peak_delta_mb']:7.1f} MiB, "
-                    f"state {r['state_mb']:.2f} MiB, {r['seconds']:.1f} s"
+                    f"  {name:10s} {human(L):>5s}: {r['us_per_token']:8.1f} µs/token, "
+                    f"peak +{r['peak_delta_mb']:7.1f} MiB, state {r['state_mb']:.2f} MiB, {r['seconds']:.1f} s"
                 )
             else:
                 console.print(f"  {name:10s} {human(L):>5s}: {r['status']} ({r['reason']})")
@@ -513,7 +518,8 @@ def main() -> None:
     info["load_average_at_end"] = _util.load_average()
     report = {
         "benchmark": "long_context",
-        "description": "streaming forward (chunks with carried state) under torch.inference_mode; one fresh process per (backbone, length); "
+        "description": "streaming forward (chunks with carried state) under torch.inference_mode; "
+        "one fresh process per (backbone, length); "
         "peak_delta_mb = ru_maxrss after the forward minus ru_maxrss after model construction and a 128-token warm-up",
         "machine": info,
         "settings": public_args,
@@ -523,7 +529,8 @@ def main() -> None:
         },
         "results": results,
         "targets": {
-            "definition": f"streaming backbones: peak_delta_mb(long) <= {MEM_TARGET}x peak_delta_mb(4K), us_per_token(long) <= {TIME_TARGET}x us_per_token(4K)",
+            "definition": f"streaming backbones: peak_delta_mb(long) <= {MEM_TARGET}x peak_delta_mb(4K), "
+            f"us_per_token(long) <= {TIME_TARGET}x us_per_token(4K)",
             "per_backbone": verdict,
         },
         "consistency_check": checks,
@@ -531,8 +538,8 @@ def main() -> None:
     }
     _util.write_json(args.out, report)
     title = (
-        f"slm backbones, streaming forward on CPU ({args.threads} thread(s)), hidden {args.hidden}, {args.layers} layers, "
-        f"vocab {args.vocab}, chunk {args.chunk}; shared machine"
+        f"slm backbones, streaming forward on CPU ({args.threads} thread(s)), "
+        f"hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, chunk {args.chunk}; shared machine"
     )
     plot(results, args.backbones, args.plot, title)
 

@@ -58,7 +58,8 @@ DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 GOAL_MULTIPLIER, GOAL_SCORE = 8, 90.0  # the best streaming backbone at 8L (moonshot: 32L)
 GOAL_AT_L = 95.0  # every backbone at L
 
-# eval-time RoPE scalings of the plain llama checkpoint: name -> function(L, longest multiplier) -> (rope_scaling, max_position_embeddings or None)
+# eval-time RoPE scalings of the plain llama checkpoint:
+#   name -> function(L, longest multiplier) -> (rope_scaling, max_position_embeddings or None)
 ROPE_VARIANTS = {
     "yarn": lambda L, m: ({"rope_type": "yarn", "factor": float(m), "original_max_position_embeddings": L}, m * L),
     "dynamic": lambda L, m: ({"rope_type": "dynamic", "factor": 2.0}, L),
@@ -508,7 +509,8 @@ def main() -> None:
     overrides = pipeline_overrides(args)
     _, stages, _ = load_pipeline(args.pipeline, overrides)  # validate before any work
     console.print(
-        f"[bold]long_context_demo[/]: {args.pipeline.relative_to(ROOT) if args.pipeline.is_relative_to(ROOT) else args.pipeline}"
+        "[bold]long_context_demo[/]: "
+        f"{args.pipeline.relative_to(ROOT) if args.pipeline.is_relative_to(ROOT) else args.pipeline}"
         f", work_dir {args.work_dir}{' (quick)' if args.quick else ''}"
     )
 
@@ -553,8 +555,9 @@ def main() -> None:
     info["load_average_at_end"] = _util.load_average()
     report = {
         "benchmark": "long_context_demo",
-        "description": "selective-loss pretraining of each backbone at training length L on the demo corpus with L-sized retrieval "
-        "documents packed whole, a short fine-tuning on whole retrieval documents (and two grafts of the pretrained "
+        "description": "selective-loss pretraining of each backbone at training length L on the demo corpus "
+        "with L-sized retrieval documents packed whole, a short fine-tuning on whole retrieval documents "
+        "(and two grafts of the pretrained "
         "llama), then RULER-style pass-key and multi-key NIAH (template_set compact) at L..32L; scores are % of "
         "samples answered exactly (string_match_all), with 95% Wilson intervals",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -591,8 +594,8 @@ def main() -> None:
         console.print(f"\n[bold]{TASK_TITLES[task]}[/] (L = {L}; {args.samples} samples per length)\n")
         if task == "passkey":
             console.print(
-                "key NLL at <=L: mean NLL (nats) of the pass-key digits in held-out demo documents, answered at the end / "
-                "repeated inside the needle; ln 10 = 2.30 is a uniform guess (see copy_probe)\n"
+                "key NLL at <=L: mean NLL (nats) of the pass-key digits in held-out demo documents, "
+                "answered at the end / repeated inside the needle; ln 10 = 2.30 is a uniform guess (see copy_probe)\n"
             )
         print(report["tables"][task])
     g = report["goal"]

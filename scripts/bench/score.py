@@ -351,7 +351,8 @@ def main() -> None:
     )
 
     console.print(
-        f"  throughput: one process, {args.repeats} round(s) of bare / slm / naive over {args.docs * args.scales[0]} documents ..."
+        f"  throughput: one process, {args.repeats} round(s) of bare / slm / naive "
+        f"over {args.docs * args.scales[0]} documents ..."
     )
     spec = {"env": env, "docs": args.docs * args.scales[0], "repeats": args.repeats, "work_dir": str(args.work_dir)}
     tp = _util.run_worker(worker_throughput, spec, args.threads, args.budget_s * 3)
@@ -392,7 +393,8 @@ def main() -> None:
             memory[m][f"{s}x"] = r
             if r.get("status") == "ok":
                 console.print(
-                    f"    {m:6s} {s}x: peak {r['peak_rss_mb']:8.1f} MiB (+{r['peak_delta_mb']:.1f} over {r['baseline_rss_mb']:.1f}), "
+                    f"    {m:6s} {s}x: peak {r['peak_rss_mb']:8.1f} MiB "
+                    f"(+{r['peak_delta_mb']:.1f} over {r['baseline_rss_mb']:.1f}), "
                     f"{r['tokens']:,} tokens, {r['tokens'] / r['seconds']:,.0f} tok/s"
                 )
             else:
@@ -444,7 +446,8 @@ def main() -> None:
         },
         "memory": memory,
         "memory_flat": {
-            "definition": f"peak_delta_mb at {hi} <= {FLAT_TARGET}x that at {lo} (delta = RSS high-water after - before the method, fresh process)",
+            "definition": f"peak_delta_mb at {hi} <= {FLAT_TARGET}x that at {lo} "
+            "(delta = RSS high-water after - before the method, fresh process)",
             "per_method": flat,
         },
         "targets": {
@@ -488,16 +491,19 @@ def main() -> None:
     print(_util.markdown_table(headers, rows))
     print()
     print(
-        f"- slm / naive tokens/s: {speedup:.2f}x best-of-{args.repeats} ({speedup_med:.2f}x median) (target >= {SPEEDUP_TARGET}x): "
+        f"- slm / naive tokens/s: {speedup:.2f}x best-of-{args.repeats} ({speedup_med:.2f}x median) "
+        f"(target >= {SPEEDUP_TARGET}x): "
         f"{'pass' if speedup >= SPEEDUP_TARGET else 'FAIL'}"
     )
     print(
-        f"- slm seconds / bare-forward seconds: {vs_bare:.2f}x best-of-{args.repeats} ({vs_bare_med:.2f}x median) (target <= {BARE_TARGET}x): "
+        f"- slm seconds / bare-forward seconds: {vs_bare:.2f}x best-of-{args.repeats} ({vs_bare_med:.2f}x median) "
+        f"(target <= {BARE_TARGET}x): "
         f"{'pass' if vs_bare <= BARE_TARGET else 'FAIL'}"
     )
     for m, f in flat.items():
         print(
-            f"- {m} peak memory {f['scales'][1]} / {f['scales'][0]} (delta over baseline): {f['peak_delta_ratio']:.2f}x "
+            f"- {m} peak memory {f['scales'][1]} / {f['scales'][0]} (delta over baseline): "
+            f"{f['peak_delta_ratio']:.2f}x "
             f"(flat target <= {FLAT_TARGET}x): {'pass' if f['flat'] else 'FAIL'}"
         )
     print(f"\nwrote {args.out} in {report['seconds_total']:.0f} s")

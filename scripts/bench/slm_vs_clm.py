@@ -104,7 +104,8 @@ def prepare(args) -> dict:
             if "another config" not in str(e):
                 raise
             raise SystemExit(
-                f"{e}\nThe recipe or the library's config defaults changed since the demo was prepared in {args.work_dir}: "
+                f"{e}\nThe recipe or the library's config defaults changed "
+                f"since the demo was prepared in {args.work_dir}: "
                 f"use a fresh --work-dir, or --set the old values (compare {by_name[name].cfg.out_dir}/stage.json)"
             ) from None
         timings[name] = round(time.time() - t, 1)
@@ -449,8 +450,10 @@ def mean_std(vals: list[float | None]) -> tuple[float | None, float | None, int]
 def best_possible(ratio: float | None, clm: dict, run: dict) -> dict:
     """The best any selection keeping `ratio` of the tokens can score: drop only noise, (1 - ratio) of the tokens.
 
-    With noise share n of the valid tokens: noise_dropped <= min(1, (1 - ratio) / n), kept_clean <= min(1, (1 - n) / ratio).
-    Training log: n from the CLM run of the same seed (same batches, every valid token kept, so n = 1 - its kept_clean).
+    With noise share n of the valid tokens: noise_dropped <= min(1, (1 - ratio) / n),
+    kept_clean <= min(1, (1 - n) / ratio).
+    Training log: n from the CLM run of the same seed (same batches, every valid token kept, so n = 1 - its
+    kept_clean).
     Final model: n of the tokens selection_quality saw, from its own measures: kept noise = (1 - kept_clean) ratio V and
     noise = kept noise / (1 - noise_dropped), so n = (1 - kept_clean) ratio / (1 - noise_dropped)."""
     if ratio is None:
@@ -562,7 +565,8 @@ def table_rows(summary: dict, seeds: int) -> tuple[list[str], list[list]]:
             "-"
             if a["selection_ms"]["mean"] is None
             else (
-                f"{a['selection_ms']['mean']:.2f} / {a['step_ms']['mean']:.0f} ({100 * a['selection_share_of_step']['mean']:.2f}%)"
+                f"{a['selection_ms']['mean']:.2f} / {a['step_ms']['mean']:.0f} "
+                f"({100 * a['selection_share_of_step']['mean']:.2f}%)"
             )
         )
         nd = ms(a, "log_noise_dropped", 3, True) + (
@@ -662,7 +666,8 @@ def targets(summary: dict, micro: dict | None) -> list[dict]:
         {
             "target": f"noise-tagged tokens dropped >= {NOISE_DROPPED_TARGET:.0%}",
             "measured": f"{nd[0]:.3f} (training log, last {LAST_SHARE:.0%} of steps) / {nd[1]:.3f} (final model); "
-            f"best possible at ratio {TARGET_RATIO:g} with {a['noise_share_log']['mean']:.1%} / {a['noise_share_final']['mean']:.1%} "
+            f"best possible at ratio {TARGET_RATIO:g} "
+            f"with {a['noise_share_log']['mean']:.1%} / {a['noise_share_final']['mean']:.1%} "
             f"noise tokens: {a['best_log_noise_dropped']['mean']:.3f} / {a['best_final_noise_dropped']['mean']:.3f}",
             "met": min(nd) >= NOISE_DROPPED_TARGET,
         }
@@ -780,7 +785,8 @@ def report(results: dict, seeds: list[int], methods: list, micro: dict | None, r
     if all(results[k].get("by_kind") for k in results):
         k_headers, k_rows = kinds_rows(results, seeds, methods)
         table = Table(
-            title=f"final models by kind of token ({SQ_BATCHES} batches of {SQ_BATCH} rows; CLM's kept share not shown: it keeps all)"
+            title=f"final models by kind of token ({SQ_BATCHES} batches of {SQ_BATCH} rows; "
+            "CLM's kept share not shown: it keeps all)"
         )
         for h in k_headers:
             table.add_column(h, justify="left" if h == k_headers[0] else "right")
@@ -789,14 +795,16 @@ def report(results: dict, seeds: list[int], methods: list, micro: dict | None, r
         console.print(table)
         md += "\n\n" + _util.markdown_table(k_headers, k_rows)
     console.print(
-        f"reference model: held-out loss {reference['heldout_loss']:.3f}, domain accuracy {reference['domain_accuracy']:.3f} "
+        f"reference model: held-out loss {reference['heldout_loss']:.3f}, "
+        f"domain accuracy {reference['domain_accuracy']:.3f} "
         f"({reference['questions']} questions)"
     )
     if micro:
         console.print(
-            f"micro-measurement (batch {micro['batch']}, ratio {micro['ratio']:g}, {micro['reps']} interleaved reps): plain fwd+bwd "
-            f"{micro['plain_ms_median']:.1f} ms, with the selective loss {micro['selective_ms_median']:.1f} ms "
-            f"({100 * micro['overhead_median']:+.2f}%); selective loss alone {micro['selection_only_ms_median']:.2f} ms"
+            f"micro-measurement (batch {micro['batch']}, ratio {micro['ratio']:g}, {micro['reps']} interleaved reps): "
+            f"plain fwd+bwd {micro['plain_ms_median']:.1f} ms, "
+            f"with the selective loss {micro['selective_ms_median']:.1f} ms ({100 * micro['overhead_median']:+.2f}%); "
+            f"selective loss alone {micro['selection_only_ms_median']:.2f} ms"
         )
     for g in goals:
         console.print(
@@ -822,8 +830,8 @@ def report_from(path: Path, args, console) -> None:
         results[(r["ratio"], r["seed"])] = r
     methods = [None, *st["ratios"]]
     subtitle = (
-        f"{st['steps']} steps = {st['tokens_budget'] / 1e3:.0f}K tokens, seeds {st['seeds']}, {st['questions']} questions"
-        + (", QUICK smoke check" if st["quick"] else "")
+        f"{st['steps']} steps = {st['tokens_budget'] / 1e3:.0f}K tokens, "
+        f"seeds {st['seeds']}, {st['questions']} questions" + (", QUICK smoke check" if st["quick"] else "")
     )
     summary, goals, md = report(
         results, st["seeds"], methods, saved.get("micro_measurement"), saved["reference"], subtitle, console

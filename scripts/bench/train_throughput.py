@@ -58,6 +58,7 @@ Target on CPU: slm step time <= 1.1x the bare loop's step time (median).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -686,10 +687,8 @@ def spawn(args, method: str, backbone: str, profile: bool = False) -> dict:
         res["log_tail"] = "\n".join(Path(log_path).read_text(errors="replace").strip().splitlines()[-15:])
     res.update(process_seconds=round(wall, 1), load_average_before=load_before)
     for p in (result_file, log_path):
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(p)
-        except OSError:
-            pass
     return res
 
 
@@ -704,15 +703,18 @@ def section_comparison(slm: dict, bare: dict) -> list[list]:
             "forward + loss",
             b.get("forward (full logits)", 0) + b.get("cross_entropy", 0),
             s.get("forward + chunked CE (token_losses)", 0) + s.get("selective_loss + stats", 0),
-            f"slm: token_losses {s.get('forward + chunked CE (token_losses)', 0):.1f} + selection {s.get('selective_loss + stats', 0):.1f}",
+            (
+                f"slm: token_losses {s.get('forward + chunked CE (token_losses)', 0):.1f} "
+                f"+ selection {s.get('selective_loss + stats', 0):.1f}"
+            ),
         ),
         (
             "backward",
             b.get("backward", 0),
             s.get("engine.backward", 0),
             (
-                f"slm: autograd {s.get('autograd backward (engine.backward - allreduce)', 0):.1f} + allreduce_gradients "
-                f"{s.get('engine.allreduce_gradients', 0):.1f}"
+                f"slm: autograd {s.get('autograd backward (engine.backward - allreduce)', 0):.1f} "
+                f"+ allreduce_gradients {s.get('engine.allreduce_gradients', 0):.1f}"
             ),
         ),
         (
@@ -720,9 +722,9 @@ def section_comparison(slm: dict, bare: dict) -> list[list]:
             b.get("clip_grad_norm_", 0) + b.get("AdamW.step", 0) + b.get("zero_grad", 0),
             s.get("engine.step", 0),
             (
-                f"AdamW: bare {b.get('AdamW.step', 0):.1f}, slm {s.get('AdamW.step (inner torch optimizer)', 0):.1f}; rest of engine.step "
-                f"{s.get('engine.step - AdamW (clip, scheduler, zero_grad, ZeRO copies)', 0):.1f} vs bare clip+zero_grad "
-                f"{b.get('clip_grad_norm_', 0) + b.get('zero_grad', 0):.1f}"
+                f"AdamW: bare {b.get('AdamW.step', 0):.1f}, slm {s.get('AdamW.step (inner torch optimizer)', 0):.1f}; "
+                f"rest of engine.step {s.get('engine.step - AdamW (clip, scheduler, zero_grad, ZeRO copies)', 0):.1f} "
+                f"vs bare clip+zero_grad {b.get('clip_grad_norm_', 0) + b.get('zero_grad', 0):.1f}"
             ),
         ),
     ]
@@ -868,8 +870,9 @@ def main() -> None:
     _util.set_threads(args.threads)
     info = _util.machine_info(args.threads)
     console.print(
-        f"[bold]train_throughput[/]: backbones {args.backbones}, methods {args.methods}, micro-batch {args.batch} x seq {args.seq}, "
-        f"W={args.warmup} N={args.steps} P={args.profile_steps}, {args.threads} thread(s), {args.device} {args.precision}"
+        f"[bold]train_throughput[/]: backbones {args.backbones}, methods {args.methods}, "
+        f"micro-batch {args.batch} x seq {args.seq}, W={args.warmup} N={args.steps} P={args.profile_steps}, "
+        f"{args.threads} thread(s), {args.device} {args.precision}"
     )
     if args.peak_tflops:
         peak = {"source": "given", "flops": args.peak_tflops * 1e12}
@@ -877,11 +880,14 @@ def main() -> None:
         r = spawn(args, "peak", "-")
         if r.get("status") != "ok":
             console.print(
-                f"[red]peak measurement {r['status']}[/]: {r.get('reason')}\n{r.get('traceback', r.get('log_tail', ''))}"
+                f"[red]peak measurement {r['status']}[/]: {r.get('reason')}\n"
+                f"{r.get('traceback', r.get('log_tail', ''))}"
             )
             sys.exit(1)
         peak = {
-            "source": f"measured: best of {r['repeats']} {r['n']}x{r['n']} {r['dtype']} matmuls, {args.threads} thread(s)",
+            "source": (
+                f"measured: best of {r['repeats']} {r['n']}x{r['n']} {r['dtype']} matmuls, {args.threads} thread(s)"
+            ),
             "flops": r["best_flops"],
             "median_flops": r["median_flops"],
         }
@@ -908,12 +914,14 @@ def main() -> None:
             results[backbone][method] = r
             if r.get("status") == "ok":
                 console.print(
-                    f"  {backbone:10s} {method:11s} step {r['step_ms_median']:9.1f} ms median ({r['step_ms_mean']:.1f} mean), "
+                    f"  {backbone:10s} {method:11s} step {r['step_ms_median']:9.1f} ms median "
+                    f"({r['step_ms_mean']:.1f} mean), "
                     f"{r['tokens_per_s']:9,.0f} tok/s, MFU {r['mfu'] * 100:5.1f}%  ({r['process_seconds']:.0f} s)"
                 )
             else:
                 console.print(
-                    f"  {backbone:10s} {method:11s} [red]{r['status']}[/]: {r.get('reason')}\n{r.get('traceback', r.get('log_tail', ''))}"
+                    f"  {backbone:10s} {method:11s} [red]{r['status']}[/]: {r.get('reason')}\n"
+                    f"{r.get('traceback', r.get('log_tail', ''))}"
                 )
             report["seconds_total"] = round(time.time() - started, 1)
             _util.write_json(args.out, report)  # after every measurement: a later failure keeps the earlier ones
@@ -1015,7 +1023,8 @@ def main() -> None:
         for m in ("slm_zero0", "slm_zero2"):
             if m in v:
                 print(
-                    f"- {backbone} {m}: step time {v[m]['step_time_vs_bare']:.3f}x bare (mean {v[m]['mean_step_time_vs_bare']:.3f}x) "
+                    f"- {backbone} {m}: step time {v[m]['step_time_vs_bare']:.3f}x bare "
+                    f"(mean {v[m]['mean_step_time_vs_bare']:.3f}x) "
                     f"(target <= {TARGET}x): {'pass' if v[m]['pass'] else 'FAIL'}"
                 )
     for backbone, comparison in comparisons.items():
@@ -1024,7 +1033,8 @@ def main() -> None:
             print(_util.markdown_table(sec_headers, comparison))
         if diffs[backbone]:
             print(
-                f"\n{backbone}: ops with the most extra self CPU time in slm_zero0 (torch.profiler, {args.profile_steps} step(s))\n"
+                f"\n{backbone}: ops with the most extra self CPU time in slm_zero0 "
+                f"(torch.profiler, {args.profile_steps} step(s))\n"
             )
             print(_util.markdown_table(prof_headers, diffs[backbone]))
     print(f"\nwrote {args.out} in {report['seconds_total']:.0f} s")
@@ -1047,18 +1057,25 @@ def device_script(batch: int = 4, steps: int = 10, warmup: int = 3, timeout_s: i
 # The device image has torch and tensorboard but no deepspeed, pydantic or datasets, and transformers 5.17: carry wheels
 # in .whl (here, in the repo root; `echo /.whl/ >> .git/info/exclude` first):
 #   pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8   # pure Python, built from the sdist
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64 \\
-#     -d .whl pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 hjson==3.1.0 \\
-#     transformers==5.25.0 huggingface-hub==2.4.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
-# then run the lines below with carry [".whl"] and timeout_s 580: at most 7 measurements of {timeout_s} s each (most take
-# well under a minute: imports, init on the GPU, DeepSpeed set-up, {warmup}+{steps} steps); each JSON is written as it goes.
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+#     --platform manylinux_2_17_x86_64 -d .whl pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 \\
+#     typing-inspection==0.4.2 hjson==3.1.0 transformers==5.25.0 huggingface-hub==2.4.0 datasets==5.2.0 \\
+#     dill==0.4.1 multiprocess==0.70.19
+# then run the lines below with carry [".whl"] and timeout_s 580: at most 7 measurements of {timeout_s} s each
+# (most take well under a minute: imports, init on the GPU, DeepSpeed set-up, {warmup}+{steps} steps); each JSON is
+# written as it goes.
 set -o pipefail; export PYTHONUNBUFFERED=1 OUT=${{OUT:-/tmp/out}}; mkdir -p $OUT
-if ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1; fi
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
+    --target /tmp/site .whl/*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee $OUT/gpu.txt
 B=scripts/bench/train_throughput.py
-python3 $B {flags} --backbones llama --methods bare slm_zero0 slm_zero2 --out $OUT/train_gpu_llama.json 2>&1 | tee $OUT/llama.log
-python3 $B {flags} --backbones infini megalodon fam beacon --methods slm_zero0 --out $OUT/train_gpu_streaming.json 2>&1 | tee $OUT/streaming.log
+python3 $B {flags} --backbones llama --methods bare slm_zero0 slm_zero2 \\
+  --out $OUT/train_gpu_llama.json 2>&1 | tee $OUT/llama.log
+python3 $B {flags} --backbones infini megalodon fam beacon --methods slm_zero0 \\
+  --out $OUT/train_gpu_streaming.json 2>&1 | tee $OUT/streaming.log
 """
 
 

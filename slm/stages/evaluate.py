@@ -18,7 +18,7 @@ from slm.scoring import weights_fingerprint
 from slm.shards import ShardSet
 from slm.stages.common import StageRun, config_fingerprint, console, say
 from slm.training.distributed import device
-from slm.training.loop import heldout_loss
+from slm.training.loop import heldout_eval, heldout_sample
 
 
 def run(cfg: EvalConfig, force: bool = False) -> dict:
@@ -35,7 +35,11 @@ def run(cfg: EvalConfig, force: bool = False) -> dict:
     metrics: dict = {}
     if cfg.validation:
         rows = packed_corpus(cfg.validation, tokenizer, cfg.model, cfg.seq_len, out / "data")
-        metrics["heldout_loss"] = heldout_loss(model, rows, cfg.batch_size, cfg.max_batches, dev)
+        # the whole file, or with max_batches a fixed sample spread across its documents (as training's eval points)
+        indices = None if cfg.max_batches is None else heldout_sample(rows, cfg.max_batches * cfg.batch_size, 0)
+        held = heldout_eval(model, rows, cfg.batch_size, dev, indices)
+        metrics.update(heldout_loss=held.loss, heldout_rows=held.rows, heldout_tokens=held.tokens)
+        metrics["heldout_of_rows"] = len(rows)
     if cfg.questions:
         acc = domain_accuracy(model, tokenizer, read_questions(cfg.questions), cfg.max_new_tokens)
         metrics["domain_accuracy"] = acc["accuracy"]

@@ -137,6 +137,8 @@ def run(cfg: PretrainConfig, force: bool = False, resume: bool = True, stop_afte
     result = trainer.fit(resume=resume)
     if result.step < cfg.train.max_steps:
         return {"status": "stopped", "step": result.step}
+    if result.final_heldout is not None:
+        say(f"pretrain: {result.heldout_summary()}")
     model_dir = trainer.export(out / "model", tokenizer)
     if rank() == 0:
         plot_learning_curves({out.name: result.history}, out / "learning_curve.png")
@@ -144,7 +146,7 @@ def run(cfg: PretrainConfig, force: bool = False, resume: bool = True, stop_afte
     metrics = {
         "steps": result.step,
         "tokens_seen": result.tokens_seen,
-        "final_heldout_loss": result.final_heldout_loss,
+        **result.heldout_metrics(),
         "resumed_from": result.resumed_from,
         **{k: last[k] for k in ("kept_fraction", "noise_dropped", "kept_clean") if k in last},
     }

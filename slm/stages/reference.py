@@ -50,13 +50,15 @@ def train_causal_lm(kind: str, cfg: ReferenceConfig, force: bool, resume: bool, 
     result = trainer.fit(resume=resume)
     if result.step < cfg.train.max_steps:  # stopped early on purpose (tests)
         return {"status": "stopped", "step": result.step}
+    if result.final_heldout is not None:
+        say(f"{kind}: {result.heldout_summary()}")
     model_dir = trainer.export(out / "model", tokenizer)
     if rank() == 0:
         plot_learning_curves({kind: result.history}, out / "learning_curve.png")
     metrics = {
         "steps": result.step,
         "tokens_seen": result.tokens_seen,
-        "final_heldout_loss": result.final_heldout_loss,
+        **result.heldout_metrics(),
         "resumed_from": result.resumed_from,
     }
     return stage.complete(
