@@ -137,7 +137,20 @@ class TrainConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: fp32 on CPU, bf16 on GPU.")
     seed: int = 0
     eval_every: int = Field(50, ge=1)
-    eval_batches: int = Field(4, ge=1)
+    eval_batches: int = Field(
+        4,
+        ge=1,
+        description="Size of the held-out sample evaluated every eval_every steps, in batches of micro_batch_size "
+        "rows: a fixed sample spread evenly across the validation documents (seeded by eval_seed), not the "
+        "file's first rows; all rows when the file has fewer. Its rows and tokens are in metrics.jsonl and "
+        "stage.json.",
+    )
+    eval_seed: int = Field(0, description="Seed of the held-out sample (independent of `seed`, so runs compare).")
+    final_eval: Literal["all", "sample"] = Field(
+        "all",
+        description="final_heldout_loss in stage.json: all: on every row of the validation file after the last "
+        "step; sample: the last eval point's figure on the sample.",
+    )
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
@@ -240,7 +253,13 @@ class EvalConfig(StrictModel):
     selection_ratio: float = Field(0.6, gt=0, le=1)
     seq_len: int = Field(256, ge=8)
     batch_size: int = Field(8, ge=1)
-    max_batches: int | None = Field(None, ge=1)
+    max_batches: int | None = Field(
+        None,
+        ge=1,
+        description="None: held-out loss on every row of the validation file; else on a fixed sample of "
+        "max_batches x batch_size rows spread evenly across its documents (and selection quality on the first "
+        "max_batches x batch_size rows of the shards).",
+    )
     max_new_tokens: int = Field(8, ge=1)
     verify_shards: Literal["full", "size"] = Field(
         "full",

@@ -29,7 +29,10 @@ def test_heldout_loss_falls_and_outputs_are_written(tiny_reference_cfg):
     ]
     assert len(heldout) == 3 and heldout[-1] < heldout[0] - 0.5
     stage = json.loads(Path(f"{cfg.out_dir}/stage.json").read_text())
-    assert stage["status"] == "complete" and stage["metrics"]["final_heldout_loss"] == pytest.approx(heldout[-1])
+    assert stage["status"] == "complete"
+    # the eval points use a sample of the validation file, the final figure all of it (tests/test_heldout_sample.py)
+    assert stage["metrics"]["final_heldout_rows"] == stage["metrics"]["validation_rows"] > 8
+    assert abs(stage["metrics"]["final_heldout_loss"] - heldout[-1]) < 0.5
     assert Path(f"{cfg.out_dir}/learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert record["outputs"]["model"].endswith("model")
 

@@ -14,10 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from slm.config import TrainConfig
+from slm.data.packed import sample_rows
 from slm.errors import SlmError
 from slm.models.gates import gate_parameters, gate_stats
 from slm.token_loss import token_losses
@@ -38,22 +40,44 @@ def causal_lm_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
     return loss, {}
 
 
+@dataclass(frozen=True)
+class Heldout:
+    """A held-out loss and what it covers: `rows` rows, `tokens` predicted tokens (loss_mask 1, past position 0)."""
+
+    loss: float
+    rows: int
+    tokens: int
+
+
 @torch.no_grad()
-def heldout_loss(model, rows, batch_size: int, max_batches: int | None, dev: torch.device) -> float:
-    """Token-weighted mean loss over the first max_batches*batch_size rows of `rows`."""
+def heldout_eval(model, rows, batch_size: int, dev: torch.device, indices=None) -> Heldout:
+    """Token-weighted mean loss over the rows `indices` of `rows` (all rows when None), in batches of batch_size."""
     was_training = model.training
     model.eval()
-    n = len(rows) if max_batches is None else min(len(rows), max_batches * batch_size)
+    indices = np.arange(len(rows)) if indices is None else np.asarray(indices)
     total, count = 0.0, 0
-    for start in range(0, n, batch_size):
-        batch = rows.rows(range(start, min(start + batch_size, n)), ("input_ids", "loss_mask"))
+    for start in range(0, len(indices), batch_size):
+        batch = rows.rows(indices[start : start + batch_size], ("input_ids", "loss_mask"))
         ids = torch.from_numpy(batch["input_ids"]).long().to(dev)
         ce = token_losses(model, ids).float()
         valid = torch.isfinite(ce) & torch.from_numpy(batch["loss_mask"]).bool().to(dev)
         total += float(ce[valid].sum())
         count += int(valid.sum())
     model.train(was_training)
-    return total / max(count, 1)
+    return Heldout(total / max(count, 1), len(indices), count)
+
+
+def heldout_loss(model, rows, batch_size: int, max_batches: int | None, dev: torch.device) -> float:
+    """Token-weighted mean loss over the first max_batches*batch_size rows of `rows` (all when None)."""
+    n = len(rows) if max_batches is None else min(len(rows), max_batches * batch_size)
+    return heldout_eval(model, rows, batch_size, dev, np.arange(n)).loss
+
+
+def heldout_sample(rows, size: int, seed: int) -> np.ndarray:
+    """The fixed held-out sample: `size` rows spread evenly across documents (see `sample_rows`); rows that record
+    no documents count each row as its own document."""
+    documents = rows.documents() if hasattr(rows, "documents") else np.arange(len(rows))
+    return sample_rows(documents, size, seed)
 
 
 def parameter_groups(model: torch.nn.Module, optim) -> list[dict]:
@@ -72,9 +96,34 @@ class TrainResult:
     step: int
     tokens_seen: int
     resumed_from: int | None
-    final_heldout_loss: float | None
+    final_heldout: Heldout | None  # on the whole validation file (train.final_eval: all) or the sample
     seconds: float
     history: list[dict] = field(default_factory=list)
+    eval_sample: dict = field(default_factory=dict)  # what the eval points cover (`Trainer.heldout_metrics`)
+
+    @property
+    def final_heldout_loss(self) -> float | None:
+        return None if self.final_heldout is None else self.final_heldout.loss
+
+    def heldout_summary(self) -> str:
+        """One line: the final figure and what it covers, and the sample the eval points used."""
+        f, e = self.final_heldout, self.eval_sample
+        return (
+            f"final held-out loss {f.loss:.4f} on {f.rows} rows / {f.tokens} tokens; eval points used a sample of "
+            f"{e['eval_sample_rows']} rows / {e['eval_sample_tokens']} tokens from {e['eval_sample_documents']} of "
+            f"{e['validation_documents']} documents ({e['validation_rows']} rows)"
+        )
+
+    def heldout_metrics(self) -> dict:
+        """The held-out figures for stage.json, each with the rows and tokens it covers."""
+        if self.final_heldout is None:
+            return {"final_heldout_loss": None}
+        return {
+            "final_heldout_loss": self.final_heldout.loss,
+            "final_heldout_rows": self.final_heldout.rows,
+            "final_heldout_tokens": self.final_heldout.tokens,
+            **self.eval_sample,
+        }
 
 
 class Trainer:
@@ -95,6 +144,12 @@ class Trainer:
         self.step_loss = step_loss
         self.fingerprints = fingerprints
         self.heldout_rows = heldout_rows
+        # the rows every eval point covers: fixed for the run, spread evenly across the validation documents
+        self.eval_indices = (
+            None
+            if heldout_rows is None
+            else heldout_sample(heldout_rows, cfg.eval_batches * cfg.micro_batch_size, cfg.eval_seed)
+        )
         self.stop_after = stop_after  # for tests: end the process as if killed after this step
         init_distributed()
         self.device = device()
@@ -124,12 +179,24 @@ class Trainer:
             "fingerprints": self.fingerprints,
         }
 
-    def _evaluate(self) -> float | None:
+    def _evaluate(self, whole: bool = False) -> Heldout | None:
+        """Held-out loss on the fixed sample, or on every row of the validation file when `whole`."""
         if self.heldout_rows is None:
             return None
-        return heldout_loss(
-            self.model, self.heldout_rows, self.cfg.micro_batch_size, self.cfg.eval_batches, self.device
-        )
+        indices = None if whole else self.eval_indices
+        return heldout_eval(self.model, self.heldout_rows, self.cfg.micro_batch_size, self.device, indices)
+
+    def _eval_sample_info(self, tokens: int | None) -> dict:
+        rows = self.heldout_rows
+        documents = rows.documents() if hasattr(rows, "documents") else np.arange(len(rows))
+        return {
+            "eval_sample_rows": len(self.eval_indices),
+            "eval_sample_tokens": tokens,
+            "eval_sample_documents": int(len(np.unique(documents[self.eval_indices]))),
+            "eval_sample_seed": self.cfg.eval_seed,
+            "validation_rows": len(rows),
+            "validation_documents": getattr(rows, "num_documents", len(rows)),
+        }
 
     def fit(self, resume: bool = True) -> TrainResult:
         cfg = self.cfg
@@ -186,8 +253,8 @@ class Trainer:
                 now = time.time()
                 tokens_per_s = record["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
                 window_tokens, window_start = 0, now
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                record["heldout_loss"] = self._evaluate()
+            if (step % cfg.eval_every == 0 or step == cfg.max_steps) and (held := self._evaluate()) is not None:
+                record.update(heldout_loss=held.loss, heldout_rows=held.rows, heldout_tokens=held.tokens)
             self.metrics.log(step, record)
             history.append({"step": step, **record})
             bar.update(1)
@@ -200,8 +267,16 @@ class Trainer:
                 break
         bar.close()
         self.metrics.close()
-        final = next((h["heldout_loss"] for h in reversed(history) if h.get("heldout_loss") is not None), None)
-        return TrainResult(step, tokens, resumed_from, final, time.time() - started, history)
+        final, sample_info = None, {}
+        if self.heldout_rows is not None and step >= cfg.max_steps:
+            last = history[-1] if history else {}
+            if last.get("step") == step and last.get("heldout_tokens") is not None:  # evaluated at the last step
+                sample = Heldout(last["heldout_loss"], last["heldout_rows"], last["heldout_tokens"])
+            else:  # resumed from the last step's checkpoint
+                sample = self._evaluate()
+            final = self._evaluate(whole=True) if cfg.final_eval == "all" else sample
+            sample_info = self._eval_sample_info(sample.tokens)
+        return TrainResult(step, tokens, resumed_from, final, time.time() - started, history, sample_info)
 
     def export(self, out: str | Path, tokenizer=None) -> Path:
         """The trained model in Hugging Face format (with its tokenizer), gathered from ZeRO-3 shards."""
