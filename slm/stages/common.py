@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import functools
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +15,7 @@ import slm
 from slm.config import dump_config
 from slm.errors import SlmError
 from slm.io import atomic_write_json, read_json, sha256_json
+from slm.locks import clear_directory, locked_dir
 from slm.training.distributed import rank
 
 STAGE_FILE = "stage.json"
@@ -75,7 +76,7 @@ class StageRun:
     def prepare(self, force: bool) -> dict | None:
         """Clear the output on --force; return the finished record to skip, else None."""
         if force and self.out_dir.exists() and rank() == 0:
-            shutil.rmtree(self.out_dir)
+            clear_directory(self.out_dir)  # all but the run lock, which this stage holds (`locked_stage`)
         if force:
             from slm.training.distributed import barrier
 
@@ -101,6 +102,26 @@ class StageRun:
         if rank() == 0:
             atomic_write_json(self.stage_file, record)
         return record
+
+
+def locked_stage(kind: str):
+    """Decorator of a stage's `run(cfg, ...)`: it holds the lock of `cfg.out_dir` (slm.locks) from before `--force`
+    clears the directory until it returns, so a second stage or `slm run` on that directory refuses in one line
+    naming the holder. Scoring part i of n (n > 1) holds that part's lock: the parts share the directory."""
+
+    def decorate(run):
+        @functools.wraps(run)
+        def locked_run(cfg, *args, **kwargs):
+            parts = getattr(cfg, "parts", 1) or 1
+            part = f"part-{cfg.part}-of-{parts}" if parts > 1 else None
+            with locked_dir(cfg.out_dir, part, what=f"{kind} run") as lock:
+                if lock is not None and lock.took_over:
+                    say(f"[yellow]{kind}[/]: {cfg.out_dir}: took over the lock of {lock.took_over}")
+                return run(cfg, *args, **kwargs)
+
+        return locked_run
+
+    return decorate
 
 
 @contextmanager

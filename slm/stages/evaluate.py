@@ -16,11 +16,12 @@ from slm.io import atomic_write_json
 from slm.models import load_pretrained
 from slm.scoring import weights_fingerprint
 from slm.shards import ShardSet
-from slm.stages.common import StageRun, config_fingerprint, console, say
+from slm.stages.common import StageRun, config_fingerprint, console, locked_stage, say
 from slm.training.distributed import device
 from slm.training.loop import heldout_eval, heldout_sample
 
 
+@locked_stage("eval")
 def run(cfg: EvalConfig, force: bool = False) -> dict:
     out = Path(cfg.out_dir)
     stage = StageRun("eval", cfg, out)

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 from slm.config import FinetuneConfig
+from slm.stages.common import locked_stage
 from slm.stages.reference import train_causal_lm
 
 
+@locked_stage("finetune")
 def run(cfg: FinetuneConfig, force: bool = False, resume: bool = True, stop_after: int | None = None) -> dict:
     return train_causal_lm("finetune", cfg, force, resume, stop_after)

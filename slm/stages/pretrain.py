@@ -23,7 +23,7 @@ from slm.scoring import check_seq_len
 from slm.selection import selective_loss
 from slm.shards import ShardSet
 from slm.shards.format import fixed_list_to_numpy
-from slm.stages.common import StageRun, config_fingerprint, say
+from slm.stages.common import StageRun, config_fingerprint, locked_stage, say
 from slm.token_loss import token_losses
 from slm.training.distributed import rank
 from slm.training.loop import Trainer
@@ -92,6 +92,7 @@ def check_something_to_learn(shards: ShardSet, cfg: PretrainConfig) -> None:
     )
 
 
+@locked_stage("pretrain")
 def run(cfg: PretrainConfig, force: bool = False, resume: bool = True, stop_after: int | None = None) -> dict:
     out = Path(cfg.out_dir)
     stage = StageRun("pretrain", cfg, out)

@@ -12,11 +12,12 @@ from slm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from slm.models import build_model
 from slm.models.checks import check_vocab
 from slm.plots import plot_learning_curves
-from slm.stages.common import StageRun, config_fingerprint, say
+from slm.stages.common import StageRun, config_fingerprint, locked_stage, say
 from slm.training.distributed import rank
 from slm.training.loop import Trainer, causal_lm_step
 
 
+@locked_stage("reference")
 def run(cfg: ReferenceConfig, force: bool = False, resume: bool = True, stop_after: int | None = None) -> dict:
     return train_causal_lm("reference", cfg, force, resume, stop_after)
 
