@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
+from rich.console import Console
 from rich.table import Table
 
 from slm.config import PipelineConfig, apply_overrides, read_yaml, substitute, validate
@@ -115,19 +116,87 @@ def run_pipeline(
         )
         if status != "complete":
             break
-    print_summary(summary)
+    print_summary(summary, pipeline.work_dir)
     return summary
 
 
-KEY_METRICS = ("final_heldout_loss", "heldout_loss", "domain_accuracy", "tokens")
+# the figures `slm run` prints per stage kind: (metric, the metrics naming what it covers); dotted = nested
+KEY_METRICS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "reference": (("final_heldout_loss", ("final_heldout_rows", "final_heldout_tokens")), ("tokens_seen", ())),
+    "finetune": (("final_heldout_loss", ("final_heldout_rows", "final_heldout_tokens")), ("tokens_seen", ())),
+    "pretrain": (
+        ("final_heldout_loss", ("final_heldout_rows", "final_heldout_tokens")),
+        ("tokens_seen", ()),
+        ("kept_fraction", ()),
+    ),
+    "score": (("tokens", ()), ("rows", ()), ("num_shards", ()), ("nan_tokens", ())),
+    "eval": (
+        ("heldout_loss", ("heldout_rows", "heldout_tokens")),
+        ("domain_accuracy", ()),
+        ("selection.noise_dropped", ()),
+        ("selection.kept_clean", ()),
+    ),
+}
 
 
-def print_summary(summary: list[dict]) -> None:
-    table = Table(title="slm run: summary")
-    for col in ("stage", "kind", "status", "seconds", "output", "key results"):
-        table.add_column(col)
+def _metric(metrics: dict, key: str):
+    for part in key.split("."):
+        metrics = metrics.get(part) if isinstance(metrics, dict) else None
+    return metrics
+
+
+def format_figure(value) -> str:
+    """A figure in full: integers with every digit, other numbers to 6 significant digits (never cut)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return str(value) if isinstance(value, int) else f"{value:.6g}"
+
+
+def key_results(kind: str, metrics: dict) -> list[str]:
+    """`name=value (rows=R, tokens=T)` for each key figure of a stage that it reported."""
+    lines = []
+    for key, covers in KEY_METRICS.get(kind, ()):
+        value = _metric(metrics, key)
+        if value is None:
+            continue
+        named = [f"{c.rsplit('_', 1)[-1]}={format_figure(_metric(metrics, c))}" for c in covers if c in metrics]
+        lines.append(f"{key}={format_figure(value)}" + (f" ({', '.join(named)})" if named else ""))
+    return lines
+
+
+def short_path(path: str, root: str | None, keep: int = 48) -> str:
+    """`path` relative to `root` (the work_dir) when inside it; else, when long, `…/` and its last parts."""
+    p = Path(path)
+    if root is not None:
+        try:
+            return str(p.relative_to(root)) or "."
+        except ValueError:
+            pass
+    if len(path) <= keep:
+        return path
+    tail = p.name
+    for part in reversed(p.parent.parts):
+        if len(tail) + len(part) + 3 > keep:
+            break
+        tail = f"{part}/{tail}"
+    return f"…/{tail}"
+
+
+def print_summary(summary: list[dict], work_dir: str | None = None, out: Console | None = None) -> None:
+    """The stages with status, time and output (paths relative to work_dir), then every key figure in full.
+
+    The figures are printed as lines under the table, never in a cell: a narrow terminal wraps them, it cannot cut
+    them (a table column would shorten `final_heldout_loss=5.142` to `final_heldou…`)."""
+    out = out or console
+    title = "slm run: summary" + (f" (outputs under {work_dir})" if work_dir else "")
+    table = Table(title=title)
+    for col in ("stage", "kind", "status", "seconds", "output"):
+        table.add_column(col, overflow="fold")
     for row in summary:
-        m = row["metrics"]
-        key = " ".join(f"{k}={m[k]:.4g}" for k in KEY_METRICS if isinstance(m.get(k), (int, float)))
-        table.add_row(row["stage"], row["kind"], row["status"], str(row["seconds"]), row["output"], key)
-    console.print(table)
+        table.add_row(
+            row["stage"], row["kind"], row["status"], str(row["seconds"]), short_path(row["output"], work_dir)
+        )
+    out.print(table)
+    for row in summary:
+        for line in key_results(row["kind"], row["metrics"]):
+            out.print(f"{row['stage']}: {line}", soft_wrap=True, highlight=False, markup=False)

@@ -57,12 +57,14 @@ def check_shards_match(shards: ShardSet, cfg: PretrainConfig, tokenizer_dir: str
     meta, where = shards.metadata, cfg.shards
     if cfg.train.seq_len != meta.seq_len:
         raise SlmError(
-            f"{where}: shards have seq_len {meta.seq_len}, train.seq_len is {cfg.train.seq_len}; set train.seq_len={meta.seq_len}"
+            f"{where}: shards have seq_len {meta.seq_len}, train.seq_len is {cfg.train.seq_len}; "
+            f"set train.seq_len={meta.seq_len}"
         )
     mine = tokenizer_fingerprint(tokenizer_dir)
     if mine != meta.tokenizer_sha256:
         raise SlmError(
-            f"{where}: shards were scored with tokenizer sha256 {meta.tokenizer_sha256[:12]}, tokenizer {tokenizer_dir!r} has {mine[:12]}"
+            f"{where}: shards were scored with tokenizer sha256 {meta.tokenizer_sha256[:12]}, "
+            f"tokenizer {tokenizer_dir!r} has {mine[:12]}"
         )
     if vocab != meta.vocab_size:
         raise SlmError(f"{where}: shards have vocab_size {meta.vocab_size}, tokenizer {tokenizer_dir!r} has {vocab}")
@@ -130,7 +132,8 @@ def run(cfg: PretrainConfig, force: bool = False, resume: bool = True, stop_afte
         else "plain causal LM (baseline)"
     )
     say(
-        f"pretrain: {cfg.model.backbone}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {what}, {len(shards)} rows"
+        f"pretrain: {cfg.model.backbone}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{what}, {len(shards)} rows"
     )
     trainer = Trainer(
         model, cfg.train, out, shards, tuple(columns), make_step_loss(cfg), fingerprints, heldout, stop_after

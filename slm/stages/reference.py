@@ -43,7 +43,8 @@ def train_causal_lm(kind: str, cfg: ReferenceConfig, force: bool, resume: bool, 
     }
     say(
         f"{kind}: {cfg.model.backbone if cfg.model.init_from is None else type(model).__name__}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_rows)} rows of {seq_len} tokens"
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{len(train_rows)} rows of {seq_len} tokens"
     )
     trainer = Trainer(
         model, cfg.train, out, train_rows, ("input_ids", "loss_mask"), causal_lm_step, fingerprints, heldout, stop_after

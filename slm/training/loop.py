@@ -227,8 +227,8 @@ class Trainer:
                 loss, extra = self.step_loss(self.engine, micro)
                 if not torch.isfinite(loss.detach()):
                     raise SlmError(
-                        f"{self.out_dir}: loss is {loss.item()} at step {step + 1} (non-finite); lower train.optim.lr or check the data; "
-                        f"resume continues from the last whole checkpoint"
+                        f"{self.out_dir}: loss is {loss.item()} at step {step + 1} (non-finite); "
+                        "lower train.optim.lr or check the data; resume continues from the last whole checkpoint"
                     )
                 self.engine.backward(loss)
                 self.engine.step()
@@ -238,7 +238,8 @@ class Trainer:
                 window_tokens += micro["input_ids"].numel() * world_size()
             if self.engine.skipped_steps > skipped_before:
                 raise SlmError(
-                    f"{self.out_dir}: DeepSpeed skipped optimizer step {step + 1} (overflow); lower train.optim.lr or use precision fp32"
+                    f"{self.out_dir}: DeepSpeed skipped optimizer step {step + 1} (overflow); "
+                    "lower train.optim.lr or use precision fp32"
                 )
             step += 1
             tokens += self.loader.global_batch * self.loader.source.seq_len
