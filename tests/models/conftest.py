@@ -1,5 +1,5 @@
-"""tests/models: let pytest rewrite the asserts in the shared helpers module (informative failures)."""
+"""tests/models: let pytest rewrite the asserts in the shared helper modules (informative failures)."""
 
 import pytest
 
-pytest.register_assert_rewrite("helpers")
+pytest.register_assert_rewrite("helpers", "backbone_cases")

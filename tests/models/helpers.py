@@ -1,14 +1,14 @@
 """Helpers shared by the backbone tests in tests/models: tiny seeded models and token batches, chunked
-streaming with a carried state, random chunkings, a from-scratch float64 causal-softmax Llama reference,
-the save_pretrained / from_pretrained round trip, a short training loop, the HF shifted loss, greedy decoding
-by recomputation, and state sizes. Imported as `helpers` (pytest puts tests/models on sys.path)."""
+streaming with a carried state, random chunkings, a from-scratch float64 causal-softmax Llama reference and
+a float64 transformers Llama holding a model's shared weights, the save_pretrained / from_pretrained round
+trip, a short training loop, the HF shifted loss, greedy decoding by recomputation, state sizes, and
+infini's gate. Imported as `helpers` (pytest puts tests/models on sys.path)."""
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 # ----------------------------------------------------------------------------- models and inputs
 
@@ -35,6 +35,13 @@ def tokens(vocab, batch, length, seed=1):
     """A [batch, length] batch of token ids below vocab; seed=None draws from torch's global generator."""
     gen = None if seed is None else torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=gen)
+
+
+def set_infini_beta(model, value):
+    """Every infini layer's memory/local gate beta set to value (-1e4: local attention only)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.beta.fill_(value)
 
 
 def change_token(ids, pos, vocab, delta=1):
@@ -98,7 +105,8 @@ def reference_logits(model, ids, attn_prefix="self_attn."):
     def rms(x, w):
         return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.rms_norm_eps)
 
-    inv = cfg.rope_theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    theta = cfg.rope_theta if hasattr(cfg, "rope_theta") else cfg.rope_parameters["rope_theta"]  # transformers' Llama
+    inv = theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
     ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]
     cos, sin = torch.cos(ang), torch.sin(ang)
 
@@ -122,6 +130,49 @@ def reference_logits(model, ids, attn_prefix="self_attn."):
     return rms(x, W["model.norm.weight"]) @ W["lm_head.weight"].T
 
 
+def llama_copy(model):
+    """A float64 transformers Llama (sdpa) holding `model`'s shared weights (every weight but the beacon ones),
+    with RoPE angles and RMSNorm patched to float64 (transformers computes them in float32), so that a
+    comparison can be made at 1e-8."""
+    c = model.config
+    cfg = LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        intermediate_size=c.intermediate_size,
+        rms_norm_eps=c.rms_norm_eps,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        mlp_bias=False,
+        hidden_act="silu",
+        max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+    )
+    cfg._attn_implementation = "sdpa"  # the eager path runs softmax in float32
+    llama = LlamaForCausalLM(cfg).to(torch.float64).eval()
+    missing, unexpected = llama.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all("beacon" in k for k in unexpected), (missing, unexpected)
+    hd = c.hidden_size // c.num_attention_heads
+    inv = 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+
+    def rope64(x, position_ids):
+        ang = position_ids[..., None].to(torch.float64) * inv
+        emb = torch.cat([ang, ang], -1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+    llama.model.rotary_emb.forward = rope64
+
+    def rms64(m):
+        return lambda x: m.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
+
+    for mod in llama.modules():
+        if type(mod).__name__ == "LlamaRMSNorm":
+            mod.forward = rms64(mod)
+    return llama
+
+
 def shifted_loss(logits, labels):
     """The HF causal-LM loss written out: cross-entropy of logits[t] against labels[t + 1], -100 ignored."""
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
@@ -135,7 +186,7 @@ def greedy_recompute(model, prompt, steps):
     return ids
 
 
-# ----------------------------------------------------------------------------- training, saving, configs
+# ----------------------------------------------------------------------------- training and saving
 
 
 def train_losses(model, ids, labels, steps, lr):
@@ -155,11 +206,3 @@ def save_and_reload(model, path):
     """model.save_pretrained(path), then AutoModelForCausalLM.from_pretrained(path) in eval mode."""
     model.save_pretrained(path)
     return AutoModelForCausalLM.from_pretrained(path).eval()
-
-
-def assert_config_rejects(config_cls, key, value):
-    """A small config (hidden 32, 4 heads) with key=value raises a ValueError that names the key."""
-    kwargs = dict(hidden_size=32, num_attention_heads=4)
-    kwargs[key] = value
-    with pytest.raises(ValueError, match=key):
-        config_cls(**kwargs)
