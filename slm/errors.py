@@ -4,12 +4,15 @@ Exit codes of the `slm` command (README "Exit codes"):
   0   success
   1   a bug in slm: an unexpected exception, printed with its traceback
   2   bad input or bad data: an SlmError (config, files, shards), a usage error, a failed check
+  3   interrupted: SIGTERM or SIGUSR1 (preemption, a time limit) stopped a training or scoring stage at a safe
+      point; its work is kept (a whole checkpoint, whole shards) and a rerun continues (slm.preempt)
   130 aborted (Ctrl-C)
 """
 
 EXIT_OK = 0
 EXIT_BUG = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 3
 EXIT_ABORTED = 130
 
 

@@ -10,6 +10,8 @@ A TASK is {"name": str, "kind": one of reference | score | pretrain | global_sel
       A kill ends rank R's process with os._exit (no clean-up, as a crash would): "step" just
       before the first forward of optimizer step S (1-based; steps < S are done), "checkpoint"
       halfway through saving the checkpoint of step S (DeepSpeed files written, marker not).
+      "where": "signal" sends rank R a SIGUSR1 instead, just before the first forward of step S
+      (a stop request on one rank only: every rank must stop after step S, slm.preempt).
   global_selection: "ratio", "cases": fixed tensors per rank (selection_inputs) through
       slm.selection.selective_loss in mode global; writes kept masks, losses and gradients.
 Each rank writes DIR/<name>.rank<r>.json ({rank, world, result: the stage's return value}) or
@@ -39,7 +41,9 @@ def _install_kill(kill: dict | None, grad_accum: int) -> None:
     if not kill:
         return
     target, step, where = kill["rank"], kill["step"], kill.get("where", "step")
-    if where == "step":
+    if where in ("step", "signal"):
+        import signal
+
         import slm.stages.pretrain as pretrain
 
         def die_at_step(step_loss):
@@ -48,7 +52,10 @@ def _install_kill(kill: dict | None, grad_accum: int) -> None:
             def wrapped(model, batch):
                 # micro-batch call n belongs to optimizer step n // grad_accum + 1 (1-based)
                 if _rank() == target and calls["n"] // grad_accum + 1 == step:
-                    os._exit(KILL_EXIT_CODE)
+                    if where == "step":
+                        os._exit(KILL_EXIT_CODE)
+                    if calls["n"] % grad_accum == 0:
+                        os.kill(os.getpid(), signal.SIGUSR1)
                 calls["n"] += 1
                 return step_loss(model, batch)
 
@@ -89,9 +96,15 @@ def run_stage(task: dict, results: Path) -> None:
     # applied only after the model exists), so seed here: a run's initial weights must not
     # depend on what ran before it in this process.
     torch.manual_seed(task.get("init_seed", 0))
-    out = module.run(cfg)
+    from slm.preempt import Interrupted
     from slm.training.distributed import world_size
 
+    try:
+        out = module.run(cfg)
+    except Interrupted as e:  # stopped on request: record the message, exit as the CLI would (3)
+        record = {"rank": _rank(), "world": world_size(), "interrupted": str(e)}
+        (results / f"{task['name']}.rank{_rank()}.json").write_text(json.dumps(record))
+        sys.exit(e.exit_code)
     record = {"rank": _rank(), "world": world_size(), "result": out}
     (results / f"{task['name']}.rank{_rank()}.json").write_text(json.dumps(record, default=str))
 

@@ -409,6 +409,26 @@ def test_killed_rank_resumes_on_both(two_ranks: Path, killed_and_resumed, where:
     np.testing.assert_allclose([m["loss"] for m in got], [m["loss"] for m in ref], rtol=1e-6, atol=0)
 
 
+def test_a_stop_request_on_one_rank_stops_both_at_the_same_step(two_ranks: Path):
+    """SIGUSR1 reaches rank 1 only, during step 3: both ranks finish step 3, write its whole checkpoint (every
+    rank's RNG file) and exit 3, naming the step; the resumed run ends with the uninterrupted 2-rank weights."""
+    root = two_ranks
+    task = pretrain_task(root, "signalled", "score_1rank", micro=4, accum=1, zero=2)
+    proc = launch(root, "signalled", [{**task, "kill": {"rank": 1, "step": 3, "where": "signal"}}], 2, expect_ok=False)
+    assert proc.returncode != 0
+    said = [result(root, "signalled", r)["interrupted"] for r in (0, 1)]
+    assert "stopped by a stop request on another rank after step 3 of 6" in said[0]
+    assert "stopped by SIGUSR1 after step 3 of 6" in said[1]
+    ckpt = root / "signalled" / "checkpoints" / "step-00000003"
+    assert (ckpt / "slm-complete.json").is_file()
+    assert {p.name for p in ckpt.glob("rng-rank*.pt")} == {"rng-rank00000.pt", "rng-rank00001.pt"}
+    launch(root, "signalled_resume", [task], nproc=2)
+    assert result(root, "signalled", 0)["result"]["metrics"]["resumed_from"] == 3
+    ref_w, got_w = weights(root / "pretrain_2rank"), weights(root / "signalled")
+    for k in ref_w:
+        torch.testing.assert_close(got_w[k], ref_w[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
 # --------------------------------------------------------------------------- 4. global selection over gloo
 
 

@@ -25,6 +25,7 @@ from slm.errors import SlmError
 from slm.io import DiskFull, read_json, sha256_file
 from slm.models import load_pretrained
 from slm.models.checks import check_vocab
+from slm.preempt import Interrupted, StopRequest
 from slm.scoring import check_seq_len, score_rows, weights_fingerprint
 from slm.shards.format import FORMAT_VERSION, ROW_STRIDE, ShardMetadata, shard_name
 from slm.shards.manifest import DONE_DIR, MANIFEST, forget_shard, load_manifest, merge_manifest
@@ -99,6 +100,26 @@ def _disk_full(e: DiskFull, out: Path, shards_left: int) -> SlmError:
     )
 
 
+def _stop_if_asked(stop: StopRequest, out: Path, name: str, partial: bool) -> None:
+    """On a stop request (slm.preempt), `Interrupted` (exit 3) before `name` or, when `partial`, while writing it:
+    the writer's atomic_open removes the shard's temp file, so no partial shard exists or is listed."""
+    if (why := stop.reason()) is None:
+        return
+    whole = len(list((out / DONE_DIR).glob("*.json")))
+    where = f"while scoring {name} (abandoned: its partial file removed, never listed)" if partial else f"before {name}"
+    raise Interrupted(
+        f"{out}: stopped by {why} {where}; the {whole} whole shard(s) are kept; rerun the same command (or let Slurm "
+        f"requeue the job) to score the rest"
+    )
+
+
+def _until_stopped(batches, stop: StopRequest, out: Path, name: str):
+    """`batches`, checking for a stop request before each one is written."""
+    for batch in batches:
+        _stop_if_asked(stop, out, name, partial=True)
+        yield batch
+
+
 def my_shards(num_shards: int, part: int, parts: int, rank_: int, world: int) -> list[int]:
     """The shards this (part, rank) scores: k % parts == part, then every world-th of those."""
     of_part = [k for k in range(num_shards) if k % parts == part]
@@ -170,24 +191,28 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bar = tqdm(desc=f"score part {cfg.part}/{cfg.parts} rank {rank()}", unit="tok", unit_scale=True, dynamic_ncols=True)
     skipped = 0
-    for i, k in enumerate(todo):
-        name = shard_name(k)
-        if _whole(out, name):
-            skipped += 1
-            continue
-        forget_shard(out, name)
-        lo, hi = k * cfg.documents_per_shard, min((k + 1) * cfg.documents_per_shard, len(corpus))
-        docs = iter_documents(corpus, tokenizer, cfg.corpus.text_field, cfg.corpus.noise_field, lo, hi)
-        rows = pack_documents(docs, cfg.seq_len, tokenizer.eos_token_id, pad_id, whole=cfg.corpus.packing == "whole")
-        batches = score_rows(
-            rows, reference, cfg.batch_size, cfg.logprob_chunk_tokens, k * ROW_STRIDE, base, dev, bar.update
-        )
-        try:
-            writer.write(k, batches, extra={"documents": hi - lo, "part": cfg.part})
-            merge_manifest(out, meta, num_shards)  # list each whole shard as it lands
-        except DiskFull as e:
-            raise _disk_full(e, out, shards_left=len(todo) - i) from None
-    bar.close()
+    with StopRequest() as stop, bar:  # the bar closes before an error is printed
+        for i, k in enumerate(todo):
+            name = shard_name(k)
+            if _whole(out, name):
+                skipped += 1
+                continue
+            _stop_if_asked(stop, out, name, partial=False)
+            forget_shard(out, name)
+            lo, hi = k * cfg.documents_per_shard, min((k + 1) * cfg.documents_per_shard, len(corpus))
+            docs = iter_documents(corpus, tokenizer, cfg.corpus.text_field, cfg.corpus.noise_field, lo, hi)
+            whole_documents = cfg.corpus.packing == "whole"
+            rows = pack_documents(docs, cfg.seq_len, tokenizer.eos_token_id, pad_id, whole=whole_documents)
+            batches = score_rows(
+                rows, reference, cfg.batch_size, cfg.logprob_chunk_tokens, k * ROW_STRIDE, base, dev, bar.update
+            )
+            try:
+                writer.write(
+                    k, _until_stopped(batches, stop, out, name), extra={"documents": hi - lo, "part": cfg.part}
+                )
+                merge_manifest(out, meta, num_shards)  # list each whole shard as it lands
+            except DiskFull as e:
+                raise _disk_full(e, out, shards_left=len(todo) - i) from None
     scored_now = int(all_reduce_sum(len(todo) - skipped))
     barrier()
     manifest = merge_manifest(out, meta, num_shards)

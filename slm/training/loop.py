@@ -22,6 +22,7 @@ from slm.config import TrainConfig
 from slm.data.packed import sample_rows
 from slm.errors import SlmError
 from slm.models.gates import gate_parameters, gate_stats
+from slm.preempt import Interrupted, StopRequest
 from slm.token_loss import token_losses
 from slm.training import checkpoint as ckpt
 from slm.training.distributed import all_reduce_sum, barrier, device, init_distributed, rank, world_size
@@ -215,8 +216,29 @@ class Trainer:
             disable=rank() != 0,
             dynamic_ncols=True,
         )
-        window_tokens, window_start, tokens_per_s = 0, time.time(), 0.0
         self.engine.train()
+        with StopRequest() as stop:
+            try:
+                step, tokens = self._steps(step, tokens, history, bar, stop)
+            finally:  # also when stopped (Interrupted) or failed: the metrics so far reach the file
+                bar.close()
+                self.metrics.close()
+        final, sample_info = None, {}
+        if self.heldout_rows is not None and step >= cfg.max_steps:
+            last = history[-1] if history else {}
+            if last.get("step") == step and last.get("heldout_tokens") is not None:  # evaluated at the last step
+                sample = Heldout(last["heldout_loss"], last["heldout_rows"], last["heldout_tokens"])
+            else:  # resumed from the last step's checkpoint
+                sample = self._evaluate()
+            final = self._evaluate(whole=True) if cfg.final_eval == "all" else sample
+            sample_info = self._eval_sample_info(sample.tokens)
+        return TrainResult(step, tokens, resumed_from, final, time.time() - started, history, sample_info)
+
+    def _steps(self, step: int, tokens: int, history: list[dict], bar, stop: StopRequest) -> tuple[int, int]:
+        """Optimizer steps from `step` to max_steps (or `stop_after`); on a stop request (slm.preempt), agreed by
+        every rank after the step in progress, a whole checkpoint of that step and `Interrupted` (exit 3)."""
+        cfg = self.cfg
+        window_tokens, window_start, tokens_per_s = 0, time.time(), 0.0
         while step < cfg.max_steps:
             skipped_before = self.engine.skipped_steps
             logs: dict[str, float] = {}
@@ -260,24 +282,25 @@ class Trainer:
             history.append({"step": step, **record})
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            saved = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
+            if saved:
                 ckpt.save_checkpoint(
                     self.engine, self.ckpt_dir, step, self._client_state(step, tokens), cfg.keep_checkpoints
                 )
             if self.stop_after is not None and step >= self.stop_after:
                 break
-        bar.close()
-        self.metrics.close()
-        final, sample_info = None, {}
-        if self.heldout_rows is not None and step >= cfg.max_steps:
-            last = history[-1] if history else {}
-            if last.get("step") == step and last.get("heldout_tokens") is not None:  # evaluated at the last step
-                sample = Heldout(last["heldout_loss"], last["heldout_rows"], last["heldout_tokens"])
-            else:  # resumed from the last step's checkpoint
-                sample = self._evaluate()
-            final = self._evaluate(whole=True) if cfg.final_eval == "all" else sample
-            sample_info = self._eval_sample_info(sample.tokens)
-        return TrainResult(step, tokens, resumed_from, final, time.time() - started, history, sample_info)
+            why = stop.reason()
+            if step < cfg.max_steps and all_reduce_sum(1.0 if why else 0.0) > 0:  # every rank stops at this step
+                if not saved:
+                    ckpt.save_checkpoint(
+                        self.engine, self.ckpt_dir, step, self._client_state(step, tokens), cfg.keep_checkpoints
+                    )
+                raise Interrupted(
+                    f"{self.out_dir}: stopped by {why or 'a stop request on another rank'} after step {step} of "
+                    f"{cfg.max_steps}; whole checkpoint {ckpt.tag_for(step)} written; rerun the same command (or let "
+                    f"Slurm requeue the job) to continue from it"
+                )
+        return step, tokens
 
     def export(self, out: str | Path, tokenizer=None) -> Path:
         """The trained model in Hugging Face format (with its tokenizer), gathered from ZeRO-3 shards."""
