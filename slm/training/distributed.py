@@ -24,7 +24,8 @@ def init_distributed() -> None:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU).
 
     Without a launcher, the env:// rendezvous variables are set for a world of one; otherwise
-    DeepSpeed would try MPI discovery and fail on a missing mpi4py.
+    DeepSpeed would try MPI discovery and fail on a missing mpi4py. DeepSpeed's CPU op is built first, in this
+    environment's extension folder (`slm.training.extensions`).
     """
     import deepspeed
     import torch.distributed as dist
@@ -37,6 +38,9 @@ def init_distributed() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(device())
+    from slm.training.extensions import prepare_deepspeed_ops
+
+    prepare_deepspeed_ops()  # the CPU op built once per environment; a dead build's lock cleared, not waited on
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
