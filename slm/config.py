@@ -65,6 +65,19 @@ class DemoDataConfig(StrictModel):
     )
     noise_share: float = Field(0.4, ge=0, lt=1, description="Target share of noise characters in the training corpus.")
     retrieval_chars: int = Field(1200, ge=200, description="Length of a retrieval document in characters.")
+    retrieval_short_share: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of the retrieval documents in hq/train/validation that are short (a needle a few tokens "
+        "before its question): a model trained from scratch learns to copy from them (see the long-context demo).",
+    )
+    retrieval_kinds: list[Literal["passkey", "kv"]] = Field(
+        ["passkey", "kv"],
+        min_length=1,
+        description="Kinds of retrieval document: pass key (a 5-digit key repeated in its needle) and key-value "
+        "(four 3-digit keys with 4-digit values); each of two is drawn with probability 1/2.",
+    )
     retrieval_finetune_documents: int = Field(
         0,
         ge=0,

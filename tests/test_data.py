@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -120,12 +121,12 @@ def test_demo_noise_spans_cover_only_the_noisy_characters():
     import random
     import re
 
-    from slm.data.demo import NOISE_KINDS, web_document
+    from slm.data.demo import NOISE_KINDS, RetrievalMix, web_document
 
     rng = random.Random(0)
     seen = set()
     for _ in range(200):
-        text, spans, kinds = web_document(rng, 0.4, 0.15, 400)
+        text, spans, kinds = web_document(rng, 0.4, RetrievalMix(0.15, 400))
         assert len(spans) == len(kinds) and set(kinds) <= set(NOISE_KINDS)
         assert all(0 <= a < b <= len(text) for a, b in spans)
         assert all(b1 <= a2 for (_, b1), (a2, _) in zip(spans, spans[1:]))  # ordered, disjoint
@@ -164,3 +165,20 @@ def test_tokenizer_directory_loads_with_autotokenizer(tiny_demo):
 def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(SlmError, match="directory not found"):
         load_tokenizer(tmp_path / "none")
+
+
+def test_retrieval_mix_kinds_and_short_share():
+    """The long-context demo's retrieval options: one kind only, and a share of short documents."""
+    from slm.data.demo import KV_QUESTION, PASSKEY_QUESTION, SHORT_RETRIEVAL_CHARS, RetrievalMix
+
+    rng = random.Random(0)
+    passkey_only = RetrievalMix(1.0, 320, short_share=0.5, kinds=("passkey",))
+    docs = [passkey_only.document(rng) for _ in range(400)]
+    assert all(PASSKEY_QUESTION in d for d in docs)
+    short = [d for d in docs if len(d) < 320]
+    assert 0.4 < len(short) / len(docs) < 0.6
+    # a short one: at most one filler sentence each side of the needle
+    assert all(len(d) < SHORT_RETRIEVAL_CHARS + 250 for d in short)
+    both = [RetrievalMix(1.0, 320).document(rng) for _ in range(400)]
+    kv = sum(KV_QUESTION.split("{")[0] in d for d in both)
+    assert 0.4 < kv / len(both) < 0.6 and all(len(d) >= 320 for d in both)

@@ -125,11 +125,17 @@ def filler_text(rng: random.Random, n_chars: int) -> str:
     return " ".join(out)
 
 
-def retrieval_document(rng: random.Random, n_chars: int) -> str:
-    """Pass-key or key-value lookup hidden at a random depth of filler text, asked at the end."""
+RETRIEVAL_KINDS = ("passkey", "kv")
+
+
+def retrieval_document(rng: random.Random, n_chars: int, kinds: tuple[str, ...] = RETRIEVAL_KINDS) -> str:
+    """Pass-key or key-value lookup hidden at a random depth of filler text, asked at the end.
+
+    With both `kinds` each is drawn with probability 1/2; with one, that one (the same random draws either way)."""
     before = filler_text(rng, int(n_chars * rng.random()))
     after = filler_text(rng, max(0, n_chars - len(before)))
-    if rng.random() < 0.5:
+    kind = RETRIEVAL_KINDS[rng.random() >= 0.5] if len(kinds) > 1 else kinds[0]
+    if kind == "passkey":
         key = rng.randint(10000, 99999)
         return f"{before} {PASSKEY_NEEDLE.format(key=key)} {after} {PASSKEY_QUESTION} {key}."
     keys = rng.sample(range(100, 1000), 4)
@@ -143,23 +149,42 @@ def retrieval_document(rng: random.Random, n_chars: int) -> str:
 SHORT_RETRIEVAL_CHARS = 40  # about two filler sentences: the needle a few tokens before its question
 
 
-def retrieval_finetune_documents(rng: random.Random, n: int, max_chars: int, short_share: float) -> list[dict]:
+@dataclass(frozen=True)
+class RetrievalMix:
+    """How retrieval documents enter the domain text of every split (DemoDataConfig's retrieval_* fields)."""
+
+    share: float  # of domain documents
+    chars: int  # filler characters of a full-length one
+    short_share: float = 0.0  # of retrieval documents that hold only SHORT_RETRIEVAL_CHARS of filler
+    kinds: tuple[str, ...] = RETRIEVAL_KINDS
+
+    @classmethod
+    def of(cls, cfg) -> RetrievalMix:
+        return cls(cfg.retrieval_share, cfg.retrieval_chars, cfg.retrieval_short_share, tuple(cfg.retrieval_kinds))
+
+    def document(self, rng: random.Random) -> str:
+        # the short/full draw only when short ones are asked for: the default corpus is the same as before it existed
+        short = self.short_share > 0 and rng.random() < self.short_share
+        return retrieval_document(rng, SHORT_RETRIEVAL_CHARS if short else self.chars, self.kinds)
+
+
+def retrieval_finetune_documents(
+    rng: random.Random, n: int, max_chars: int, short_share: float, kinds: tuple[str, ...] = RETRIEVAL_KINDS
+) -> list[dict]:
     """Standalone retrieval documents for a retrieval fine-tuning stage (written whole, one per row).
 
     A length curriculum within one set: `short_share` of them hold only SHORT_RETRIEVAL_CHARS characters of
-    filler, the rest a length uniform in [SHORT_RETRIEVAL_CHARS, max_chars]. Measured on the demo: a 1M-parameter
-    Llama trained on 125-token pass-key documents alone stayed at chance on the key's digits for 1,750 steps,
-    while one that saw short documents first learned to copy in ~200 steps and kept it at full length."""
+    filler, the rest a length uniform in [SHORT_RETRIEVAL_CHARS, max_chars]."""
     docs = []
     for _ in range(n):
         chars = SHORT_RETRIEVAL_CHARS if rng.random() < short_share else rng.randint(SHORT_RETRIEVAL_CHARS, max_chars)
-        docs.append({"text": retrieval_document(rng, chars), "source": "retrieval"})
+        docs.append({"text": retrieval_document(rng, chars, kinds), "source": "retrieval"})
     return docs
 
 
-def domain_document(rng: random.Random, retrieval_share: float, retrieval_chars: int) -> str:
-    if rng.random() < retrieval_share:
-        return retrieval_document(rng, retrieval_chars)
+def domain_document(rng: random.Random, retrieval: RetrievalMix) -> str:
+    if rng.random() < retrieval.share:
+        return retrieval.document(rng)
     parts = [arithmetic_problem(rng) if rng.random() < 0.6 else word_problem(rng) for _ in range(rng.randint(2, 6))]
     return "\n\n".join(parts)
 
@@ -203,13 +228,13 @@ def noise_segment(rng: random.Random) -> tuple[str, str, list[list[int]]]:
 
 
 def web_document(
-    rng: random.Random, noise_share: float, retrieval_share: float, retrieval_chars: int
+    rng: random.Random, noise_share: float, retrieval: RetrievalMix
 ) -> tuple[str, list[list[int]], list[str]]:
     """Domain text interleaved with noise segments until they make up about `noise_share` of characters.
 
     Returns the text, the noise spans (character offsets) and each span's kind (NOISE_KINDS).
     """
-    domain = domain_document(rng, retrieval_share, retrieval_chars)
+    domain = domain_document(rng, retrieval)
     pieces: list[tuple[str, str | None, list[list[int]]]] = [(p, None, []) for p in domain.split("\n\n")]
     domain_chars = sum(len(p) for p, _, _ in pieces)
     # Per document, noise share varies around the target (some pages are cleaner than others).
@@ -280,18 +305,13 @@ def generate_demo(cfg, progress: bool = True) -> DemoFiles:
     rng_hq, rng_train, rng_val, rng_q = (
         random.Random(f"{cfg.seed}-{name}") for name in ("hq", "train", "val", "questions")
     )
-    hq = [
-        {"text": domain_document(rng_hq, cfg.retrieval_share, cfg.retrieval_chars), "source": "domain"}
-        for _ in range(cfg.hq_documents)
-    ]
+    retrieval = RetrievalMix.of(cfg)
+    hq = [{"text": domain_document(rng_hq, retrieval), "source": "domain"} for _ in range(cfg.hq_documents)]
     train = []
     for _ in range(cfg.train_documents):
-        text, spans, kinds = web_document(rng_train, cfg.noise_share, cfg.retrieval_share, cfg.retrieval_chars)
+        text, spans, kinds = web_document(rng_train, cfg.noise_share, retrieval)
         train.append({"text": text, "noise_spans": spans, "noise_kinds": kinds, "source": "web"})
-    val = [
-        {"text": domain_document(rng_val, cfg.retrieval_share, cfg.retrieval_chars), "source": "domain"}
-        for _ in range(cfg.validation_documents)
-    ]
+    val = [{"text": domain_document(rng_val, retrieval), "source": "domain"} for _ in range(cfg.validation_documents)]
     questions = []
     for _ in range(cfg.questions):
         a, op, b, c = arithmetic_fact(rng_q)
@@ -307,7 +327,11 @@ def generate_demo(cfg, progress: bool = True) -> DemoFiles:
         _write_jsonl(
             files.retrieval,
             retrieval_finetune_documents(
-                rng_r, cfg.retrieval_finetune_documents, cfg.retrieval_chars, cfg.retrieval_finetune_short_share
+                rng_r,
+                cfg.retrieval_finetune_documents,
+                cfg.retrieval_chars,
+                cfg.retrieval_finetune_short_share,
+                retrieval.kinds,
             ),
         )
     train_bpe_tokenizer((r["text"] for r in hq + train), cfg.vocab_size, files.tokenizer)
