@@ -24,6 +24,21 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+RUNTIME = {"fingerprint": False}  # json_schema_extra of a key that does not change results: not fingerprinted
+
+THREADS_HELP = (
+    "torch threads for this stage; None: OMP_NUM_THREADS if set, else the CPUs the job was given "
+    "(SLURM_CPUS_PER_TASK, else the process's CPU affinity) divided by the ranks on this host. "
+    "Recorded in stage.json; not part of the config fingerprint."
+)
+
+
+def threads_field():
+    return Field(None, ge=1, description=THREADS_HELP, json_schema_extra=RUNTIME)
+
+
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -167,6 +182,7 @@ class TrainConfig(StrictModel):
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
+    threads: int | None = threads_field()
     optim: OptimConfig = Field(default_factory=OptimConfig)
 
 
@@ -225,6 +241,7 @@ class ScoreConfig(StrictModel):
     part: int = Field(0, ge=0)
     parts: int = Field(1, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    threads: int | None = threads_field()
 
     @model_validator(mode="after")
     def _part_in_range(self):
@@ -279,6 +296,7 @@ class EvalConfig(StrictModel):
         description="Start-up check of every listed shard: full: size and sha256; size: size only, and the "
         "sha256 when a shard is first read (faster start on large corpora).",
     )
+    threads: int | None = threads_field()
 
 
 class StageSpec(StrictModel):
@@ -422,3 +440,24 @@ def load_config(
 
 def dump_config(cfg: BaseModel) -> dict:
     return cfg.model_dump(mode="json")
+
+
+def _runtime_keys(cls: type[BaseModel]) -> dict:
+    """The `exclude` spec of model_dump for the keys marked RUNTIME, nested configs included."""
+    spec: dict = {}
+    for name, info in cls.model_fields.items():
+        if (info.json_schema_extra or {}).get("fingerprint") is False:
+            spec[name] = True
+        elif (
+            isinstance(info.annotation, type)
+            and issubclass(info.annotation, BaseModel)
+            and (inner := _runtime_keys(info.annotation))
+        ):
+            spec[name] = inner
+    return spec
+
+
+def fingerprint_view(cfg: BaseModel) -> dict:
+    """The config as its fingerprint sees it: `dump_config` without the runtime keys (threads), which change
+    how fast a stage runs, not what it computes."""
+    return cfg.model_dump(mode="json", exclude=_runtime_keys(type(cfg)) or None)

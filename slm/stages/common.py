@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from rich.console import Console
 
 import slm
-from slm.config import dump_config
+from slm.config import dump_config, fingerprint_view
 from slm.errors import SlmError
 from slm.io import atomic_write_json, read_json, sha256_json
 from slm.locks import clear_directory, locked_dir
@@ -28,7 +28,8 @@ def say(message: str) -> None:
 
 
 def config_fingerprint(cfg: BaseModel) -> str:
-    return sha256_json(dump_config(cfg))
+    """sha256 of the config without its runtime keys (`fingerprint_view`): what the output depends on."""
+    return sha256_json(fingerprint_view(cfg))
 
 
 @dataclass

@@ -17,6 +17,7 @@ from slm.models import load_pretrained
 from slm.scoring import weights_fingerprint
 from slm.shards import ShardSet
 from slm.stages.common import StageRun, config_fingerprint, console, locked_stage, say
+from slm.threads import apply_threads
 from slm.training.distributed import device
 from slm.training.loop import heldout_eval, heldout_sample
 
@@ -29,6 +30,7 @@ def run(cfg: EvalConfig, force: bool = False) -> dict:
         say(f"[green]eval[/]: {out} is complete for this config; skipping (use --force to redo)")
         return done
     started = time.time()
+    threads = apply_threads(cfg.threads, "threads")  # before any torch work
     shards = ShardSet(cfg.shards, verify=cfg.verify_shards) if cfg.shards else None  # refuse bad shards before any work
     dev = device()
     model = load_pretrained(cfg.model).to(dev).eval()
@@ -54,6 +56,7 @@ def run(cfg: EvalConfig, force: bool = False) -> dict:
             model, shards, cfg.selection_ratio, cfg.batch_size, cfg.max_batches, noise_codes=codes, kind_names=kinds
         )
     atomic_write_json(out / "results.json", {"model": cfg.model, **metrics})
+    metrics.update(threads)  # stage.json only: how it ran, not a result
     print_results(cfg.model, metrics)
     fingerprints = {"config": config_fingerprint(cfg), "model": weights_fingerprint(cfg.model)}
     return stage.complete(fingerprints, metrics, started, {"results": str(out / "results.json")})

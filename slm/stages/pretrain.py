@@ -24,6 +24,7 @@ from slm.selection import selective_loss
 from slm.shards import ShardSet
 from slm.shards.format import fixed_list_to_numpy
 from slm.stages.common import StageRun, config_fingerprint, locked_stage, say
+from slm.threads import apply_threads
 from slm.token_loss import token_losses
 from slm.training.distributed import rank
 from slm.training.loop import Trainer
@@ -102,6 +103,7 @@ def run(cfg: PretrainConfig, force: bool = False, resume: bool = True, stop_afte
         say(f"[green]pretrain[/]: {out} is complete for this config; skipping (use --force to redo)")
         return done
     started = time.time()
+    threads = apply_threads(cfg.train.threads, "train.threads")  # before any torch work
     shards = ShardSet(cfg.shards, verify=cfg.verify_shards)
     tokenizer_dir = cfg.tokenizer or shards.metadata.tokenizer_path
     if not tokenizer_dir:
@@ -153,6 +155,7 @@ def run(cfg: PretrainConfig, force: bool = False, resume: bool = True, stop_afte
         **result.heldout_metrics(),
         "resumed_from": result.resumed_from,
         **{k: last[k] for k in ("kept_fraction", "noise_dropped", "kept_clean") if k in last},
+        **threads,
     }
     return stage.complete(
         fingerprints, metrics, started, {"model": str(model_dir), "metrics": str(out / "metrics.jsonl")}

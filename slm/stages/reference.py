@@ -13,6 +13,7 @@ from slm.models import build_model
 from slm.models.checks import check_vocab
 from slm.plots import plot_learning_curves
 from slm.stages.common import StageRun, config_fingerprint, locked_stage, say
+from slm.threads import apply_threads
 from slm.training.distributed import rank
 from slm.training.loop import Trainer, causal_lm_step
 
@@ -30,6 +31,7 @@ def train_causal_lm(kind: str, cfg: ReferenceConfig, force: bool, resume: bool, 
         say(f"[green]{kind}[/]: {out} is complete for this config; skipping (use --force to redo)")
         return done
     started = time.time()
+    threads = apply_threads(cfg.train.threads, "train.threads")  # before any torch work
     tokenizer = load_tokenizer(cfg.tokenizer)
     model = build_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.train.seed)
     check_vocab(model, tokenizer, cfg.tokenizer)
@@ -62,6 +64,7 @@ def train_causal_lm(kind: str, cfg: ReferenceConfig, force: bool, resume: bool, 
         "tokens_seen": result.tokens_seen,
         **result.heldout_metrics(),
         "resumed_from": result.resumed_from,
+        **threads,
     }
     return stage.complete(
         fingerprints, metrics, started, {"model": str(model_dir), "metrics": str(out / "metrics.jsonl")}

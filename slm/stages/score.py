@@ -31,6 +31,7 @@ from slm.shards.format import FORMAT_VERSION, ROW_STRIDE, ShardMetadata, shard_n
 from slm.shards.manifest import DONE_DIR, MANIFEST, forget_shard, load_manifest, merge_manifest
 from slm.shards.writer import ShardWriter
 from slm.stages.common import StageRun, locked_stage, say
+from slm.threads import apply_threads
 from slm.training.distributed import all_reduce_sum, barrier, device, init_distributed, rank, world_size
 from slm.training.ds_config import resolve_precision
 
@@ -136,6 +137,7 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
         say(f"[green]score[/]: {out} is complete for this config; skipping (use --force to redo)")
         return done
     started = time.time()
+    threads = apply_threads(cfg.threads, "threads")  # before any torch work
     init_distributed()
     dev = device()
     dtype = torch.bfloat16 if resolve_precision(cfg.precision) == "bf16" else torch.float32
@@ -233,5 +235,5 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
         "reference": meta.reference_sha256,
         "data": meta.corpus_fingerprint,
     }
-    metrics = {"num_shards": num_shards, "scored_now": scored_now, **totals}
+    metrics = {"num_shards": num_shards, "scored_now": scored_now, **totals, **threads}
     return stage.complete(fingerprints, metrics, started, {"shards": str(out), "manifest": str(out / MANIFEST)})
