@@ -25,10 +25,11 @@ app = typer.Typer(
     add_completion=False,
     help="Selective Language Modeling (RHO-1) on long-context backbones: reference -> score -> pretrain -> eval.",
 )
-data_app = typer.Typer(no_args_is_help=True, help="Corpora: generate the embedded demo.")
+data_app = typer.Typer(no_args_is_help=True, help="Corpora: generate the embedded demo; train a tokenizer.")
 shards_app = typer.Typer(no_args_is_help=True, help="Inspect, summarise, plot and verify token-score shards.")
 jobs_app = typer.Typer(no_args_is_help=True, help="Render, submit and follow pipelines as Slurm jobs.")
 analyze_app = typer.Typer(no_args_is_help=True, help="Analyses: LongRoPE factor search, RHO-1 token dynamics.")
+init_app = typer.Typer(no_args_is_help=True, help="Start from a template: a pipeline for your own corpora.")
 eval_app = typer.Typer(
     help="Evaluate a model: held-out loss, domain accuracy, selection quality; `ruler` for long context."
 )
@@ -37,6 +38,7 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(shards_app, name="shards")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(analyze_app, name="analyze")
+app.add_typer(init_app, name="init")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file.")
 SetOpt = typer.Option(None, "--set", help="Override a config key: dotted.key=value (repeatable).")
@@ -72,6 +74,40 @@ def data_demo(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt, 
 
     cfg = load_config(config, DemoDataConfig, set_, base=None if config else {"out_dir": "runs/demo/data"})
     demo_data.run(cfg, force=force)
+
+
+@data_app.command("tokenizer")
+def data_tokenizer(
+    corpus: list[str] | None = typer.Option(
+        None, "--corpus", help="Corpus: file, glob or directory of jsonl/json/parquet/txt/arrow (repeatable)."
+    ),
+    text_field: str | None = typer.Option(None, "--text-field", help="Column holding the text (default: text)."),
+    vocab_size: int | None = typer.Option(None, "--vocab-size", help="Vocabulary size, special tokens included."),
+    out: Path | None = typer.Option(None, "--out", help="Tokenizer directory to write."),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+    force: bool = ForceOpt,
+):
+    """Train a byte-level BPE (EOS and PAD tokens) on any corpus slm reads, streamed, into a transformers
+    tokenizer directory (AutoTokenizer.from_pretrained(DIR))."""
+    from slm.config import TokenizerConfig, apply_overrides, read_yaml, validate
+    from slm.stages import tokenizer as stage
+
+    raw = read_yaml(config) if config else {}
+    if corpus:
+        corpora = [{"path": c, **({"text_field": text_field} if text_field else {})} for c in corpus]
+        raw["corpus"] = corpora[0] if len(corpora) == 1 else corpora
+    elif text_field:
+        raise SlmError("--text-field names the text column of each --corpus; give --corpus too")
+    if vocab_size is not None:
+        raw["vocab_size"] = vocab_size
+    if out is not None:
+        raw["out_dir"] = str(out)
+    if not config and not (corpus and vocab_size is not None and out):
+        raise SlmError(
+            "slm data tokenizer: --corpus PATH, --vocab-size N and --out DIR are required (or --config FILE)"
+        )
+    stage.run(validate(apply_overrides(raw, set_), TokenizerConfig, str(config or "slm data tokenizer")), force=force)
 
 
 @app.command()
@@ -205,6 +241,50 @@ def run(
     from slm.pipeline import run_pipeline
 
     run_pipeline(pipeline, set_, from_stage=from_stage, force=force)
+
+
+@app.command()
+def compare(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt, force: bool = ForceOpt):
+    """SLM against the CLM baseline from their pretrain runs: held-out curves, tokens SLM needs to reach CLM's
+    final held-out loss, eval figures side by side (comparison.json, comparison.md, learning_curves.png)."""
+    from slm.config import CompareConfig
+    from slm.stages import compare as stage
+
+    stage.run(load_config(_need_config(config, CompareConfig), CompareConfig, set_), force=force)
+
+
+@init_app.command("pipeline")
+def init_pipeline(
+    reference_corpus: str = typer.Option(..., "--reference-corpus", help="High-quality corpus for the reference."),
+    train_corpus: str = typer.Option(..., "--train-corpus", help="Training corpus to score and select from."),
+    validation: str = typer.Option(..., "--validation", help="Held-out corpus for every loss figure."),
+    out: Path = typer.Option(..., "--out", help="The pipeline YAML to write."),
+    backbone: str = typer.Option("infini", "--backbone", help="The student's registered backbone."),
+    text_field: str = typer.Option("text", "--text-field", help="Column holding the text in every corpus."),
+    tokenizer: Path | None = typer.Option(
+        None, "--tokenizer", help="An existing tokenizer directory (no tokenizer stage then)."
+    ),
+    vocab_size: int = typer.Option(2048, "--vocab-size", help="Vocabulary of the tokenizer stage."),
+    work_dir: str | None = typer.Option(None, "--work-dir", help="Where the stages write (default: runs/<name>)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --out file."),
+):
+    """Write a commented pipeline (tokenizer, reference, score, SLM and CLM pretraining at one budget, eval, compare)
+    for your own corpora; `slm run FILE` runs it end to end."""
+    from slm.pipeline_template import write_pipeline
+
+    path = write_pipeline(
+        out,
+        overwrite=force,
+        reference_corpus=reference_corpus,
+        train_corpus=train_corpus,
+        validation=validation,
+        backbone=backbone,
+        text_field=text_field,
+        tokenizer=str(tokenizer) if tokenizer else None,
+        vocab_size=vocab_size,
+        work_dir=work_dir,
+    )
+    typer.echo(f"wrote {path}; run it with: slm run {path}")
 
 
 def _resume(value: str) -> bool:

@@ -299,11 +299,49 @@ class EvalConfig(StrictModel):
     threads: int | None = threads_field()
 
 
+class TokenizerConfig(StrictModel):
+    """`slm data tokenizer`: a byte-level BPE (with EOS and PAD tokens) trained on any corpus slm reads, streamed;
+    `out_dir` becomes a transformers tokenizer directory (`AutoTokenizer.from_pretrained(out_dir)`)."""
+
+    out_dir: str = Field(description="The tokenizer directory: tokenizer.json, tokenizer_config.json, stage.json.")
+    corpus: CorpusConfig | list[CorpusConfig] = Field(description="A corpus, or a list of corpora read in turn.")
+    vocab_size: int = Field(
+        description="Tokens in the vocabulary, special tokens included: at least 258 (256 byte symbols, EOS, PAD)."
+    )
+
+    @field_validator("vocab_size")
+    @classmethod
+    def _holds_the_bytes(cls, v: int) -> int:
+        from slm.data.tokenizer import check_vocab_size
+
+        try:
+            check_vocab_size(v)
+        except SlmError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    @property
+    def corpora(self) -> list[CorpusConfig]:
+        return self.corpus if isinstance(self.corpus, list) else [self.corpus]
+
+
+class CompareConfig(StrictModel):
+    """`slm compare`: SLM against the CLM baseline from their finished pretrain runs: held-out curves against
+    tokens, the tokens SLM needs to reach CLM's final held-out loss, and the eval stages' figures side by side."""
+
+    out_dir: str
+    slm: str = Field(description="out_dir of the SLM pretrain run (selective loss).")
+    clm: str = Field(description="out_dir of the CLM baseline pretrain run (selection.enabled: false).")
+    evals: dict[str, str] = Field(
+        default_factory=dict, description="label -> out_dir of an eval stage; its figures join the table."
+    )
+
+
 class StageSpec(StrictModel):
     """One step of a pipeline: a stage kind and its config (same keys as the stage's own YAML)."""
 
     name: str
-    kind: Literal["demo_data", "reference", "finetune", "score", "pretrain", "eval"]
+    kind: Literal["demo_data", "tokenizer", "reference", "finetune", "score", "pretrain", "eval", "compare"]
     config: dict[str, Any]
     slurm: dict[str, Any] = Field(default_factory=dict, description="Slurm resources for `slm jobs`.")
 
@@ -339,6 +377,8 @@ STAGE_CONFIGS: dict[str, type[StrictModel]] = {
     "score": ScoreConfig,
     "pretrain": PretrainConfig,
     "eval": EvalConfig,
+    "tokenizer": TokenizerConfig,
+    "compare": CompareConfig,
 }
 
 # --------------------------------------------------------------------------- loading

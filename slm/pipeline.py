@@ -130,6 +130,14 @@ KEY_METRICS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
         ("kept_fraction", ()),
     ),
     "score": (("tokens", ()), ("rows", ()), ("num_shards", ()), ("nan_tokens", ())),
+    "tokenizer": (("vocab_size", ()),),
+    "compare": (
+        ("slm_tokens_to_clm_final", ()),
+        ("slm_token_ratio", ()),
+        ("slm_final_heldout_loss", ()),
+        ("clm_final_heldout_loss", ()),
+        ("equal_budget", ()),
+    ),
     "eval": (
         ("heldout_loss", ("heldout_rows", "heldout_tokens")),
         ("domain_accuracy", ()),

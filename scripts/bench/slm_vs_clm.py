@@ -66,6 +66,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _util
 
+from slm.analysis.compare import tokens_to_reach  # the same crossing `slm compare` reports
+
 TOKENS_TARGET, NOISE_DROPPED_TARGET, KEPT_CLEAN_TARGET, OVERHEAD_TARGET = 0.5, 0.9, 0.8, 0.05
 TARGET_RATIO = 0.6
 LAST_SHARE = 0.2  # the logged selection precision/recall are averaged over this last share of steps
@@ -357,18 +359,6 @@ def analyse_run(metrics: list[dict], cfg, untrained: dict, evals: dict, record: 
         "selection_share_of_step": sel_ms / step_ms if sel_ms is not None and step_ms else None,
         "stage_seconds": record.get("seconds"),
     }
-
-
-def tokens_to_reach(curve: list[tuple[float, float]], target: float, lower_is_better: bool) -> float | None:
-    """First crossing of `target` on the curve, linearly interpolated between points; None if never."""
-    ok = (lambda y: y <= target) if lower_is_better else (lambda y: y >= target)
-    for i, (x, y) in enumerate(curve):
-        if ok(y):
-            if i == 0:
-                return float(x)
-            x0, y0 = curve[i - 1]
-            return float(x0 + (target - y0) * (x - x0) / (y - y0)) if y != y0 else float(x)
-    return None
 
 
 # ----------------------------------------------------------------------------- micro-measurement

@@ -35,11 +35,13 @@ from slm.pipeline import load_pipeline
 TRAINING = ("reference", "finetune", "pretrain")
 COMMANDS = {
     "demo_data": "slm data demo",
+    "tokenizer": "slm data tokenizer",
     "reference": "slm reference",
     "finetune": "slm finetune",
     "score": "slm score",
     "pretrain": "slm pretrain",
     "eval": "slm eval",
+    "compare": "slm compare",
 }
 FROZEN_PIPELINE = "pipeline.yaml"
 

@@ -8,15 +8,17 @@ from slm.config import STAGE_CONFIGS
 
 
 def stage_runner(kind: str) -> Callable:
-    from slm.stages import demo_data, evaluate, finetune, pretrain, reference, score
+    from slm.stages import compare, demo_data, evaluate, finetune, pretrain, reference, score, tokenizer
 
     return {
         "demo_data": demo_data.run,
+        "tokenizer": tokenizer.run,
         "reference": reference.run,
         "finetune": finetune.run,
         "score": score.run,
         "pretrain": pretrain.run,
         "eval": evaluate.run,
+        "compare": compare.run,
     }[kind]
 
 
