@@ -54,10 +54,11 @@ class CorpusConfig(StrictModel):
         None,
         description="Column of [start, end) character spans tagged as noise (demo only; measured, never selected on).",
     )
-    packing: Literal["concat", "whole"] = Field(
+    packing: Literal["concat", "whole", "single"] = Field(
         "concat",
         description="concat: documents joined by EOS and cut into rows; whole: a document that fits in a row "
-        "never crosses into the next (the row is padded instead), as retrieval documents need.",
+        "never crosses into the next (the row is padded instead), as retrieval documents need; single: one "
+        "document per row (padded), as fine-tuning examples are batched, so no other document is in view.",
     )
     errors: Literal["strict", "replace"] = Field(
         "strict",

@@ -77,7 +77,7 @@ def test_packing_puts_eos_between_documents_and_records_starts():
 
 def test_whole_packing_never_splits_a_document_that_fits():
     docs = [([1, 2], [0, 1]), ([3, 4, 5], [1, 1, 0]), ([6], [0]), ([7, 8, 9, 10, 11, 12], [0] * 6)]
-    rows = list(pack_documents(docs, seq_len=5, eos_id=0, pad_id=99, whole=True))
+    rows = list(pack_documents(docs, seq_len=5, eos_id=0, pad_id=99, packing="whole"))
     assert [r.input_ids for r in rows] == [
         [1, 2, 0, 99, 99],
         [3, 4, 5, 0, 99],
@@ -89,6 +89,21 @@ def test_whole_packing_never_splits_a_document_that_fits():
     assert rows[1].noise == [1, 1, 0, 0, 0]
     flat = [t for r in rows for t, m in zip(r.input_ids, r.loss_mask) if m]
     assert flat == [1, 2, 0, 3, 4, 5, 0, 6, 0, 7, 8, 9, 10, 11, 12, 0]  # nothing lost, order kept
+
+
+def test_single_packing_gives_each_document_its_own_rows():
+    docs = [([1], None), ([2, 3], None), ([4, 5, 6, 7, 8, 9], None), ([10], None)]
+    rows = list(pack_documents(docs, seq_len=5, eos_id=0, pad_id=99, packing="single"))
+    assert [r.input_ids for r in rows] == [
+        [1, 0, 99, 99, 99],  # whole packing would have put [2, 3, 0] here too
+        [2, 3, 0, 99, 99],
+        [4, 5, 6, 7, 8],
+        [9, 0, 99, 99, 99],  # longer than a row: split, and the rest stays alone
+        [10, 0, 99, 99, 99],
+    ]
+    assert [r.doc_starts for r in rows] == [[0], [0], [0], [], [0]]
+    with pytest.raises(ValueError, match="packing 'rows'"):
+        list(pack_documents(docs, seq_len=5, eos_id=0, pad_id=99, packing="rows"))
 
 
 def test_noise_tags_follow_character_spans():

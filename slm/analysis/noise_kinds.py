@@ -48,9 +48,7 @@ def noise_kind_codes(
             batch = docs[start : min(start + BATCH_DOCS, hi)]
             codes = [[code_of[x] for x in kinds] for kinds in batch[kinds_field]]
             tagged += tokenize_documents(tokenizer, batch[corpus.text_field], batch[corpus.noise_field], codes)
-        rows = list(
-            pack_documents(tagged, shards.seq_len, tokenizer.eos_token_id, pad_id, whole=corpus.packing == "whole")
-        )
+        rows = list(pack_documents(tagged, shards.seq_len, tokenizer.eos_token_id, pad_id, corpus.packing))
         want = min(len(rows), n_rows - int(shards.offsets[i]))
         stored = shards.rows(np.arange(shards.offsets[i], shards.offsets[i] + want), ("input_ids",))["input_ids"]
         packed = np.array([r.input_ids for r in rows[:want]], dtype=stored.dtype)

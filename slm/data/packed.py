@@ -125,7 +125,7 @@ def packed_corpus(cfg: CorpusConfig, tokenizer, tokenizer_dir: str, seq_len: int
 
         docs = iter_documents(corpus, tokenizer, cfg.text_field)
         started = 0  # documents begun in the rows so far
-        for row in pack_documents(docs, seq_len, tokenizer.eos_token_id, pad_id, whole=cfg.packing == "whole"):
+        for row in pack_documents(docs, seq_len, tokenizer.eos_token_id, pad_id, cfg.packing):
             # the row's first token opens a document (the next one) or continues the last one begun
             doc_index.append(started if 0 in row.doc_starts else started - 1)
             started += len(row.doc_starts)

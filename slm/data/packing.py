@@ -3,10 +3,15 @@
 Each row records where documents start inside it (`doc_starts`), so that document boundaries
 survive packing. The last row is padded with `pad_id` and its `loss_mask` is 0 on padding.
 
-`whole=True` keeps every document that fits in a row within one row: a document that would cross
-the end of the current row starts the next one instead, and the rest of the row is padding
-(loss_mask 0). Retrieval documents need it: a pass key split from its question teaches nothing.
-A document longer than a row is still split, as with plain packing.
+`packing` (CorpusConfig.packing):
+- concat: documents follow each other and rows are cut every `seq_len` tokens.
+- whole: every document that fits in a row stays within one row: a document that would cross the end
+  of the current row starts the next one instead, and the rest of the row is padding (loss_mask 0).
+  Retrieval documents need it: a pass key split from its question teaches nothing.
+- single: one document per row, the rest padding (as supervised fine-tuning sets are batched). No
+  other document shares its context: with `whole`, a row of several pass-key documents asks for the
+  last key with earlier ones in view, and a model learning to copy has to learn to ignore them too.
+A document longer than a row is still split, in every mode.
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ def pack_documents(
     seq_len: int,
     eos_id: int,
     pad_id: int,
-    whole: bool = False,
+    packing: str = "concat",
 ) -> Iterator[PackedRow]:
     """docs: (token ids, optional per-token noise tags). Yields rows of exactly `seq_len` tokens."""
+    if packing not in ("concat", "whole", "single"):
+        raise ValueError(f"packing {packing!r}: expected concat, whole or single")
     ids: list[int] = []
     noise: list[int] = []
     starts: list[int] = []
@@ -49,7 +56,8 @@ def pack_documents(
     for doc_ids, doc_noise in docs:
         if has_noise is None:
             has_noise = doc_noise is not None
-        if whole and ids and len(ids) + len(doc_ids) + 1 > seq_len:  # it would cross the row's end: next row
+        crosses = len(ids) + len(doc_ids) + 1 > seq_len  # it would cross the row's end
+        if ids and (packing == "single" or (packing == "whole" and crosses)):  # start the next row
             yield padded_row()
             ids, noise, starts = [], [], []
         starts.append(len(ids))

@@ -203,8 +203,7 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
             forget_shard(out, name)
             lo, hi = k * cfg.documents_per_shard, min((k + 1) * cfg.documents_per_shard, len(corpus))
             docs = iter_documents(corpus, tokenizer, cfg.corpus.text_field, cfg.corpus.noise_field, lo, hi)
-            whole_documents = cfg.corpus.packing == "whole"
-            rows = pack_documents(docs, cfg.seq_len, tokenizer.eos_token_id, pad_id, whole=whole_documents)
+            rows = pack_documents(docs, cfg.seq_len, tokenizer.eos_token_id, pad_id, cfg.corpus.packing)
             batches = score_rows(
                 rows, reference, cfg.batch_size, cfg.logprob_chunk_tokens, k * ROW_STRIDE, base, dev, bar.update
             )
