@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -536,6 +538,74 @@ def test_status_cli_needs_a_submission(tmp_path):
         pipeline_status(tmp_path)
 
 
+def test_stoppable_stages_ask_for_the_signal_and_requeue(tmp_path):
+    """Training and scoring: --signal=B:USR1@SECONDS (signal_seconds), --requeue with appended logs, the stop file
+    and its trap; other stages requeue without a signal; signal_seconds null and requeue false turn each off."""
+    pipeline = tiny_pipeline(tmp_path / "w", pretrain_slurm={"signal_seconds": 120, "cpus_per_task": 2})
+    render_pipeline(write_pipeline(tmp_path / "p.yaml", pipeline), tmp_path / "jobs")
+    scripts = {p.stem: p.read_text() for p in (tmp_path / "jobs").glob("*.sbatch")}
+    for stage in ("reference", "score", "pretrain"):
+        script = scripts[stage]
+        assert "#SBATCH --requeue\n#SBATCH --open-mode=append\n" in script
+        assert f'export SLM_STOP_FILE="{tmp_path}/jobs/logs/stop-{stage}-$SLURM_JOB_ID"' in script
+        assert "trap 'slm_stop SIGUSR1; slm_requeue=1' USR1" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
+    assert "#SBATCH --signal=B:USR1@120\n" in scripts["pretrain"]
+    for stage in ("reference", "score"):  # the default: 300 s ahead of the limit
+        assert "#SBATCH --signal=B:USR1@300\n" in scripts[stage]
+    for stage in ("data", "eval"):
+        assert "--signal" not in scripts[stage] and "SLM_STOP_FILE" not in scripts[stage]
+        assert "#SBATCH --requeue\n" in scripts[stage]
+
+    pipeline["stages"][3]["slurm"] = {"signal_seconds": None, "requeue": False}
+    render_pipeline(write_pipeline(tmp_path / "q.yaml", pipeline), tmp_path / "jobs2")
+    script = (tmp_path / "jobs2" / "pretrain.sbatch").read_text()
+    assert "--signal" not in script and "#SBATCH --no-requeue\n" in script and "--requeue" not in script
+    assert "scontrol requeue" not in script and "run slm jobs submit again to continue" in script
+
+
+@pytest.mark.parametrize("sig, stage_exit", [(signal.SIGUSR1, 3), (signal.SIGUSR1, 0), (signal.SIGTERM, 3)])
+def test_signalled_script_stops_the_stage_and_requeues_itself(tmp_path, sig, stage_exit):
+    """The rendered scoring script run by bash as Slurm would (SLURM_JOB_ID set), with a stand-in `slm` that waits
+    for the stop file and a stand-in `scontrol`: a signal to the batch shell reaches the stage through the stop file.
+    After SIGUSR1 (ahead of the time limit) a stage that stopped (exit 3) is requeued and the script exits 0; one that
+    finished anyway (0) is not. After SIGTERM (preemption, scancel) the script exits 3 and leaves requeueing to Slurm:
+    a cancel stays a cancel."""
+    log = tmp_path / "calls.log"
+    fake_command(tmp_path, "scontrol", f'echo "scontrol $*" >> {log}')
+    fake_command(
+        tmp_path,
+        "slm",
+        f'echo "slm $*" >> {log}; until [ -e "$SLM_STOP_FILE" ]; do sleep 0.05; done; '
+        f'echo "saw $SLM_STOP_FILE" >> {log}; exit {stage_exit}',
+    )
+    pipeline = tiny_pipeline(
+        tmp_path / "w", score_slurm={"array_parts": 2, "env_setup": [f'export PATH="{tmp_path}/bin:$PATH"']}
+    )
+    render_pipeline(write_pipeline(tmp_path / "p.yaml", pipeline), tmp_path / "jobs")
+    env = {**os.environ, "SLURM_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "1"}
+    stop = tmp_path / "jobs" / "logs" / "stop-score-77"
+    stop.touch()  # left by an earlier run of this job id: a new run starts without a stop request
+    proc = subprocess.Popen(
+        ["bash", str(tmp_path / "jobs" / "score.sbatch")], env=env, stdout=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 30
+    while not (log.is_file() and log.read_text().startswith("slm score")):
+        assert time.time() < deadline and proc.poll() is None, "the stage did not start"
+        time.sleep(0.05)
+    assert not stop.exists()
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=30)
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith("slm score --config") and calls[0].endswith("--part 1 --parts 2")
+    assert calls[1] == f"saw {stop}"
+    assert f"slm jobs: {signal.Signals(sig).name} at " in out and "asking the stage to stop" in out
+    if sig == signal.SIGUSR1 and stage_exit == 3:
+        assert calls[2:] == ["scontrol requeue 77"] and proc.returncode == 0
+        assert "stopped at a safe point (exit 3); requeueing job 77" in out
+    else:
+        assert calls[2:] == [] and proc.returncode == stage_exit
+
+
 # ----------------------------------------------------------------------------- a real Slurm cluster
 
 WAIT_S = 480
@@ -727,3 +797,77 @@ def test_cancelled_array_task_is_resubmitted_alone(cluster_run):
     )
     assert json.loads((shards / "stage.json").read_text())["status"] == "complete"
     _check_sequences(shards, corpus, root / "work" / "reference" / "model", 10, 64)
+
+
+def _job_record(job: str) -> dict[str, str]:
+    """`scontrol show job` as key=value pairs (JobState, Reason, Restarts, ...)."""
+    text = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
+    return dict(item.split("=", 1) for item in text.split() if "=" in item)
+
+
+@pytest.mark.slurm
+def test_time_limit_signal_requeues_training_to_the_same_weights(slurm, tmp_path):
+    """A reference job with a 2-minute limit and `signal_seconds: 90` (--signal=B:USR1@90): Slurm signals the batch
+    shell about 30 s into each run, the stage stops after the step in progress with a whole checkpoint (exit 3), the
+    script requeues the job, and each requeued run (a new limit) continues from the newest checkpoint, ending with
+    the weights of an uninterrupted run (1e-6). Slurm holds a requeued job for about two minutes (BeginTime); the
+    test releases it at once."""
+    import torch
+    from safetensors.torch import load_file
+
+    from slm.config import DemoDataConfig, ReferenceConfig
+    from slm.data.demo import generate_demo
+    from slm.stages import reference
+
+    demo = generate_demo(
+        DemoDataConfig(
+            out_dir=str(tmp_path / "data"), hq_documents=200, train_documents=20, validation_documents=5, vocab_size=512
+        ),
+        progress=False,
+    )
+    train = {**TRAIN, "max_steps": 4000, "eval_every": 100000, "checkpoint_every": 100000, "log_every": 500}
+    config = {"tokenizer": str(demo.tokenizer), "corpus": {"path": str(demo.hq)}, "model": MODEL, "train": train}
+    pipeline = {
+        "name": "preempt",
+        "work_dir": str(tmp_path / "work"),
+        "slurm": {"time": "00:02:00", "signal_seconds": 90},
+        "stages": [
+            {
+                "name": "ref",
+                "kind": "reference",
+                "slurm": {"launcher": "torchrun"},
+                "config": {**config, "out_dir": "${work_dir}/ref"},
+            }
+        ],
+    }
+    write_pipeline(tmp_path / "pipeline.yaml", pipeline)
+    slm_cli("jobs", "submit", "pipeline.yaml", "--out", "jobs", cwd=tmp_path)
+    (job,) = submitted_ids(tmp_path / "jobs")
+    assert "#SBATCH --signal=B:USR1@90\n" in (tmp_path / "jobs" / "ref.sbatch").read_text()
+
+    whole = reference.run(ReferenceConfig.model_validate({**config, "out_dir": str(tmp_path / "whole")}))
+
+    deadline, released = time.time() + 900, 0
+    while True:
+        rec = _job_record(job)
+        state, restarts = rec.get("JobState"), int(rec.get("Restarts", "0"))
+        if state == "PENDING" and restarts > released and rec.get("Reason") == "BeginTime":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
+            released = restarts
+        if state in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL", "OUT_OF_MEMORY"):
+            break
+        assert time.time() < deadline, f"job {job} still {state} after 900 s"
+        time.sleep(2)
+    log = next((tmp_path / "jobs" / "logs").glob("ref-*.out")).read_text(errors="replace")  # tqdm bars
+    assert state == "COMPLETED", f"job {job} ended {state}:\n{log[-4000:]}"
+    assert restarts >= 1, f"job {job} was never signalled and requeued (training ended first?):\n{log[-3000:]}"
+    assert "slm jobs: SIGUSR1 at " in log  # the stage exits 3; torchrun, between it and the script, reports 1
+    assert re.search(rf"stage ref stopped at a safe point \(exit \d+\); requeueing job {job} to continue", log)
+    assert re.search(r"stopped by stop file \S+ after step \d+ of 4000; whole checkpoint step-\d+ written", log)
+    stage = json.loads((tmp_path / "work" / "ref" / "stage.json").read_text())
+    assert stage["status"] == "complete" and stage["metrics"]["resumed_from"] is not None
+    a = load_file(f"{whole['outputs']['model']}/model.safetensors")
+    b = load_file(str(tmp_path / "work" / "ref" / "model" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    print(f"signalled and requeued {restarts} time(s); resumed from step {stage['metrics']['resumed_from']}")

@@ -33,6 +33,7 @@ from slm.jobs.resources import SlurmResources, stage_resources
 from slm.pipeline import load_pipeline
 
 TRAINING = ("reference", "finetune", "pretrain")
+STOPPABLE = (*TRAINING, "score")  # stages that stop at a safe point when asked (slm.preempt)
 COMMANDS = {
     "demo_data": "slm data demo",
     "tokenizer": "slm data tokenizer",
@@ -42,6 +43,7 @@ COMMANDS = {
     "pretrain": "slm pretrain",
     "eval": "slm eval",
     "compare": "slm compare",
+    "shards_report": "slm shards report",
 }
 FROZEN_PIPELINE = "pipeline.yaml"
 
@@ -169,6 +171,9 @@ def _sbatch_header(job: RenderedJob) -> list[str]:
             opts.append(f"{opt}={getattr(r, key)}")
     if job.tasks is not None:
         opts.append(f"--array={job.array}")
+    opts += ["--requeue", "--open-mode=append"] if r.requeue else ["--no-requeue"]
+    if job.kind in STOPPABLE and r.signal_seconds:
+        opts.append(f"--signal=B:USR1@{r.signal_seconds}")
     opts += r.extra_sbatch
     return [f"#SBATCH {o}" for o in opts]
 
@@ -225,14 +230,61 @@ def script_text(job: RenderedJob, pipeline_source: str) -> str:
                 f'export SLM_HOSTFILE="{job.log_dir}/hostfile-{job.stage}-$SLURM_JOB_ID"',
                 f'echo "$NODES" | sed "s/$/ slots={r.ranks_per_node}/" > "$SLM_HOSTFILE"',
             ]
-        lines += [
+        run = [
             f'srun --nodes={r.nodes} --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" '
             "--kill-on-bad-exit=1 \\",
             f"    bash -c {shlex.quote('exec ' + launcher_command(job))}",
         ]
     else:
-        lines.append(_stage_command(job))
+        run = [_stage_command(job)]
+    lines += preemption_lines(job, run) if job.kind in STOPPABLE else run
     return "\n".join(lines) + "\n"
+
+
+def preemption_lines(job: RenderedJob, run: list[str]) -> list[str]:
+    """`run` (the stage's command lines) supervised for preemption: SIGUSR1 (sent `signal_seconds` ahead of the
+    time limit) or SIGTERM (preemption) to this batch shell touches `$SLM_STOP_FILE`; every rank stops at its next
+    safe point and exits 3 (slm.preempt; the launchers do not pass SIGUSR1 on, a file reaches every node); then the
+    job requeues itself after SIGUSR1 (`scontrol requeue`, with `requeue: true`) and its next run continues from
+    there. After SIGTERM it does not: that is a preemption, which Slurm requeues itself (PreemptMode=REQUEUE), a
+    scancel, or the time limit itself, and a cancel must stay a cancel."""
+    stop = f"{job.log_dir}/stop-{job.stage}-$SLURM_JOB_ID"
+    lines = [
+        "# preemption (slm.preempt): Slurm signals this shell ahead of the time limit (SIGUSR1) and on preemption",
+        "# (SIGTERM); the trap asks the stage to stop at its next safe point (a whole checkpoint, whole shards)",
+        f'export SLM_STOP_FILE="{stop}"',
+        'rm -f "$SLM_STOP_FILE"  # a requeued job keeps its id: a new run starts with no stop request',
+        "slm_stop() {",
+        '    echo "slm jobs: $1 at $(date -Is): asking the stage to stop at its next safe point"',
+        '    touch "$SLM_STOP_FILE"',
+        "}",
+        "slm_requeue=0",
+        "trap 'slm_stop SIGUSR1; slm_requeue=1' USR1",
+        "trap 'slm_stop SIGTERM' TERM",
+        "set +e",
+        *run[:-1],
+        run[-1] + " &",
+        "child=$!",
+        "# wait returns early (status > 128) when a trapped signal arrives: wait again until the stage has ended",
+        'while wait "$child"; rc=$?; kill -0 "$child" 2>/dev/null; do :; done',
+        'wait "$child" 2>/dev/null; last=$?; [ "$last" != 127 ] && rc=$last  # it ended while the trap ran',
+        "set -e",
+        'if [ "$slm_requeue" = 1 ] && [ "$rc" != 0 ]; then  # stopped ahead of the time limit',
+    ]
+    if job.resources.requeue:
+        lines += [
+            f'    echo "slm jobs: stage {job.stage} stopped at a safe point (exit $rc); '
+            'requeueing job $SLURM_JOB_ID to continue"',
+            '    rm -f "$SLM_STOP_FILE"',
+            '    scontrol requeue "$SLURM_JOB_ID"',
+            "    exit 0",
+        ]
+    else:
+        lines.append(
+            f'    echo "slm jobs: stage {job.stage} stopped at a safe point (exit $rc); '
+            'run slm jobs submit again to continue"'
+        )
+    return [*lines, "fi", 'exit "$rc"']
 
 
 def write_job(job: RenderedJob, pipeline_source: str, tasks: list[int] | None = None) -> RenderedJob:

@@ -53,6 +53,19 @@ class SlurmResources(StrictModel):
     master_port: int | None = Field(
         None, ge=1024, le=65535, description="Rendezvous port; default: 20000 + job id mod 20000."
     )
+    signal_seconds: int | None = Field(
+        300,
+        ge=10,
+        le=65535,
+        description="Training and scoring: Slurm signals the job this many seconds before its time limit "
+        "(--signal=B:USR1@SECONDS); the stage stops at a safe point (a whole checkpoint, whole shards) and the job "
+        "requeues itself. null: no early signal.",
+    )
+    requeue: bool = Field(
+        True,
+        description="--requeue: a signalled, preempted or node-failed job goes back to the queue and continues from "
+        "its checkpoint or whole shards (logs append). false: --no-requeue; resubmit with `slm jobs submit`.",
+    )
     extra_sbatch: list[str] = Field(
         default_factory=list, description="More sbatch options, e.g. ['--qos=high', '--exclusive']."
     )
