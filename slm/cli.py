@@ -365,6 +365,40 @@ def shards_stats(
         atomic_write_json(json_out, stats)
 
 
+@shards_app.command("report")
+def shards_report(
+    directory: Path | None = typer.Argument(None, help="Shard directory."),
+    ratio: float | None = typer.Option(None, "--ratio", help="Share of tokens kept (default 0.6)."),
+    model: Path | None = typer.Option(None, "--model", help="Keep by excess loss of this model."),
+    corpus: str | None = typer.Option(None, "--corpus", help="The corpus the shards were scored from."),
+    text_field: str | None = typer.Option(None, "--text-field", help="Its text column (default: text)."),
+    source_field: str | None = typer.Option(None, "--source-field", help="Its source column (default: source)."),
+    max_rows: int | None = typer.Option(None, "--max-rows", help="Rows sampled evenly (default 512)."),
+    slm_run: Path | None = typer.Option(None, "--slm-run", help="SLM pretrain run: its held-out curve."),
+    clm_run: Path | None = typer.Option(None, "--clm-run", help="CLM pretrain run: its held-out curve."),
+    out: Path | None = typer.Option(None, "--out", help="Folder for report.html, report.json and the plots."),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+    force: bool = ForceOpt,
+):
+    """One HTML page (and JSON) on what the selection keeps, without any ground-truth column: loss histograms,
+    share kept per source, documents most and least kept, token strings most kept and dropped, SLM vs CLM curves."""
+    from slm.config import ShardsReportConfig, apply_overrides, read_yaml, validate
+    from slm.stages import shards_report as stage
+
+    raw = read_yaml(config) if config else {}
+    flags = {"shards": directory, "ratio": ratio, "model": model, "max_rows": max_rows, "out_dir": out}
+    flags.update(source_field=source_field, slm_run=slm_run, clm_run=clm_run)
+    raw.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
+    if corpus:
+        raw["corpus"] = {"path": corpus, **({"text_field": text_field} if text_field else {})}
+    elif text_field:
+        raise SlmError("--text-field names the text column of --corpus; give --corpus too")
+    if not config and not (directory and out):
+        raise SlmError("slm shards report: DIR and --out DIR are required (or --config FILE)")
+    stage.run(validate(apply_overrides(raw, set_), ShardsReportConfig, str(config or "slm shards report")), force=force)
+
+
 @shards_app.command("plot")
 def shards_plot(directory: Path = typer.Argument(...), out: Path = typer.Option(Path("ref_loss_hist.png"), "--out")):
     """Write a histogram PNG of reference loss (noise vs clean where tagged)."""

@@ -338,11 +338,40 @@ class CompareConfig(StrictModel):
     )
 
 
+class ShardsReportConfig(StrictModel):
+    """`slm shards report`: one HTML page and JSON on what the selection keeps, with no ground-truth column."""
+
+    out_dir: str
+    shards: str = Field(description="The token-score shard directory.")
+    ratio: float = Field(0.6, gt=0, le=1, description="Share of the sampled tokens kept (one cut over all of them).")
+    model: str | None = Field(
+        None,
+        description="A causal LM on the shards' tokenizer: keep by excess loss (its loss - reference loss). Without "
+        "one: by the shards' static excess (base_loss - ref_loss) when scored with a base model, else the "
+        "reference-only proxy (the lowest reference losses).",
+    )
+    corpus: CorpusConfig | None = Field(
+        None, description="The corpus the shards were scored from: share kept per source, documents most/least kept."
+    )
+    source_field: str = Field(
+        "source", description="Column naming each document's source; where the corpus has none, its file."
+    )
+    max_rows: int = Field(512, ge=1, description="Rows read, spread evenly over the shard set.")
+    batch_size: int = Field(8, ge=1)
+    examples: int = Field(5, ge=1, description="Documents shown most kept and least kept.")
+    min_tokens: int = Field(8, ge=1, description="Fewest sampled tokens of a document ranked most/least kept.")
+    slm_run: str | None = Field(None, description="out_dir of the SLM pretrain run: its held-out curve joins the page.")
+    clm_run: str | None = Field(None, description="out_dir of the CLM pretrain run: its held-out curve joins the page.")
+    threads: int | None = threads_field()
+
+
 class StageSpec(StrictModel):
     """One step of a pipeline: a stage kind and its config (same keys as the stage's own YAML)."""
 
     name: str
-    kind: Literal["demo_data", "tokenizer", "reference", "finetune", "score", "pretrain", "eval", "compare"]
+    kind: Literal[
+        "demo_data", "tokenizer", "reference", "finetune", "score", "pretrain", "eval", "compare", "shards_report"
+    ]
     config: dict[str, Any]
     slurm: dict[str, Any] = Field(default_factory=dict, description="Slurm resources for `slm jobs`.")
 
@@ -380,6 +409,7 @@ STAGE_CONFIGS: dict[str, type[StrictModel]] = {
     "eval": EvalConfig,
     "tokenizer": TokenizerConfig,
     "compare": CompareConfig,
+    "shards_report": ShardsReportConfig,
 }
 
 # --------------------------------------------------------------------------- loading

@@ -138,6 +138,7 @@ KEY_METRICS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
         ("clm_final_heldout_loss", ()),
         ("equal_budget", ()),
     ),
+    "shards_report": (("kept_fraction", ()), ("valid_tokens", ()), ("mean_ref_loss_kept", ())),
     "eval": (
         ("heldout_loss", ("heldout_rows", "heldout_tokens")),
         ("domain_accuracy", ()),

@@ -1,8 +1,8 @@
 """`slm init pipeline`: a commented pipeline YAML for the user's own corpora, which `slm run FILE` runs end to end.
 
 tokenizer (or an existing tokenizer directory) -> reference on the high-quality corpus -> score the training corpus
--> SLM and CLM pretraining at one budget -> eval of all three -> compare. The sizes are small, so that the file runs
-in minutes on a CPU as written; its comments say which keys to grow for a real run.
+-> SLM and CLM pretraining at one budget -> eval of all three -> compare -> the selection report. The sizes are
+small, so that the file runs in minutes on a CPU as written; its comments say which keys to grow for a real run.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ BACKBONE_OPTIONS: dict[str, dict] = {
 TEMPLATE = """\
 # A pipeline for your own corpora, written by `slm init pipeline`; run it with `slm run @FILE@`.
 #   tokenizer -> reference (high-quality corpus) -> score (training corpus) -> pretrain SLM and CLM
-#   (the same budget) -> eval -> compare
+#   (the same budget) -> eval -> compare -> selection report
 # Sizes are small so that it runs in a few minutes on a CPU; for a real run grow the model sizes, seq_len and
 # max_steps (reference and the shared &budget / &student of pretraining), and vocab_size. Every stage writes
 # under work_dir (override: --set work_dir=DIR); --set stages.NAME.key=value changes one stage's key, e.g.
@@ -115,6 +115,21 @@ stages:
       slm: ${work_dir}/pretrain_slm
       clm: ${work_dir}/pretrain_clm
       evals: {reference: "${work_dir}/eval_reference", slm: "${work_dir}/eval_slm", clm: "${work_dir}/eval_clm"}
+
+  # What the selection keeps, no ground truth needed (report.html, report.json): loss histograms, share kept per
+  # source (the corpus's `source` column, else its files), documents most and least kept, token strings most kept
+  # and dropped, both held-out curves. Excess loss against the SLM model at the end of training; without `model`,
+  # the reference-only view (the lowest reference losses kept). Also `slm shards report DIR --ratio R --out DIR`.
+  - name: report
+    kind: shards_report
+    config:
+      out_dir: ${work_dir}/report
+      shards: ${work_dir}/shards
+      ratio: 0.6
+      model: ${work_dir}/pretrain_slm/model
+      corpus: {path: @TRAIN_CORPUS@, text_field: @TEXT_FIELD@}
+      slm_run: ${work_dir}/pretrain_slm
+      clm_run: ${work_dir}/pretrain_clm
 """
 
 TOKENIZER_STAGE = """\

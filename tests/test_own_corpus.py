@@ -211,7 +211,18 @@ def test_init_pipeline_writes_a_valid_commented_pipeline(own_corpus, tmp_path, c
     text = out.read_text()
     assert text.startswith("# A pipeline for your own corpora") and text.count("\n  # ") >= 6  # commented stages
     pipeline, stages, _ = load_pipeline(out)
-    kinds = ["tokenizer", "reference", "score", "pretrain", "pretrain", "eval", "eval", "eval", "compare"]
+    kinds = [
+        "tokenizer",
+        "reference",
+        "score",
+        "pretrain",
+        "pretrain",
+        "eval",
+        "eval",
+        "eval",
+        "compare",
+        "shards_report",
+    ]
     assert [s.kind for s in stages] == kinds
     by = {s.name: s.cfg for s in stages}
     assert pipeline.work_dir == "runs/my"
@@ -227,6 +238,7 @@ def test_init_pipeline_writes_a_valid_commented_pipeline(own_corpus, tmp_path, c
     jobs = {j.stage: j for j in render_pipeline(out, tmp_path / "jobs", [f"work_dir={tmp_path / 'w'}"])}
     assert f"slm data tokenizer --config {jobs['tokenizer'].config}" in jobs["tokenizer"].script.read_text()
     assert f"slm compare --config {jobs['compare'].config}" in jobs["compare"].script.read_text()
+    assert f"slm shards report --config {jobs['report'].config}" in jobs["report"].script.read_text()
     assert {"pretrain_slm", "pretrain_clm", "eval_slm", "eval_clm"} <= set(jobs["compare"].depends_on)
     assert "tokenizer" in jobs["reference"].depends_on
     code, said = run_cli(capsys, "data", "tokenizer", "--config", jobs["tokenizer"].config)  # what the job runs
@@ -257,7 +269,7 @@ def test_init_pipeline_runs_end_to_end_on_a_corpus_that_is_not_the_demo(own_corp
     """`slm init pipeline` then `slm run` on it: every stage completes, the comparison exists, a rerun skips all.
 
     The written file is run as it is apart from fewer steps (--set, to keep the test short; with the template's own
-    sizes `slm run` took 82 s on the 2-core machine)."""
+    sizes `slm run` took 60-82 s on the 2-core machine)."""
     from slm.pipeline import run_pipeline
 
     out = tmp_path / "my.yaml"
@@ -275,7 +287,7 @@ def test_init_pipeline_runs_end_to_end_on_a_corpus_that_is_not_the_demo(own_corp
     assert code == 0, said[-3000:]
     w = tmp_path / "w"
     outputs = ["tokenizer", "reference", "shards", "pretrain_slm", "pretrain_clm", "eval_reference", "eval_slm"]
-    for stage in [*outputs, "eval_clm", "compare"]:
+    for stage in [*outputs, "eval_clm", "compare", "report"]:
         assert json.loads((w / stage / "stage.json").read_text())["status"] == "complete", stage
     comparison = json.loads((w / "compare" / "comparison.json").read_text())
     assert comparison["equal_budget"] and comparison["slm"]["tokens_seen"] == comparison["clm"]["tokens_seen"] > 0
@@ -287,9 +299,13 @@ def test_init_pipeline_runs_end_to_end_on_a_corpus_that_is_not_the_demo(own_corp
     assert "# SLM vs CLM" in (w / "compare" / "comparison.md").read_text()
     assert "compare: equal_budget=True" in said
     assert len(load_tokenizer(w / "tokenizer")) <= 2048
+    report = json.loads((w / "report" / "report.json").read_text())
+    assert report["score"] == "excess" and set(report["curves"]) == {"SLM", "CLM"}
+    assert report["per_source"][0]["source"] == "own" and abs(report["kept_fraction"] - 0.6) < 1e-3
+    assert 'alt="learning curves"' in (w / "report" / "report.html").read_text()
 
     again = run_pipeline(out, sets)  # a rerun (what `slm run` calls): every stage skipped
-    assert [s["status"] for s in again] == ["skipped"] * 9
+    assert [s["status"] for s in again] == ["skipped"] * 10
     made = json.loads((w / "compare" / "stage.json").read_text())["fingerprints"]["inputs"]
     record = json.loads((w / "pretrain_clm" / "stage.json").read_text())
     (w / "pretrain_clm" / "stage.json").write_text(json.dumps({**record, "seconds": 0.5}))  # as if it was redone

@@ -371,9 +371,12 @@ border:1px solid #ddd;padding:.8em}
 .legend,.summary{margin:.6em 0;font-size:.92em}"""
 
 
-def write_html(view: RowView, path: str | Path) -> Path:
-    """The same view as one self-contained HTML page; each token's numbers in its title."""
+def spans_html(view: RowView, scale: tuple[float, float] | None = None) -> str:
+    """The row's tokens as HTML spans (text escaped), coloured on the row's scale or on `scale` (lo, hi), kept bold
+    and dropped struck through, each token's numbers in its title; CSS classes from `CSS`."""
     values, lo, hi = view.scale()
+    if scale is not None:
+        lo, hi = scale[0], max(scale[1], scale[0] + 1e-6)
     spans = []
     for i, n in _segments(view):
         piece = html.escape(visible(view.pieces[i]))
@@ -391,6 +394,17 @@ def write_html(view: RowView, path: str | Path) -> Path:
         if view.noise is not None and view.noise[i]:
             cls.append("n")
         spans.append(f'<span class="{" ".join(cls)}"{style} title="{html.escape(_numbers(view, i))}">{piece}</span>')
+    return "".join(spans)
+
+
+def css() -> str:
+    """The style sheet of the token views (the colour bar runs along the scale)."""
+    return _CSS % (_hex(0, 0.35), _hex(0.5, 0.35), _hex(1, 0.35))
+
+
+def write_html(view: RowView, path: str | Path) -> Path:
+    """The same view as one self-contained HTML page; each token's numbers in its title."""
+    _, lo, hi = view.scale()
     what, styles, grey = _legend(view)
     noise_note = "purple underline = noise tag" if view.noise is not None else ""
     legend = " · ".join(html.escape(x) for x in (styles, grey, noise_note) if x)
@@ -401,14 +415,14 @@ def write_html(view: RowView, path: str | Path) -> Path:
 <meta charset="utf-8">
 <title>{title}</title>
 <style>
-{_CSS % (_hex(0, 0.35), _hex(0.5, 0.35), _hex(1, 0.35))}
+{css()}
 </style>
 </head>
 <body>
 <h1>{title}</h1>
 <div class="legend">colour: {html.escape(what)}, green {lo:.2f} <span class="bar"></span> {hi:.2f} red · {legend}</div>
 <div class="summary">{html.escape(_summary_line(view))}</div>
-<div class="row">{"".join(spans)}</div>
+<div class="row">{spans_html(view)}</div>
 </body>
 </html>
 """

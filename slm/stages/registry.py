@@ -8,7 +8,7 @@ from slm.config import STAGE_CONFIGS
 
 
 def stage_runner(kind: str) -> Callable:
-    from slm.stages import compare, demo_data, evaluate, finetune, pretrain, reference, score, tokenizer
+    from slm.stages import compare, demo_data, evaluate, finetune, pretrain, reference, score, shards_report, tokenizer
 
     return {
         "demo_data": demo_data.run,
@@ -19,6 +19,7 @@ def stage_runner(kind: str) -> Callable:
         "pretrain": pretrain.run,
         "eval": evaluate.run,
         "compare": compare.run,
+        "shards_report": shards_report.run,
     }[kind]
 
 
