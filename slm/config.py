@@ -37,8 +37,6 @@ def threads_field():
     return Field(None, ge=1, description=THREADS_HELP, json_schema_extra=RUNTIME)
 
 
-
-
 # --------------------------------------------------------------------------- data
 
 
@@ -59,6 +57,11 @@ class CorpusConfig(StrictModel):
         description="concat: documents joined by EOS and cut into rows; whole: a document that fits in a row "
         "never crosses into the next (the row is padded instead), as retrieval documents need; single: one "
         "document per row (padded), as fine-tuning examples are batched, so no other document is in view.",
+    )
+    completion_field: str | None = Field(
+        None,
+        description="A prompt/completion set (as TRL's): the column of text that follows text_field's. Its "
+        "tokens are the completion (loss_mask 2), weighed against the rest by train.prompt_loss_weight.",
     )
     errors: Literal["strict", "replace"] = Field(
         "strict",
@@ -106,6 +109,13 @@ class DemoDataConfig(StrictModel):
         le=1,
         description="Share of those that are short (a needle a few tokens before its question): a length "
         "curriculum; the rest are up to retrieval_chars long.",
+    )
+    retrieval_warmup_documents: int = Field(
+        0,
+        ge=0,
+        description="Short pass-key / key-value pairs for a retrieval warm-up from scratch (retrieval_warmup.jsonl, "
+        "prompt/completion like retrieval.jsonl, every one short); 0: none. A model that learned to copy on them "
+        "before pretraining relearns it in a short fine-tuning; one pretrained without them did not (the demo).",
     )
     vocab_size: int = Field(2048, ge=300)
 
@@ -159,6 +169,13 @@ class TrainConfig(StrictModel):
     """The training loop on DeepSpeed (shared by `reference` and `pretrain`)."""
 
     seq_len: int = Field(256, ge=8)
+    prompt_loss_weight: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="With a prompt/completion corpus (corpus.completion_field): the weight of a prompt token's loss "
+        "against a completion token's (OpenAI's fine-tuning API had this knob); 0: completion only, 1: plain LM.",
+    )
     micro_batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_steps: int = Field(200, ge=1)

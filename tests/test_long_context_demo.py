@@ -1,6 +1,7 @@
-"""pipelines/long-context-demo.yaml (issue 12): it validates, trains every backbone at one L with the selective
-loss, fine-tunes each on whole retrieval documents, grafts the pretrained llama to infini and beacon, and keeps
-retrieval documents whole. Fast: loads configs only, trains nothing."""
+"""pipelines/long-context-demo.yaml (issue 12): it validates, warms every backbone up on short pass-key pairs from
+scratch, continues each with the selective loss at one L, fine-tunes each on pass-key pairs (one per row, the
+answer weighted), grafts the pretrained llama to infini and beacon, and keeps retrieval documents whole. Fast:
+loads configs only, trains nothing."""
 
 from __future__ import annotations
 
@@ -22,40 +23,53 @@ def loaded():
     return load_pipeline(PIPELINE)
 
 
+BACKBONES = ("infini", "megalodon", "fam", "beacon", "llama")
+
+
 def test_validates_and_names_every_backbone(loaded):
     import slm.models
 
     pipeline, stages, _ = loaded
     assert pipeline.name == "long-context-demo"
     assert [s.kind for s in stages[:3]] == ["demo_data", "reference", "score"]
-    pretrain = [s for s in stages if s.kind == "pretrain"]
-    backbones = [s.cfg.model.backbone for s in pretrain]
+    warmups = [s for s in stages if s.name.startswith("warmup_")]
+    backbones = [s.cfg.model.backbone for s in warmups]
     assert sorted(backbones) == sorted(["infini", "megalodon", "fam", "beacon", "llama"])
     assert set(backbones) <= set(slm.models.BACKBONES)
     assert all(s.cfg.out_dir.startswith(pipeline.work_dir) for s in stages)
 
 
-def test_one_training_length_selective_loss_and_segments_below_it(loaded):
+def test_warmup_then_selective_pretraining_at_one_length_with_segments_below_it(loaded):
     _, stages, _ = loaded
-    score = next(s for s in stages if s.kind == "score")
-    pretrain = [s for s in stages if s.kind == "pretrain"]
+    by_name = {s.name: s for s in stages}
+    score = by_name["score"]
     L = score.cfg.seq_len
-    for s in pretrain:
-        assert s.cfg.train.seq_len == L, s.name
+    for b in BACKBONES:
+        warmup, s = by_name[f"warmup_{b}"], by_name[f"pretrain_{b}"]
+        assert warmup.cfg.model.init_from is None and warmup.cfg.corpus.path.endswith("retrieval_warmup.jsonl")
+        assert s.cfg.model.init_from == f"{warmup.cfg.out_dir}/model", s.name  # pretraining continues the warm-up
+        assert s.cfg.train.seq_len == L and warmup.cfg.train.seq_len <= L, s.name
         assert s.cfg.selection.enabled, s.name
         assert s.cfg.shards == score.cfg.out_dir
-        backbone = s.cfg.model.backbone
+        backbone = warmup.cfg.model.backbone
         if backbone in SEGMENT_KEY:  # the recurrent memory must be used within a training row
-            assert s.cfg.model.options[SEGMENT_KEY[backbone]] < L, s.name
+            assert warmup.cfg.model.options[SEGMENT_KEY[backbone]] < L, s.name
         else:
-            assert s.cfg.model.rope_scaling is None  # plain llama; scaling is applied at eval time
+            assert warmup.cfg.model.rope_scaling is None  # plain llama; scaling is applied at eval time
 
 
 def test_corpus_has_retrieval_documents_kept_whole(loaded):
     _, stages, _ = loaded
     data = next(s for s in stages if s.kind == "demo_data")
     assert data.cfg.retrieval_share >= 0.3 and data.cfg.retrieval_finetune_documents >= 1000
-    assert all(s.cfg.corpus.packing == "whole" for s in stages if s.kind in ("reference", "score", "finetune"))
+    assert data.cfg.retrieval_warmup_documents >= 1000
+    for s in stages:
+        if s.kind in ("reference", "score", "finetune"):
+            retrieval = "retrieval" in s.cfg.corpus.path
+            # pass-key pairs one per row with the answer as the completion; the other corpora packed whole
+            assert s.cfg.corpus.packing == ("single" if retrieval else "whole"), s.name
+            if retrieval:
+                assert s.cfg.corpus.completion_field == "completion" and s.cfg.train.prompt_loss_weight < 1
 
 
 def test_every_model_is_fine_tuned_on_retrieval_and_the_llama_is_grafted(loaded):
@@ -66,9 +80,7 @@ def test_every_model_is_fine_tuned_on_retrieval_and_the_llama_is_grafted(loaded)
     for s in finetune:
         assert s.cfg.corpus.path.endswith("retrieval.jsonl") and s.cfg.train.seq_len == L, s.name
     continued = {s.cfg.model.init_from for s in finetune if s.name.startswith("finetune_")}
-    assert continued == {
-        f"{by_name[f'pretrain_{b}'].cfg.out_dir}/model" for b in ("infini", "megalodon", "fam", "beacon", "llama")
-    }
+    assert continued == {f"{by_name[f'pretrain_{b}'].cfg.out_dir}/model" for b in BACKBONES}
     grafts = {s.cfg.model.backbone: s.cfg.model.init_from for s in finetune if s.name.startswith("graft_")}
     assert grafts == dict.fromkeys(("infini", "beacon"), f"{by_name['pretrain_llama'].cfg.out_dir}/model")
 

@@ -72,6 +72,7 @@ QUICK_SETS = [
     "stages.data.validation_documents=40",
     "stages.data.questions=10",
     "stages.data.retrieval_finetune_documents=200",
+    "stages.data.retrieval_warmup_documents=200",
     "stages.score.documents_per_shard=200",
 ]
 QUICK_TRAIN = ["max_steps=20", "eval_every=10", "eval_batches=2", "checkpoint_every=20"]

@@ -163,8 +163,9 @@ def load_corpus(cfg: CorpusConfig):
             f"corpus.path {cfg.path!r}: no text field {cfg.text_field!r}; "
             f"columns are {ds.column_names} (set corpus.text_field)"
         )
-    if cfg.noise_field and cfg.noise_field not in ds.column_names:
-        raise SlmError(f"corpus.path {cfg.path!r}: no noise field {cfg.noise_field!r}; columns are {ds.column_names}")
+    for key in ("noise_field", "completion_field"):
+        if (name := getattr(cfg, key)) and name not in ds.column_names:
+            raise SlmError(f"corpus.path {cfg.path!r}: no {key} {name!r}; columns are {ds.column_names}")
     if cfg.max_documents is not None and len(ds) > cfg.max_documents:
         ds = ds.select(range(cfg.max_documents))
     if len(ds) == 0:
@@ -182,6 +183,8 @@ def corpus_fingerprint(cfg: CorpusConfig) -> str:
         fields["packing"] = cfg.packing
     if cfg.errors != "strict":
         fields["errors"] = cfg.errors
+    if cfg.completion_field is not None:
+        fields["completion_field"] = cfg.completion_field
     if files is None:
         return sha256_json({"hub": cfg.path, "split": cfg.split, **fields})
     return sha256_json({"files": sha256_files([Path(f) for f in files]), **fields})

@@ -171,14 +171,18 @@ class RetrievalMix:
 def retrieval_finetune_documents(
     rng: random.Random, n: int, max_chars: int, short_share: float, kinds: tuple[str, ...] = RETRIEVAL_KINDS
 ) -> list[dict]:
-    """Standalone retrieval documents for a retrieval fine-tuning stage (written whole, one per row).
+    """Standalone retrieval documents for a retrieval fine-tuning stage, as prompt/completion pairs: the prompt
+    ends with the question ("... The pass key is"), the completion is the answer (" 12345."), so that a fine-tuning
+    stage can weigh the answer's tokens (corpus.completion_field, train.prompt_loss_weight).
 
     A length curriculum within one set: `short_share` of them hold only SHORT_RETRIEVAL_CHARS characters of
     filler, the rest a length uniform in [SHORT_RETRIEVAL_CHARS, max_chars]."""
     docs = []
     for _ in range(n):
         chars = SHORT_RETRIEVAL_CHARS if rng.random() < short_share else rng.randint(SHORT_RETRIEVAL_CHARS, max_chars)
-        docs.append({"text": retrieval_document(rng, chars, kinds), "source": "retrieval"})
+        text = retrieval_document(rng, chars, kinds)
+        answer_at = text.rindex(" is ") + len(" is")  # both questions end "... is", then " <answer>."
+        docs.append({"prompt": text[:answer_at], "completion": text[answer_at:], "source": "retrieval"})
     return docs
 
 
@@ -285,6 +289,10 @@ class DemoFiles:
         return self.root / "retrieval.jsonl"
 
     @property
+    def retrieval_warmup(self) -> Path:
+        return self.root / "retrieval_warmup.jsonl"
+
+    @property
     def tokenizer(self) -> Path:
         return self.root / "tokenizer"
 
@@ -332,6 +340,14 @@ def generate_demo(cfg, progress: bool = True) -> DemoFiles:
                 cfg.retrieval_chars,
                 cfg.retrieval_finetune_short_share,
                 retrieval.kinds,
+            ),
+        )
+    if cfg.retrieval_warmup_documents:
+        rng_w = random.Random(f"{cfg.seed}-retrieval-warmup")
+        _write_jsonl(
+            files.retrieval_warmup,
+            retrieval_finetune_documents(
+                rng_w, cfg.retrieval_warmup_documents, cfg.retrieval_chars, 1.0, retrieval.kinds
             ),
         )
     train_bpe_tokenizer((r["text"] for r in hq + train), cfg.vocab_size, files.tokenizer)

@@ -36,6 +36,16 @@ def iter_documents(
         yield from tokenize_documents(tokenizer, batch[text_field], batch[noise_field] if noise_field else None)
 
 
+def iter_completion_documents(corpus, tokenizer, prompt_field: str, completion_field: str):
+    """(token ids, completion tags) per prompt/completion pair: prompt + completion tokenised as one text
+    (so the boundary tokenises as it reads), a token tagged 1 where its characters are the completion's."""
+    for lo in range(0, len(corpus), BATCH_DOCS):
+        batch = corpus[lo : min(lo + BATCH_DOCS, len(corpus))]
+        prompts, completions = batch[prompt_field], batch[completion_field]
+        spans = [[[len(p), len(p) + len(c)]] for p, c in zip(prompts, completions)]
+        yield from tokenize_documents(tokenizer, [p + c for p, c in zip(prompts, completions)], spans)
+
+
 class PackedRows:
     """Rows of a packed Arrow file: `input_ids`, `loss_mask` (and `noise` when tagged)."""
 
@@ -110,6 +120,8 @@ def packed_corpus(cfg: CorpusConfig, tokenizer, tokenizer_dir: str, seq_len: int
         def flush():
             ids = np.array([r.input_ids for r in buffer], dtype=np.int32)
             mask = np.array([r.loss_mask for r in buffer], dtype=np.int8)
+            if cfg.completion_field is not None:  # 0 padding, 1 prompt, 2 completion
+                mask += np.array([r.noise for r in buffer], dtype=np.int8)
             stream.write_batch(
                 pa.RecordBatch.from_arrays(
                     [
@@ -123,7 +135,10 @@ def packed_corpus(cfg: CorpusConfig, tokenizer, tokenizer_dir: str, seq_len: int
             buffer.clear()
             doc_index.clear()
 
-        docs = iter_documents(corpus, tokenizer, cfg.text_field)
+        if cfg.completion_field is None:
+            docs = iter_documents(corpus, tokenizer, cfg.text_field)
+        else:
+            docs = iter_completion_documents(corpus, tokenizer, cfg.text_field, cfg.completion_field)
         started = 0  # documents begun in the rows so far
         for row in pack_documents(docs, seq_len, tokenizer.eos_token_id, pad_id, cfg.packing):
             # the row's first token opens a document (the next one) or continues the last one begun

@@ -134,7 +134,8 @@ def run(cfg: PretrainConfig, force: bool = False, resume: bool = True, stop_afte
         else "plain causal LM (baseline)"
     )
     say(
-        f"pretrain: {cfg.model.backbone}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"pretrain: {cfg.model.backbone if cfg.model.init_from is None else type(model).__name__}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{what}, {len(shards)} rows"
     )
     trainer = Trainer(

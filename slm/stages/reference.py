@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 from slm.config import ReferenceConfig
@@ -48,8 +49,11 @@ def train_causal_lm(kind: str, cfg: ReferenceConfig, force: bool, resume: bool, 
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{len(train_rows)} rows of {seq_len} tokens"
     )
+    step_loss = causal_lm_step
+    if cfg.train.prompt_loss_weight != 1.0:
+        step_loss = partial(causal_lm_step, prompt_loss_weight=cfg.train.prompt_loss_weight)
     trainer = Trainer(
-        model, cfg.train, out, train_rows, ("input_ids", "loss_mask"), causal_lm_step, fingerprints, heldout, stop_after
+        model, cfg.train, out, train_rows, ("input_ids", "loss_mask"), step_loss, fingerprints, heldout, stop_after
     )
     result = trainer.fit(resume=resume)
     if result.step < cfg.train.max_steps:  # stopped early on purpose (tests)

@@ -33,12 +33,27 @@ from slm.training.metrics import MetricsLog
 StepLoss = Callable[[torch.nn.Module, dict], "tuple[torch.Tensor, dict]"]
 
 
-def causal_lm_step(model, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Plain causal-LM loss: mean token loss over valid (unpadded) positions."""
+def causal_lm_step(model, batch: dict, prompt_loss_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """Causal-LM loss: the weighted mean token loss over valid (unpadded) positions,
+
+        L = sum_t w_t * l_t / sum_t w_t,   w_t = 1 on completion tokens (loss_mask 2), prompt_loss_weight on the
+                                           other tokens (loss_mask 1), 0 on padding (loss_mask 0),
+
+    the plain mean when no row is a prompt/completion pair (corpus.completion_field) or the weight is 1."""
     ce = token_losses(model, batch["input_ids"])
-    valid = torch.isfinite(ce) & batch["loss_mask"].bool()
-    loss = torch.where(valid, ce, torch.zeros_like(ce)).sum() / valid.sum().clamp_min(1)
-    return loss, {}
+    mask = batch["loss_mask"]
+    valid = torch.isfinite(ce) & mask.bool()
+    ce = torch.where(valid, ce, torch.zeros_like(ce))
+    completion = valid & (mask == 2)
+    if prompt_loss_weight == 1.0:
+        weight = valid.float()
+    else:
+        weight = torch.where(completion, 1.0, prompt_loss_weight) * valid
+    loss = (ce * weight).sum() / weight.sum().clamp_min(1e-12 if prompt_loss_weight < 1 else 1)
+    extra = {}
+    if completion.any():  # the figure a retrieval fine-tuning is about: the loss of the answer alone
+        extra["completion_loss"] = float(ce.detach()[completion].mean())
+    return loss, extra
 
 
 @dataclass(frozen=True)
