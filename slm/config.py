@@ -25,6 +25,9 @@ class StrictModel(BaseModel):
 
 
 RUNTIME = {"fingerprint": False}  # json_schema_extra of a key that does not change results: not fingerprinted
+# json_schema_extra of a key added after runs were made: while it holds its default (what those runs did) it is left
+# out of the fingerprint, so their finished stages stay valid instead of being refused as another config's
+ADDED = {"fingerprint": "unless_default"}
 
 THREADS_HELP = (
     "torch threads for this stage; None: OMP_NUM_THREADS if set, else the CPUs the job was given "
@@ -205,10 +208,17 @@ class TrainConfig(StrictModel):
 
 
 class SelectionConfig(StrictModel):
-    """RHO-1 selective loss: keep the top `ratio` of valid tokens by excess loss."""
+    """RHO-1 selective loss: keep the top `ratio` of valid tokens by excess loss (or, reference-free, by the
+    student's own loss or entropy: self_loss, self_entropy)."""
 
     enabled: bool = True
-    mode: Literal["sequence", "batch", "global", "soft", "static"] = "batch"
+    mode: Literal["sequence", "batch", "global", "soft", "static", "self_loss", "self_entropy"] = Field(
+        "batch",
+        description="Pool and score of the top-ratio cut. By excess loss (model loss - ref_loss): sequence (per "
+        "row), batch (per micro-batch, RHO-1's default), global (across data-parallel ranks), soft (sigmoid "
+        "weights around the cut); static: base_loss - ref_loss from the shards. Reference-free (ESLM), per "
+        "micro-batch: self_loss (the student's own loss), self_entropy (its predictive entropy); no ref_loss read.",
+    )
     ratio: float = Field(0.6, gt=0, le=1)
     temperature: float = Field(1.0, gt=0, description="Only for mode=soft: width of the sigmoid around the cut.")
 
@@ -269,10 +279,17 @@ class ScoreConfig(StrictModel):
 
 
 class PretrainConfig(StrictModel):
-    """`slm pretrain`: train a backbone on token-score shards with the selective loss."""
+    """`slm pretrain`: train a backbone on token-score shards with the selective loss (or, reference-free, on a
+    corpus: `corpus` instead of `shards`)."""
 
     out_dir: str
-    shards: str
+    shards: str | None = Field(None, description="The token-score shard directory (`slm score`).")
+    corpus: CorpusConfig | None = Field(
+        None,
+        description="Instead of shards: a corpus, packed into train.seq_len rows (needs `tokenizer`); for the "
+        "selection modes that read no reference loss (self_loss, self_entropy) and the CLM baseline.",
+        json_schema_extra=ADDED,
+    )
     tokenizer: str | None = Field(None, description="Defaults to the tokenizer directory recorded in the shards.")
     validation: CorpusConfig | None = None
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -283,6 +300,21 @@ class PretrainConfig(StrictModel):
         description="Start-up check of every listed shard: full: size and sha256; size: size only, and the "
         "sha256 when a shard is first read (faster start on large corpora).",
     )
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.shards is None) == (self.corpus is None):
+            raise ValueError("set exactly one of shards (token-score shards) and corpus (reference-free training)")
+        if self.corpus is not None:
+            if self.tokenizer is None:
+                raise ValueError("corpus: training on a corpus needs tokenizer (a tokenizer directory)")
+            sel = self.selection
+            if sel.enabled and sel.ratio < 1.0 and sel.mode not in ("self_loss", "self_entropy"):
+                raise ValueError(
+                    f"corpus: selection.mode={sel.mode} needs the reference losses of token-score shards (shards:); "
+                    "on a corpus use selection.mode self_loss or self_entropy, or selection.enabled: false"
+                )
+        return self
 
 
 class EvalConfig(StrictModel):
@@ -545,7 +577,28 @@ def _runtime_keys(cls: type[BaseModel]) -> dict:
     return spec
 
 
+def _added_at_default(cfg: BaseModel) -> dict:
+    """The `exclude` spec of model_dump for the keys marked ADDED that hold their default, nested configs included."""
+    spec: dict = {}
+    for name, info in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        if (info.json_schema_extra or {}).get("fingerprint") == "unless_default":
+            if value == info.get_default(call_default_factory=True):
+                spec[name] = True
+        elif isinstance(value, BaseModel) and (inner := _added_at_default(value)):
+            spec[name] = inner
+    return spec
+
+
+def _merge_exclude(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = True if out.get(k) is True or v is True else _merge_exclude(out.get(k) or {}, v)
+    return out
+
+
 def fingerprint_view(cfg: BaseModel) -> dict:
     """The config as its fingerprint sees it: `dump_config` without the runtime keys (threads), which change
-    how fast a stage runs, not what it computes."""
-    return cfg.model_dump(mode="json", exclude=_runtime_keys(type(cfg)) or None)
+    how fast a stage runs, not what it computes, and without the keys marked ADDED while they hold their default."""
+    exclude = _merge_exclude(_runtime_keys(type(cfg)), _added_at_default(cfg))
+    return cfg.model_dump(mode="json", exclude=exclude or None)

@@ -12,6 +12,13 @@ Modes decide the pool within which the top k% is taken:
     data-parallel ranks (an all-gather of the excess scores);   soft  sigmoid weights around
     the batch's k% cut instead of a hard cut;   static  precomputed excess (base - ref loss
     from the shards), no online term.
+
+Reference-free modes (ESLM, Bal, Cevher and Muehlebach 2025, arXiv 2505.19893, sec. 3): the score is the
+student's own per-token risk, no reference loss enters, and the top k% per micro-batch is kept (ESLM's
+value-at-risk cut at confidence alpha = 1 - k%; on the loss, the kept mean is its CVaR objective):
+    self_loss     S_t = L_theta(x_t) = -log p_theta(x_t | x_<t)
+    self_entropy  S_t = H_theta(x_t) = -sum_v p_theta(v | x_<t) log p_theta(v | x_<t)
+Valid tokens there exclude padding, masked positions and position 0; a NaN reference loss does not matter.
 """
 
 from __future__ import annotations
@@ -23,16 +30,19 @@ import torch.distributed as dist
 
 from slm.config import SelectionConfig
 
+REFERENCE_FREE = ("self_loss", "self_entropy")  # selection modes that read no reference loss
+
 
 @dataclass
 class Selection:
     loss: torch.Tensor  # the scalar to backpropagate
     weights: torch.Tensor  # [B, T] weight of each token in the loss (0/1 for hard modes)
-    excess: torch.Tensor  # [B, T] excess loss (NaN where invalid)
+    excess: torch.Tensor  # [B, T] the selection score: excess loss, or a reference-free mode's own score (NaN: invalid)
     valid: torch.Tensor  # [B, T] bool
+    score_name: str = "excess"  # what `excess` holds: excess, or the reference-free mode (self_loss, self_entropy)
 
     def stats(self, ce: torch.Tensor) -> dict[str, float]:
-        """Kept fraction, mean excess and mean loss of kept and dropped tokens."""
+        """Kept fraction, mean score (`<score_name>_kept`, `_dropped`) and mean loss of kept and dropped tokens."""
         kept = (self.weights > 0.5) & self.valid
         dropped = ~kept & self.valid
         n_valid = int(self.valid.sum())
@@ -42,16 +52,19 @@ class Selection:
 
         return {
             "kept_fraction": float(kept.sum()) / max(n_valid, 1),
-            "excess_kept": mean(self.excess, kept),
-            "excess_dropped": mean(self.excess, dropped),
+            f"{self.score_name}_kept": mean(self.excess, kept),
+            f"{self.score_name}_dropped": mean(self.excess, dropped),
             "loss_kept": mean(ce.detach(), kept),
             "loss_dropped": mean(ce.detach(), dropped),
             "valid_tokens": n_valid,
         }
 
 
-def valid_tokens(ce: torch.Tensor, ref_loss: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
-    valid = torch.isfinite(ce) & torch.isfinite(ref_loss)
+def valid_tokens(ce: torch.Tensor, ref_loss: torch.Tensor | None, loss_mask: torch.Tensor | None) -> torch.Tensor:
+    """Finite loss (not position 0), finite reference loss unless `ref_loss` is None, and loss_mask set."""
+    valid = torch.isfinite(ce)
+    if ref_loss is not None:
+        valid &= torch.isfinite(ref_loss)
     if loss_mask is not None:
         valid &= loss_mask.bool()
     return valid
@@ -94,14 +107,30 @@ def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 def selective_loss(
     ce: torch.Tensor,
-    ref_loss: torch.Tensor,
+    ref_loss: torch.Tensor | None,
     cfg: SelectionConfig,
     loss_mask: torch.Tensor | None = None,
     base_loss: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
 ) -> Selection:
-    """RHO-1 selective loss from per-token `ce` [B, T] (with grad) and reference losses [B, T]."""
-    valid = valid_tokens(ce, ref_loss, loss_mask)
-    if cfg.mode == "static":
+    """RHO-1 selective loss from per-token `ce` [B, T] (with grad) and reference losses [B, T].
+
+    The reference-free modes ignore `ref_loss` (None allowed); self_entropy needs the student's per-token
+    predictive `entropy` [B, T] (`slm.token_loss.token_losses_and_entropy`)."""
+    free = cfg.mode in REFERENCE_FREE
+    valid = valid_tokens(ce, None if free else ref_loss, loss_mask)
+    if cfg.mode == "self_loss":
+        excess = ce.detach()  # ESLM's loss-based risk score
+    elif cfg.mode == "self_entropy":
+        if entropy is None:
+            raise ValueError("selection.mode=self_entropy needs the student's per-token entropy")
+        excess = entropy.detach()  # ESLM's entropy-based risk score
+        valid &= torch.isfinite(excess)
+    elif ref_loss is None:  # without scores only the plain causal LM runs (a corpus without shards)
+        if cfg.enabled and cfg.ratio < 1.0:
+            raise ValueError(f"selection.mode={cfg.mode} needs the reference loss (ref_loss)")
+        excess = torch.full_like(ce.detach(), float("nan"))
+    elif cfg.mode == "static":
         if base_loss is None:
             raise ValueError("selection.mode=static needs a base_loss column in the shards (score with base_model)")
         excess = base_loss - ref_loss
@@ -114,7 +143,7 @@ def selective_loss(
         weights = valid.to(ce.dtype)
     elif cfg.mode == "sequence":
         weights = top_k_mask(excess, valid, cfg.ratio).to(ce.dtype)
-    elif cfg.mode in ("batch", "static"):
+    elif cfg.mode in ("batch", "static", *REFERENCE_FREE):
         weights = top_k_mask(excess.reshape(-1), valid.reshape(-1), cfg.ratio).view_as(ce).to(ce.dtype)
     elif cfg.mode == "global":
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -142,4 +171,6 @@ def selective_loss(
         if total_weight > 0
         else (safe_ce * weights).sum() * 0.0
     )
-    return Selection(loss=loss, weights=weights.detach(), excess=excess, valid=valid)
+    return Selection(
+        loss=loss, weights=weights.detach(), excess=excess, valid=valid, score_name=cfg.mode if free else "excess"
+    )

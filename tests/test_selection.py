@@ -117,3 +117,80 @@ def test_top_k_mask_handles_ties_deterministically():
     scores = torch.tensor([1.0, 1.0, 1.0, 0.0])
     valid = torch.tensor([True, True, True, True])
     assert top_k_mask(scores, valid, 0.5).tolist() == [True, True, False, False]
+
+
+# ----------------------------------------------------------------------------- reference-free (ESLM) modes
+
+
+def test_self_loss_keeps_exactly_the_top_ratio_by_the_students_loss():
+    """Selection by the student's own loss: round(ratio * n_valid) tokens, each of higher loss than every
+    dropped one, whatever the reference says (none, NaN everywhere, or random)."""
+    ce, ref, mask = batch(seed=7, B=4, T=40)
+    valid = torch.isfinite(ce) & mask.bool()  # position 0 counts: no reference is asked
+    for ratio in (0.1, 0.37, 0.6):
+        sel = selective_loss(ce, None, SelectionConfig(mode="self_loss", ratio=ratio), mask)
+        kept = sel.weights.bool()
+        assert torch.equal(sel.valid, valid)
+        assert int(kept.sum()) == round(ratio * int(valid.sum()))
+        assert ce.detach()[kept].min() > ce.detach()[valid & ~kept].max()
+        assert torch.allclose(sel.loss, ce[kept].mean())  # the CVaR of the loss at 1 - ratio
+        for other in (torch.full_like(ref, float("nan")), torch.rand_like(ref)):
+            again = selective_loss(ce, other, SelectionConfig(mode="self_loss", ratio=ratio), mask)
+            assert torch.equal(again.weights, sel.weights)
+    assert set(sel.stats(ce)) >= {"self_loss_kept", "self_loss_dropped", "kept_fraction"}
+
+
+def test_self_entropy_keeps_the_top_ratio_by_entropy_and_needs_it():
+    ce, ref, mask = batch(seed=8, B=3, T=30)
+    entropy = torch.rand(ce.shape, generator=torch.Generator().manual_seed(1)) * 3
+    entropy[:, 0] = float("nan")  # aligned as the losses: no prediction at t = 0
+    sel = selective_loss(ce, None, SelectionConfig(mode="self_entropy", ratio=0.5), mask, entropy=entropy)
+    valid = torch.isfinite(ce) & mask.bool() & torch.isfinite(entropy)
+    kept = sel.weights.bool()
+    assert torch.equal(sel.valid, valid) and int(kept.sum()) == round(0.5 * int(valid.sum()))
+    assert entropy[kept].min() > entropy[valid & ~kept].max()
+    assert torch.allclose(sel.loss, ce[kept].mean())
+    assert "self_entropy_kept" in sel.stats(ce)
+    with pytest.raises(ValueError, match="entropy"):
+        selective_loss(ce, ref, SelectionConfig(mode="self_entropy"), mask)
+
+
+@pytest.mark.parametrize("mode", ["self_loss", "self_entropy"])
+def test_reference_free_ratio_one_is_plain_lm_and_empty_batch_is_zero(mode):
+    ce, _, mask = batch(seed=9)
+    entropy = torch.rand_like(ce)
+    sel = selective_loss(ce, None, SelectionConfig(mode=mode, ratio=1.0), mask, entropy=entropy)
+    assert torch.allclose(sel.loss, ce[mask.bool()].mean(), atol=1e-6)
+    sel = selective_loss(ce, None, SelectionConfig(mode=mode, ratio=0.5), torch.zeros_like(mask), entropy=entropy)
+    sel.loss.backward()
+    assert sel.loss.item() == 0.0 and torch.equal(ce.grad, torch.zeros_like(ce))
+
+
+def test_reference_modes_without_a_reference_loss_are_refused():
+    ce, _, mask = batch()
+    with pytest.raises(ValueError, match="needs the reference loss"):
+        selective_loss(ce, None, SelectionConfig(mode="batch", ratio=0.5), mask)
+    plain = selective_loss(ce, None, SelectionConfig(enabled=False), mask)  # the CLM baseline needs none
+    assert torch.allclose(plain.loss, ce[mask.bool()].mean())
+
+
+def test_entropy_is_the_predictive_entropy_from_the_same_chunked_logits():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slm.token_loss import token_losses, token_losses_and_entropy
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits.float(), -1)[:, :-1]
+        want = -(logp.exp() * logp).sum(-1)
+        ce, ent = token_losses_and_entropy(model, ids, chunk_tokens=5)
+    assert torch.isnan(ent[:, 0]).all()
+    torch.testing.assert_close(ent[:, 1:], want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ce, token_losses(model, ids), equal_nan=True)
+    ce, ent = token_losses_and_entropy(model, ids, chunk_tokens=5)  # with grad: checkpointed chunks
+    assert ce.requires_grad and not ent.requires_grad
+    ce[:, 1:].sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

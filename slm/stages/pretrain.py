@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from slm.config import PretrainConfig
+from slm.data.corpus import corpus_fingerprint
 from slm.data.packed import packed_corpus
 from slm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from slm.errors import SlmError
@@ -20,12 +21,12 @@ from slm.models import build_model
 from slm.models.checks import check_vocab
 from slm.plots import plot_learning_curves
 from slm.scoring import check_seq_len
-from slm.selection import selective_loss
+from slm.selection import REFERENCE_FREE, selective_loss
 from slm.shards import ShardSet
 from slm.shards.format import fixed_list_to_numpy
 from slm.stages.common import StageRun, config_fingerprint, locked_stage, say
 from slm.threads import apply_threads
-from slm.token_loss import token_losses
+from slm.token_loss import token_losses, token_losses_and_entropy
 from slm.training.distributed import rank
 from slm.training.loop import Trainer
 
@@ -42,10 +43,19 @@ def noise_measures(selection, noise: torch.Tensor) -> dict[str, float]:
 
 
 def make_step_loss(cfg: PretrainConfig):
+    with_entropy = cfg.selection.enabled and cfg.selection.mode == "self_entropy"
+
     def step_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
-        ce = token_losses(model.module if hasattr(model, "module") else model, batch["input_ids"])
+        model = model.module if hasattr(model, "module") else model
+        entropy = None
+        if with_entropy:  # from the same chunks of logits as the loss
+            ce, entropy = token_losses_and_entropy(model, batch["input_ids"])
+        else:
+            ce = token_losses(model, batch["input_ids"])
         t0 = time.perf_counter()
-        sel = selective_loss(ce, batch["ref_loss"], cfg.selection, batch["loss_mask"], batch.get("base_loss"))
+        sel = selective_loss(
+            ce, batch.get("ref_loss"), cfg.selection, batch["loss_mask"], batch.get("base_loss"), entropy
+        )
         logs = {**sel.stats(ce), "selection_ms": (time.perf_counter() - t0) * 1e3}
         if "noise" in batch:
             logs.update(noise_measures(sel, batch["noise"]))
@@ -80,19 +90,51 @@ def check_something_to_learn(shards: ShardSet, cfg: PretrainConfig) -> None:
     context. The manifest bounds them: at least tokens - nan_tokens - rows; when that is not positive, count them.
     """
     t = shards.manifest.totals()
-    if cfg.selection.mode != "static" and t["tokens"] - t["nan_tokens"] - t["rows"] > 0:
+    free = cfg.selection.mode in REFERENCE_FREE  # no reference loss enters: a NaN one does not matter
+    if cfg.selection.mode != "static" and t["tokens"] - (0 if free else t["nan_tokens"]) - t["rows"] > 0:
         return
-    cols = ("loss_mask", "ref_loss") + (("base_loss",) if cfg.selection.mode == "static" else ())
+    cols = ("loss_mask",) + (() if free else ("ref_loss",)) + (("base_loss",) if cfg.selection.mode == "static" else ())
     for name in shards.names:
         table = shards.table(name)
         mask, *scores = (fixed_list_to_numpy(table.column(c), shards.seq_len)[:, 1:] for c in cols)
         if (mask.astype(bool) & np.logical_and.reduce([np.isfinite(s) for s in scores])).any():
             return
+    if free:
+        raise SlmError(f"{cfg.shards}: no token can be trained on: every position past the first is masked")
     scored = "base_loss and ref_loss" if cfg.selection.mode == "static" else "ref_loss"
     raise SlmError(
         f"{cfg.shards}: no token can be trained on: of {t['tokens']} tokens in {t['rows']} rows none has "
         f"loss_mask 1 and a finite {scored} (all NaN, or every position masked); rescore the shards with `slm score`"
     )
+
+
+def _train_rows(cfg: PretrainConfig, out: Path):
+    """The rows to train on, their columns, tokenizer and fingerprints: the shards', or a packed corpus'."""
+    if cfg.corpus is not None:  # reference-free: no shards, no reference (PretrainConfig checked the mode)
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        rows = packed_corpus(cfg.corpus, tokenizer, cfg.tokenizer, cfg.train.seq_len, out / "data")
+        fingerprints = {
+            "tokenizer": tokenizer_fingerprint(cfg.tokenizer),
+            "data": corpus_fingerprint(cfg.corpus),
+            "reference": "",
+        }
+        return rows, ["input_ids", "loss_mask"], tokenizer, cfg.tokenizer, fingerprints
+    shards = ShardSet(cfg.shards, verify=cfg.verify_shards)
+    tokenizer_dir = cfg.tokenizer or shards.metadata.tokenizer_path
+    if not tokenizer_dir:
+        raise SlmError(f"{cfg.shards}: shards record no tokenizer path; set tokenizer")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    check_shards_match(shards, cfg, tokenizer_dir, len(tokenizer))
+    check_something_to_learn(shards, cfg)
+    # the reference-free modes read no reference loss
+    columns = ["input_ids", "loss_mask"] + ([] if cfg.selection.mode in REFERENCE_FREE else ["ref_loss"])
+    columns += [c for c in ("base_loss", "noise") if c in shards.columns]
+    fingerprints = {
+        "tokenizer": shards.metadata.tokenizer_sha256,
+        "data": sha256_json({n: e["sha256"] for n, e in shards.manifest.shards.items()}),
+        "reference": shards.metadata.reference_sha256,
+    }
+    return shards, columns, tokenizer, tokenizer_dir, fingerprints
 
 
 @locked_stage("pretrain")
@@ -104,13 +146,7 @@ def run(cfg: PretrainConfig, force: bool = False, resume: bool = True, stop_afte
         return done
     started = time.time()
     threads = apply_threads(cfg.train.threads, "train.threads")  # before any torch work
-    shards = ShardSet(cfg.shards, verify=cfg.verify_shards)
-    tokenizer_dir = cfg.tokenizer or shards.metadata.tokenizer_path
-    if not tokenizer_dir:
-        raise SlmError(f"{cfg.shards}: shards record no tokenizer path; set tokenizer")
-    tokenizer = load_tokenizer(tokenizer_dir)
-    check_shards_match(shards, cfg, tokenizer_dir, len(tokenizer))
-    check_something_to_learn(shards, cfg)
+    rows, columns, tokenizer, tokenizer_dir, data_fingerprints = _train_rows(cfg, out)
     model = build_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.train.seed)
     check_vocab(model, tokenizer, tokenizer_dir)
     if warning := check_seq_len(model.config, cfg.train.seq_len, "train.seq_len", f"the {cfg.model.backbone} model"):
@@ -120,14 +156,7 @@ def run(cfg: PretrainConfig, force: bool = False, resume: bool = True, stop_afte
         if cfg.validation
         else None
     )
-    columns = ["input_ids", "ref_loss", "loss_mask"]
-    columns += [c for c in ("base_loss", "noise") if c in shards.columns]
-    fingerprints = {
-        "config": config_fingerprint(cfg),
-        "tokenizer": shards.metadata.tokenizer_sha256,
-        "data": sha256_json({n: e["sha256"] for n, e in shards.manifest.shards.items()}),
-        "reference": shards.metadata.reference_sha256,
-    }
+    fingerprints = {"config": config_fingerprint(cfg), **data_fingerprints}
     what = (
         f"selective (mode={cfg.selection.mode}, ratio={cfg.selection.ratio})"
         if cfg.selection.enabled
@@ -136,10 +165,10 @@ def run(cfg: PretrainConfig, force: bool = False, resume: bool = True, stop_afte
     say(
         f"pretrain: {cfg.model.backbone if cfg.model.init_from is None else type(model).__name__}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{what}, {len(shards)} rows"
+        f"{what}, {len(rows)} rows" + (f" of {cfg.corpus.path} (no shards)" if cfg.corpus is not None else "")
     )
     trainer = Trainer(
-        model, cfg.train, out, shards, tuple(columns), make_step_loss(cfg), fingerprints, heldout, stop_after
+        model, cfg.train, out, rows, tuple(columns), make_step_loss(cfg), fingerprints, heldout, stop_after
     )
     result = trainer.fit(resume=resume)
     if result.step < cfg.train.max_steps:

@@ -1,0 +1,67 @@
+"""Reference-free selection (ESLM): `slm pretrain` with selection.mode self_loss / self_entropy, on shards (their
+reference losses unread) and on a plain corpus with no shards at all."""
+
+from __future__ import annotations
+
+import pytest
+
+from slm.config import PretrainConfig, load_config
+from slm.errors import SlmError
+from slm.io import read_json
+from slm.stages import pretrain
+from slm.training.metrics import read_metrics
+from tests.conftest import TINY_MODEL, TINY_TRAIN
+
+
+def _cfg(tmp_path, name, selection, **source):
+    return PretrainConfig.model_validate(
+        dict(out_dir=str(tmp_path / name), model=TINY_MODEL, train={**TINY_TRAIN, "max_steps": 4}, selection=selection)
+        | source
+    )
+
+
+def test_self_entropy_pretrains_on_a_corpus_without_shards(tiny_demo, tmp_path):
+    cfg = _cfg(
+        tmp_path,
+        "eslm",
+        {"mode": "self_entropy", "ratio": 0.5},
+        corpus={"path": str(tiny_demo.train)},
+        tokenizer=str(tiny_demo.tokenizer),
+        validation={"path": str(tiny_demo.validation)},
+    )
+    record = pretrain.run(cfg)
+    logs = read_metrics(record["outputs"]["metrics"])
+    assert len(logs) == 4 and record["fingerprints"]["reference"] == ""
+    for m in logs:  # the top half of each micro-batch by the student's entropy
+        assert abs(m["kept_fraction"] - 0.5) <= 1.0 / m["valid_tokens"] + 1e-9
+        assert m["self_entropy_kept"] > m["self_entropy_dropped"]
+    assert read_json(tmp_path / "eslm" / "stage.json")["metrics"]["final_heldout_loss"] > 0
+
+
+def test_self_loss_on_shards_reads_no_reference_loss(scored, tmp_path, monkeypatch):
+    read = []
+    real = pretrain.ShardSet.rows
+
+    def watching(self, indices, columns=("input_ids", "ref_loss", "loss_mask")):
+        read.append(tuple(columns))
+        return real(self, indices, columns)
+
+    monkeypatch.setattr(pretrain.ShardSet, "rows", watching)
+    record = pretrain.run(_cfg(tmp_path, "self", {"mode": "self_loss", "ratio": 0.6}, shards=scored["shards"]))
+    logs = read_metrics(record["outputs"]["metrics"])
+    assert read and all("ref_loss" not in c for c in read)
+    for m in logs:
+        assert abs(m["kept_fraction"] - 0.6) <= 1.0 / m["valid_tokens"] + 1e-9
+        assert m["self_loss_kept"] > m["self_loss_dropped"] and m["loss_kept"] == pytest.approx(m["self_loss_kept"])
+
+
+def test_a_corpus_without_shards_takes_only_modes_that_need_no_reference(tiny_demo, tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        f"out_dir: {tmp_path / 'x'}\ncorpus: {{path: {tiny_demo.train}}}\ntokenizer: {tiny_demo.tokenizer}\n"
+    )
+    with pytest.raises(SlmError, match=r"p.yaml: .*selection.mode=batch needs the reference losses .*self_loss"):
+        load_config(path, PretrainConfig)
+    with pytest.raises(SlmError, match=r"exactly one of shards .* and corpus"):
+        load_config(path, PretrainConfig, ["shards=somewhere", "selection.mode=self_loss"])
+    assert load_config(path, PretrainConfig, ["selection.enabled=false"]).corpus is not None
