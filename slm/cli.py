@@ -8,15 +8,7 @@ from pathlib import Path
 import typer
 
 import slm
-from slm.config import (
-    DemoDataConfig,
-    EvalConfig,
-    FinetuneConfig,
-    PretrainConfig,
-    ReferenceConfig,
-    ScoreConfig,
-    load_config,
-)
+from slm.config import load_config
 from slm.errors import EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_BUG, EXIT_OK, SlmError, describe
 
 app = typer.Typer(
@@ -67,13 +59,22 @@ def _need_config(config: Path | None, cls):
     return config
 
 
+def run_stage(kind: str, config: Path | None, set_: list[str] | None, force: bool, **kwargs) -> dict:
+    """Run the registered stage `kind` (slm.stages.registry) on `--config FILE` with `--set` overrides: its
+    config class validates the file, its `run` runs or skips it. Returns the stage.json record."""
+    from slm.stages.registry import get_stage
+
+    stage = get_stage(kind)
+    return stage.run(load_config(_need_config(config, stage.config), stage.config, set_), force=force, **kwargs)
+
+
 @data_app.command("demo")
 def data_demo(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt, force: bool = ForceOpt):
     """Generate the embedded demo corpus (high-quality domain, noisy web corpus, held-out splits, tokenizer)."""
-    from slm.stages import demo_data
+    from slm.stages.registry import get_stage
 
-    cfg = load_config(config, DemoDataConfig, set_, base=None if config else {"out_dir": "runs/demo/data"})
-    demo_data.run(cfg, force=force)
+    stage = get_stage("demo_data")
+    stage.run(load_config(config, stage.config, set_, base=None if config else {"out_dir": "runs/demo/data"}), force)
 
 
 @data_app.command("tokenizer")
@@ -90,9 +91,10 @@ def data_tokenizer(
 ):
     """Train a byte-level BPE (EOS and PAD tokens) on any corpus slm reads, streamed, into a transformers
     tokenizer directory (AutoTokenizer.from_pretrained(DIR))."""
-    from slm.config import TokenizerConfig, apply_overrides, read_yaml, validate
-    from slm.stages import tokenizer as stage
+    from slm.config import apply_overrides, read_yaml, validate
+    from slm.stages.registry import get_stage
 
+    stage = get_stage("tokenizer")
     raw = read_yaml(config) if config else {}
     if corpus:
         corpora = [{"path": c, **({"text_field": text_field} if text_field else {})} for c in corpus]
@@ -107,7 +109,7 @@ def data_tokenizer(
         raise SlmError(
             "slm data tokenizer: --corpus PATH, --vocab-size N and --out DIR are required (or --config FILE)"
         )
-    stage.run(validate(apply_overrides(raw, set_), TokenizerConfig, str(config or "slm data tokenizer")), force=force)
+    stage.run(validate(apply_overrides(raw, set_), stage.config, str(config or "slm data tokenizer")), force=force)
 
 
 @app.command()
@@ -120,11 +122,7 @@ def reference(
     ),
 ):
     """Train the reference model on high-quality text (from sizes or from a Hugging Face checkpoint)."""
-    from slm.stages import reference as stage
-
-    stage.run(
-        load_config(_need_config(config, ReferenceConfig), ReferenceConfig, set_), force=force, resume=_resume(resume)
-    )
+    run_stage("reference", config, set_, force, resume=_resume(resume))
 
 
 @app.command()
@@ -138,11 +136,7 @@ def finetune(
 ):
     """Continue a checkpoint, or graft a long-context backbone onto one (model.init_from + model.backbone),
     on a corpus."""
-    from slm.stages import finetune as stage
-
-    stage.run(
-        load_config(_need_config(config, FinetuneConfig), FinetuneConfig, set_), force=force, resume=_resume(resume)
-    )
+    run_stage("finetune", config, set_, force, resume=_resume(resume))
 
 
 @app.command()
@@ -154,10 +148,8 @@ def score(
     parts: int | None = typer.Option(None, "--parts", help="Number of parts the corpus is split into."),
 ):
     """Score every token of the training corpus with the reference model into Arrow shards."""
-    from slm.stages import score as stage
-
     extra = [f"part={part}"] * (part is not None) + [f"parts={parts}"] * (parts is not None)
-    stage.run(load_config(_need_config(config, ScoreConfig), ScoreConfig, (set_ or []) + extra), force=force)
+    run_stage("score", config, (set_ or []) + extra, force)
 
 
 @app.command()
@@ -170,11 +162,7 @@ def pretrain(
     ),
 ):
     """Pretrain a backbone on token-score shards with the selective loss (selection.enabled=false: baseline)."""
-    from slm.stages import pretrain as stage
-
-    stage.run(
-        load_config(_need_config(config, PretrainConfig), PretrainConfig, set_), force=force, resume=_resume(resume)
-    )
+    run_stage("pretrain", config, set_, force, resume=_resume(resume))
 
 
 @eval_app.callback(invoke_without_command=True)
@@ -184,19 +172,17 @@ def evaluate(
     """Held-out loss, domain accuracy and (on the demo) selection precision/recall; JSON and a table."""
     if ctx.invoked_subcommand is not None:
         return
-    from slm.stages import evaluate as stage
-
-    stage.run(load_config(_need_config(config, EvalConfig), EvalConfig, set_), force=force)
+    run_stage("eval", config, set_, force)
 
 
 @eval_app.command("ruler")
-def eval_ruler(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt):
+def eval_ruler(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt, force: bool = ForceOpt):
     """RULER-style long-context tasks: scores per task x length, effective context length, heatmaps."""
-    from slm.evaluation.ruler import RulerConfig, run_ruler, summary_table
+    from slm.evaluation.ruler import summary_table
+    from slm.io import read_json
 
-    typer.echo(
-        summary_table(run_ruler(load_config(_need_config(config, RulerConfig), RulerConfig, set_), progress=True))
-    )
+    record = run_stage("ruler", config, set_, force)
+    typer.echo(summary_table(read_json(record["outputs"]["results"])))
 
 
 @eval_app.command("harness")
@@ -247,10 +233,7 @@ def run(
 def compare(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt, force: bool = ForceOpt):
     """SLM against the CLM baseline from their pretrain runs: held-out curves, tokens SLM needs to reach CLM's
     final held-out loss, eval figures side by side (comparison.json, comparison.md, learning_curves.png)."""
-    from slm.config import CompareConfig
-    from slm.stages import compare as stage
-
-    stage.run(load_config(_need_config(config, CompareConfig), CompareConfig, set_), force=force)
+    run_stage("compare", config, set_, force)
 
 
 @init_app.command("pipeline")
@@ -383,9 +366,10 @@ def shards_report(
 ):
     """One HTML page (and JSON) on what the selection keeps, without any ground-truth column: loss histograms,
     share kept per source, documents most and least kept, token strings most kept and dropped, SLM vs CLM curves."""
-    from slm.config import ShardsReportConfig, apply_overrides, read_yaml, validate
-    from slm.stages import shards_report as stage
+    from slm.config import apply_overrides, read_yaml, validate
+    from slm.stages.registry import get_stage
 
+    stage = get_stage("shards_report")
     raw = read_yaml(config) if config else {}
     flags = {"shards": directory, "ratio": ratio, "model": model, "max_rows": max_rows, "out_dir": out}
     flags.update(source_field=source_field, slm_run=slm_run, clm_run=clm_run)
@@ -396,7 +380,7 @@ def shards_report(
         raise SlmError("--text-field names the text column of --corpus; give --corpus too")
     if not config and not (directory and out):
         raise SlmError("slm shards report: DIR and --out DIR are required (or --config FILE)")
-    stage.run(validate(apply_overrides(raw, set_), ShardsReportConfig, str(config or "slm shards report")), force=force)
+    stage.run(validate(apply_overrides(raw, set_), stage.config, str(config or "slm shards report")), force=force)
 
 
 @shards_app.command("plot")
@@ -464,42 +448,53 @@ def jobs_status(out: Path = JobsOutOpt):
 
 @analyze_app.command("longrope-search")
 def longrope_search(
-    model: Path = typer.Option(..., "--model", help="Llama checkpoint directory."),
-    data: Path = typer.Option(..., "--data", help="Held-out text (jsonl/txt/parquet/arrow)."),
-    target_len: int = typer.Option(..., "--target-len"),
+    model: Path | None = typer.Option(None, "--model", help="Llama checkpoint directory."),
+    data: Path | None = typer.Option(None, "--data", help="Held-out text (jsonl/txt/parquet/arrow)."),
+    target_len: int | None = typer.Option(None, "--target-len"),
     original_len: int | None = typer.Option(
         None, "--original-len", help="Training length (default: the model's max_position_embeddings)."
     ),
-    samples: int = typer.Option(4, "--samples"),
-    population: int = typer.Option(16, "--population"),
-    generations: int = typer.Option(8, "--generations"),
-    seed: int = typer.Option(0, "--seed"),
-    out: Path = typer.Option(
-        Path("longrope.yaml"), "--out", help="Writes the factors as model.rope_scaling (YAML or JSON)."
+    samples: int | None = typer.Option(None, "--samples", help="Rows of --target-len tokens (default 4)."),
+    population: int | None = typer.Option(None, "--population", help="Individuals per generation (default 16)."),
+    generations: int | None = typer.Option(None, "--generations", help="Generations (default 8)."),
+    seed: int | None = typer.Option(None, "--seed", help="Default 0."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Writes the factors as model.rope_scaling (YAML or JSON); default longrope.yaml, or with --config "
+        "its out_dir/factors_file.",
     ),
+    out_dir: Path | None = typer.Option(
+        None, "--out-dir", help="The stage's folder (stage.json, search.json); default: --out without its suffix."
+    ),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+    force: bool = ForceOpt,
 ):
     """Evolutionary search of LongRoPE per-dimension rescale factors (Ding et al. 2024, Alg. 1)."""
-    import torch
+    import os
 
-    from slm.config import CorpusConfig
-    from slm.data.packed import packed_corpus
-    from slm.data.tokenizer import load_tokenizer
-    from slm.longrope import save_rope_scaling, search_longrope_factors
-    from slm.models import load_pretrained
+    from slm.config import apply_overrides, read_yaml, validate
+    from slm.stages.registry import get_stage
 
-    net = load_pretrained(str(model)).float().eval()
-    tokenizer = load_tokenizer(model)
-    rows = packed_corpus(CorpusConfig(path=str(data)), tokenizer, str(model), target_len, out.parent / ".slm-cache")
-    if len(rows) < 1:
-        raise SlmError(f"{data}: not enough text for one row of {target_len} tokens")
-    ids = torch.from_numpy(rows.rows(range(min(samples, len(rows))), ("input_ids",))["input_ids"]).long()
-    orig = original_len or net.config.max_position_embeddings
-    result = search_longrope_factors(
-        net, ids, orig, target_len, population=population, generations=generations, seed=seed
-    )
-    save_rope_scaling(result, out)
+    stage = get_stage("longrope_search")
+    raw = read_yaml(config) if config else {}
+    flags = {"model": model, "target_len": target_len, "original_len": original_len, "samples": samples}
+    flags.update(population=population, generations=generations, seed=seed, out_dir=out_dir)
+    raw.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
+    if data is not None:
+        base = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+        raw["data"] = {**base, "path": str(data)}
+    if out is not None or not config:  # the factors file at --out, as this command always wrote it
+        out = out or Path("longrope.yaml")
+        raw.setdefault("out_dir", str(out.with_suffix("")))
+        raw["factors_file"] = os.path.relpath(out, raw["out_dir"])
+    cfg = validate(apply_overrides(raw, set_), stage.config, str(config or "slm analyze longrope-search"))
+    record = stage.run(cfg, force=force)
+    m = record["metrics"]
     typer.echo(
-        f"perplexity at {target_len}: {result['perplexity']:.3f} (PI {result['baselines']['pi']:.3f}); wrote {out}"
+        f"perplexity at {record['config']['target_len']}: {m['perplexity']:.3f} (PI {m['pi_perplexity']:.3f}); "
+        f"wrote {record['outputs']['factors']}"
     )
 
 
@@ -512,25 +507,31 @@ def token_dynamics(
         None, "--checkpoint", help="HF model directories in training order (repeatable)."
     ),
     validation: Path | None = typer.Option(None, "--validation", help="Validation text (jsonl/txt/parquet/arrow)."),
-    out: Path = typer.Option(Path("token_dynamics"), "--out"),
+    out: Path | None = typer.Option(
+        None, "--out", help="Output folder (default: the config's out_dir, else token_dynamics)."
+    ),
     config: Path | None = ConfigOpt,
     set_: list[str] | None = SetOpt,
     max_rows: int | None = typer.Option(None, "--max-rows"),
     seq_len: int | None = typer.Option(None, "--seq-len"),
+    force: bool = ForceOpt,
 ):
     """RHO-1 token categories (H->H, L->H, H->L, L->L) over a series of checkpoints, with shares and a plot."""
-    from slm.analysis.token_dynamics import token_dynamics_command
+    from slm.analysis.token_dynamics import token_dynamics_config
+    from slm.stages.registry import get_stage
 
-    token_dynamics_command(
+    cfg = token_dynamics_config(
         [str(c) for c in checkpoint] if checkpoint else None,
         str(run_dir) if run_dir else None,
         str(validation) if validation else None,
-        str(out),
+        str(out) if out else None,
         config=config,
         overrides=set_,
         max_rows=max_rows,
         seq_len=seq_len,
+        out_default="token_dynamics",
     )
+    get_stage("token_dynamics").run(cfg, force=force)
 
 
 def _cli_exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:

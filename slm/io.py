@@ -111,3 +111,18 @@ def sha256_dir(path: str | Path, patterns: tuple[str, ...] = ("*",)) -> str:
 
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def checkpoint_identity(model_dir: str | Path) -> dict:
+    """Cheap identity of a checkpoint directory, no weights hashed: config.json's sha256 (None without one) and
+    each weight file's name, size and mtime. Rewritten weights change it; a copy that keeps the times does not."""
+    model_dir = Path(model_dir)
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    config = model_dir / "config.json"
+    return {
+        "config_sha256": sha256_file(config) if config.is_file() else None,
+        "weights": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+    }

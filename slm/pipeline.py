@@ -15,7 +15,7 @@ from rich.table import Table
 from slm.config import PipelineConfig, apply_overrides, read_yaml, substitute, validate
 from slm.errors import SlmError
 from slm.stages.common import STAGE_FILE, console
-from slm.stages.registry import stage_config_class, stage_runner
+from slm.stages.registry import STAGES, stage_config_class, stage_runner
 
 BUILTIN_DEMO = "demo"
 
@@ -99,7 +99,7 @@ def run_pipeline(
     summary = []
     for i, stage in enumerate(stages):
         out_dir = Path(stage.cfg.out_dir)
-        was_done = (out_dir / STAGE_FILE).is_file() and i < redo_from
+        before = _file_version(out_dir / STAGE_FILE)
         console.rule(f"[bold]{stage.name}[/] ({stage.kind})")
         started = time.time()
         record = stage_runner(stage.kind)(stage.cfg, force=i >= redo_from)
@@ -108,7 +108,11 @@ def run_pipeline(
             {
                 "stage": stage.name,
                 "kind": stage.kind,
-                "status": "skipped" if was_done and status == "complete" else status,
+                # skipped: the stage.json it returned is the one that was there (a stage may redo a finished run
+                # whose inputs changed, and writes a new one)
+                "status": "skipped"
+                if status == "complete" and before and before == _file_version(out_dir / STAGE_FILE)
+                else status,
                 "seconds": round(time.time() - started, 1),
                 "output": str(out_dir),
                 "metrics": record.get("metrics", {}),
@@ -120,32 +124,13 @@ def run_pipeline(
     return summary
 
 
-# the figures `slm run` prints per stage kind: (metric, the metrics naming what it covers); dotted = nested
-KEY_METRICS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
-    "reference": (("final_heldout_loss", ("final_heldout_rows", "final_heldout_tokens")), ("tokens_seen", ())),
-    "finetune": (("final_heldout_loss", ("final_heldout_rows", "final_heldout_tokens")), ("tokens_seen", ())),
-    "pretrain": (
-        ("final_heldout_loss", ("final_heldout_rows", "final_heldout_tokens")),
-        ("tokens_seen", ()),
-        ("kept_fraction", ()),
-    ),
-    "score": (("tokens", ()), ("rows", ()), ("num_shards", ()), ("nan_tokens", ())),
-    "tokenizer": (("vocab_size", ()),),
-    "compare": (
-        ("slm_tokens_to_clm_final", ()),
-        ("slm_token_ratio", ()),
-        ("slm_final_heldout_loss", ()),
-        ("clm_final_heldout_loss", ()),
-        ("equal_budget", ()),
-    ),
-    "shards_report": (("kept_fraction", ()), ("valid_tokens", ()), ("mean_ref_loss_kept", ())),
-    "eval": (
-        ("heldout_loss", ("heldout_rows", "heldout_tokens")),
-        ("domain_accuracy", ()),
-        ("selection.noise_dropped", ()),
-        ("selection.kept_clean", ()),
-    ),
-}
+def _file_version(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime) of a file, None when absent: stage.json is replaced atomically whenever a stage finishes."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _metric(metrics: dict, key: str):
@@ -164,7 +149,7 @@ def format_figure(value) -> str:
 def key_results(kind: str, metrics: dict) -> list[str]:
     """`name=value (rows=R, tokens=T)` for each key figure of a stage that it reported."""
     lines = []
-    for key, covers in KEY_METRICS.get(kind, ()):
+    for key, covers in STAGES[kind].key_figures if kind in STAGES else ():  # declared by each stage kind
         value = _metric(metrics, key)
         if value is None:
             continue

@@ -1,4 +1,4 @@
-"""Analyses of trained models (library code; the CLI's `slm analyze ...` calls into here)."""
+"""Analyses of trained models (library code; the stages behind `slm analyze ...` call into here)."""
 
 from slm.analysis.token_dynamics import (  # noqa: F401
     CATEGORIES,
@@ -9,4 +9,5 @@ from slm.analysis.token_dynamics import (  # noqa: F401
     load_deepspeed_weights,
     token_dynamics,
     token_dynamics_command,
+    token_dynamics_config,
 )

@@ -38,9 +38,15 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
 
-from slm.config import CorpusConfig, StrictModel, apply_overrides, dump_config, read_yaml, validate
+from slm.config import (  # the config lives with every stage's (slm.config); re-exported for this module's users
+    TokenDynamicsConfig,
+    TokenDynamicsThresholds,  # noqa: F401
+    apply_overrides,
+    dump_config,
+    read_yaml,
+    validate,
+)
 from slm.errors import SlmError
 from slm.io import atomic_write_bytes, atomic_write_json, read_json
 
@@ -50,62 +56,6 @@ MEANING = {"H->H": "stays high", "L->H": "increases", "H->L": "decreases", "L->L
 COLORS = {"H->H": "tab:red", "L->H": "tab:orange", "H->L": "tab:green", "L->L": "tab:blue"}
 DS_MODEL_STATES = "mp_rank_00_model_states.pt"
 JSON_NAME, PLOT_NAME, ARRAYS_NAME = "token_dynamics.json", "token_dynamics.png", "token_losses.npz"
-
-
-# --------------------------------------------------------------------------- config
-
-
-class TokenDynamicsThresholds(StrictModel):
-    """Thresholds of the RHO-1 rule (appendix, "Details of Token Categories")."""
-
-    change: float = Field(
-        0.2, ge=0, description="|fitted loss change| (nats) above which a token's loss counts as moving (paper: 0.2)."
-    )
-    level: float | None = Field(
-        None,
-        description="Loss at the last checkpoint separating high from low; "
-        "null: the mean last-checkpoint loss of all tokens (paper's L_mean).",
-    )
-
-
-class TokenDynamicsConfig(StrictModel):
-    """`slm analyze token-dynamics`: RHO-1 token categories (H->H, L->H, H->L, L->L) over checkpoints."""
-
-    out_dir: str = Field(
-        description="Writes token_dynamics.json, token_dynamics.png, token_losses.npz "
-        "(and the packed rows under data/)."
-    )
-    checkpoints: list[str] | None = Field(None, description="Hugging Face model directories, in training order.")
-    run_dir: str | None = Field(
-        None, description="A reference/pretrain run: its whole DeepSpeed checkpoints (ZeRO 0-2), in step order."
-    )
-    architecture: str | None = Field(
-        None,
-        description="With run_dir: HF model directory whose architecture the checkpoints share "
-        "(default <run_dir>/model).",
-    )
-    tokenizer: str | None = Field(
-        None, description="Default: the first checkpoint's directory (or the architecture's, with run_dir)."
-    )
-    validation: CorpusConfig
-    seq_len: int = Field(256, ge=8)
-    max_rows: int = Field(64, ge=1, description="Analyse the first max_rows packed rows of the validation corpus.")
-    batch_size: int = Field(8, ge=1)
-    thresholds: TokenDynamicsThresholds = Field(default_factory=TokenDynamicsThresholds)
-    x_axis: Literal["index", "step"] = Field(
-        "index", description="Fit against checkpoint index (paper) or training step."
-    )
-    examples: int = Field(3, ge=0, description="Example tokens per category in the JSON and the plot.")
-    precision: Literal["fp32", "bf16"] = "fp32"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if (self.checkpoints is None) == (self.run_dir is None):
-            raise ValueError("give exactly one of checkpoints (HF model directories) or run_dir (a training run)")
-        if self.architecture is not None and self.run_dir is None:
-            raise ValueError("architecture is only used with run_dir")
-        return self
 
 
 # --------------------------------------------------------------------------- the rule
@@ -551,10 +501,10 @@ def plot_token_dynamics(summary: dict, path: str | Path) -> Path:
     return save_png(fig, path, dpi=110)
 
 
-# --------------------------------------------------------------------------- entry for the CLI
+# --------------------------------------------------------------------------- configs from command-line flags
 
 
-def token_dynamics_command(
+def token_dynamics_config(
     checkpoints: list[str] | None = None,
     run_dir: str | None = None,
     validation: str | None = None,
@@ -569,12 +519,11 @@ def token_dynamics_command(
     batch_size: int | None = None,
     change_threshold: float | None = None,
     level_threshold: float | None = None,
-    progress: bool = True,
-    console=None,
-) -> dict:
-    """What `slm analyze token-dynamics` calls: a YAML config (optional), then the flags that are
-    set, then `--set` overrides, validated as one `TokenDynamicsConfig` (problems are one-line
-    `SlmError`s), then `token_dynamics`."""
+    out_default: str | None = None,
+) -> TokenDynamicsConfig:
+    """The config `slm analyze token-dynamics` runs: a YAML config (optional), then the flags that are set, then
+    `--set` overrides, validated as one `TokenDynamicsConfig` (problems are one-line `SlmError`s). `out_default`:
+    the out_dir when neither `out` nor the YAML names one."""
     raw: dict[str, Any] = read_yaml(config) if config is not None else {}
     flags = {
         "checkpoints": [str(c) for c in checkpoints] if checkpoints else None,
@@ -587,6 +536,8 @@ def token_dynamics_command(
         "batch_size": batch_size,
     }
     raw.update({k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items() if v is not None})
+    if out_default is not None:
+        raw.setdefault("out_dir", out_default)
     if validation is not None:
         base = raw.get("validation") if isinstance(raw.get("validation"), dict) else {}
         raw["validation"] = {**base, "path": str(validation)}
@@ -597,4 +548,20 @@ def token_dynamics_command(
     source = str(config) if config is not None else "token-dynamics options"
     if overrides:
         source += " (with --set " + ", ".join(overrides) + ")"
-    return token_dynamics(validate(raw, TokenDynamicsConfig, source), progress=progress, console=console)
+    return validate(raw, TokenDynamicsConfig, source)
+
+
+def token_dynamics_command(
+    checkpoints: list[str] | None = None,
+    run_dir: str | None = None,
+    validation: str | None = None,
+    out: str | None = None,
+    *,
+    progress: bool = True,
+    console=None,
+    **options,
+) -> dict:
+    """`token_dynamics` on the config `token_dynamics_config` builds from these arguments (no stage.json: the
+    `token_dynamics` stage kind, what `slm analyze token-dynamics` runs, adds it). Returns the JSON's content."""
+    cfg = token_dynamics_config(checkpoints, run_dir, validation, out, **options)
+    return token_dynamics(cfg, progress=progress, console=console)

@@ -3,14 +3,16 @@
 The folder holds a frozen copy of the resolved pipeline (`pipeline.yaml`: overrides applied,
 `${work_dir}` substituted), one config file per stage (`configs/STAGE.yaml`, what the stage's
 own command reads) and one script per stage (`STAGE.sbatch`). A script runs its stage through the
-CLI exactly as a user would (`slm reference --config configs/reference.yaml`), so later edits to
+CLI exactly as a user would (`slm reference --config configs/reference.yaml`; the command, and how
+the cluster runs each kind, come from the stage registry, `slm.stages.registry`), so later edits to
 the user's YAML never change a rendered job.
 
-- scoring is a job array: task i runs `slm score --part i --parts N` (N = `array_parts`);
-- training (reference, pretrain) is one `srun` task per node, each running the DeepSpeed
-  launcher in no-ssh mode (or torchrun with a c10d rendezvous) for the ranks of its node; the
-  first host of the allocation is the rendezvous host;
-- every other stage is a single task.
+- an `array` stage (scoring) is a job array: task i runs `slm score --part i --parts N` (N = `array_parts`);
+- a `training` stage (reference, finetune, pretrain) is one `srun` task per node, each running the
+  DeepSpeed launcher in no-ssh mode (or torchrun with a c10d rendezvous) for the ranks of its node;
+  the first host of the allocation is the rendezvous host;
+- every other stage is a single task; `stoppable` ones (training, scoring) are asked to stop at a
+  safe point ahead of the time limit and requeued.
 
 A stage depends on the earlier stages whose output directories its config names (eval of
 pretrain_slm waits for pretrain_slm, not for pretrain_clm); a stage that names none waits for the
@@ -31,20 +33,8 @@ from slm.config import dump_config
 from slm.errors import SlmError
 from slm.jobs.resources import SlurmResources, stage_resources
 from slm.pipeline import load_pipeline
+from slm.stages.registry import get_stage
 
-TRAINING = ("reference", "finetune", "pretrain")
-STOPPABLE = (*TRAINING, "score")  # stages that stop at a safe point when asked (slm.preempt)
-COMMANDS = {
-    "demo_data": "slm data demo",
-    "tokenizer": "slm data tokenizer",
-    "reference": "slm reference",
-    "finetune": "slm finetune",
-    "score": "slm score",
-    "pretrain": "slm pretrain",
-    "eval": "slm eval",
-    "compare": "slm compare",
-    "shards_report": "slm shards report",
-}
 FROZEN_PIPELINE = "pipeline.yaml"
 
 
@@ -129,7 +119,7 @@ def plan_jobs(
         res = stage_resources(s.slurm, s.name, str(path))
         cfg = s.cfg
         parts = None
-        if s.kind == "score":
+        if get_stage(s.kind).array:  # scoring: task i of the array scores part i
             parts = res.array_parts
             cfg = cfg.model_copy(update={"part": 0, "parts": parts})
         jobs.append(
@@ -154,7 +144,7 @@ def plan_jobs(
 
 def _sbatch_header(job: RenderedJob) -> list[str]:
     r = job.resources
-    training = job.kind in TRAINING
+    training = get_stage(job.kind).training
     log = job.log_dir / (f"{job.stage}-%A_%a.out" if job.tasks is not None else f"{job.stage}-%j.out")
     opts = [
         f"--job-name={job.job_name}",
@@ -172,15 +162,15 @@ def _sbatch_header(job: RenderedJob) -> list[str]:
     if job.tasks is not None:
         opts.append(f"--array={job.array}")
     opts += ["--requeue", "--open-mode=append"] if r.requeue else ["--no-requeue"]
-    if job.kind in STOPPABLE and r.signal_seconds:
+    if get_stage(job.kind).stoppable and r.signal_seconds:
         opts.append(f"--signal=B:USR1@{r.signal_seconds}")
     opts += r.extra_sbatch
     return [f"#SBATCH {o}" for o in opts]
 
 
 def _stage_command(job: RenderedJob) -> str:
-    cmd = f"{COMMANDS[job.kind]} --config {shlex.quote(str(job.config))}"
-    if job.kind == "score":
+    cmd = f"{get_stage(job.kind).command} --config {shlex.quote(str(job.config))}"
+    if get_stage(job.kind).array:
         cmd += f' --part "$SLURM_ARRAY_TASK_ID" --parts {job.parts}'
     return cmd
 
@@ -201,8 +191,8 @@ def launcher_command(job: RenderedJob) -> str:
 
 
 def script_text(job: RenderedJob, pipeline_source: str) -> str:
-    r = job.resources
-    threads = max(1, r.cpus_per_task // r.ranks_per_node) if job.kind in TRAINING else r.cpus_per_task
+    r, stage = job.resources, get_stage(job.kind)
+    threads = max(1, r.cpus_per_task // r.ranks_per_node) if stage.training else r.cpus_per_task
     lines = [
         "#!/bin/bash",
         f"# Rendered by `slm jobs` from {pipeline_source}: stage {job.stage!r} ({job.kind}).",
@@ -217,7 +207,7 @@ def script_text(job: RenderedJob, pipeline_source: str) -> str:
         f'echo "slm jobs: stage {job.stage} on $(hostname), job ${{SLURM_JOB_ID}} started $(date -Is)"',
         "",
     ]
-    if job.kind in TRAINING:
+    if stage.training:
         port = str(r.master_port) if r.master_port else "$((20000 + SLURM_JOB_ID % 20000))"
         lines += [
             "# rendezvous on the first host of the allocation; one launcher per node",
@@ -237,7 +227,7 @@ def script_text(job: RenderedJob, pipeline_source: str) -> str:
         ]
     else:
         run = [_stage_command(job)]
-    lines += preemption_lines(job, run) if job.kind in STOPPABLE else run
+    lines += preemption_lines(job, run) if stage.stoppable else run
     return "\n".join(lines) + "\n"
 
 

@@ -74,8 +74,17 @@ class StageRun:
             )
         return record
 
-    def prepare(self, force: bool) -> dict | None:
-        """Clear the output on --force; return the finished record to skip, else None."""
+    def prepare(self, force: bool, inputs: str | None = None) -> dict | None:
+        """Clear the output on --force; return the finished record to skip, else None.
+
+        `inputs`: a fingerprint of what the stage reads besides its config (a model's files, other runs' records),
+        kept in stage.json as `fingerprints.inputs` (pass it to `complete`). A finished run of this config whose
+        inputs differ is redone as with --force: its output no longer describes what its config names."""
+        if not force and inputs is not None:
+            done = self.finished()
+            if done is not None and done.get("fingerprints", {}).get("inputs") != inputs:
+                say(f"{self.kind}: an input changed since {self.out_dir} was written; running it again")
+                force = True
         if force and self.out_dir.exists() and rank() == 0:
             clear_directory(self.out_dir)  # all but the run lock, which this stage holds (`locked_stage`)
         if force:
@@ -87,7 +96,12 @@ class StageRun:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         return done
 
-    def complete(self, fingerprints: dict, metrics: dict, started: float, outputs: dict) -> dict:
+    def complete(
+        self, fingerprints: dict, metrics: dict, started: float, outputs: dict, inputs: str | None = None
+    ) -> dict:
+        """Write stage.json: the run is finished (`inputs`: the fingerprint `prepare` compares on a rerun)."""
+        if inputs is not None:
+            fingerprints = {**fingerprints, "inputs": inputs}
         record = {
             "kind": self.kind,
             "status": "complete",

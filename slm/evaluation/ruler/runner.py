@@ -28,7 +28,7 @@ from slm.evaluation.ruler.scoring import effective_length, score_sample
 from slm.evaluation.ruler.sizing import encode_prompt
 from slm.evaluation.ruler.tasks import generate_sample
 from slm.evaluation.ruler.templates import get_templates
-from slm.io import atomic_write_json, atomic_write_text, sha256_json
+from slm.io import atomic_write_json, atomic_write_text, checkpoint_identity, sha256_json
 
 FORMAT = "slm.ruler/1"
 
@@ -63,15 +63,6 @@ def _resolve_device(cfg: RulerConfig):
     if precision == "auto":
         precision = "bf16" if device.startswith("cuda") else "fp32"
     return device, {"fp32": torch.float32, "bf16": torch.bfloat16}[precision], precision
-
-
-def _model_fingerprint(model_dir: Path) -> dict:
-    """Cheap identity of a checkpoint: config.json's hash, and weight files' names, sizes, mtimes."""
-    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file())
-    return {
-        "config_sha256": hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest(),
-        "weights": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
-    }
 
 
 def _load_previous(path: Path, fingerprint: str) -> dict[tuple, dict]:
@@ -144,7 +135,7 @@ def run_ruler(cfg: RulerConfig, progress: bool = True) -> dict:
     fingerprint = sha256_json(
         {
             "format": FORMAT,
-            "model": _model_fingerprint(model_dir),
+            "model": checkpoint_identity(model_dir),
             "tokenizer": tokenizer_fingerprint(tok_dir),
             "max_new_tokens": cfg.max_new_tokens,
             "stop_at_newline": cfg.stop_at_newline,
