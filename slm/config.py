@@ -472,7 +472,7 @@ class TokenDynamicsConfig(StrictModel):
         return self
 
 
-# --------------------------------------------------------------------------- LongRoPE search (slm.longrope)
+# --------------------------------------------------------------------------- LongRoPE search (slm.analysis.longrope)
 
 
 class LongRopeSearchConfig(StrictModel):

@@ -17,7 +17,7 @@ What each type does in transformers 5.24 (inv_freq_i = theta^(-2i/d), i < d/2):
 - `longrope` (Ding et al. 2024; the Phi-3 form): inv_freq_i / long_factor[i] once the sequence is
   longer than `original_max_position_embeddings`, inv_freq_i / short_factor[i] otherwise; cos/sin
   are scaled by `attention_factor`, default sqrt(1 + ln(factor) / ln(original_max_position_embeddings)).
-  `slm.longrope.search_longrope_factors` searches `long_factor`.
+  `slm.analysis.longrope.search_longrope_factors` searches `long_factor`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""`slm analyze longrope-search`: LongRoPE's search of per-dimension RoPE rescale factors (slm.longrope), as a
-stage: the factors as a `model.rope_scaling` file, the whole search in search.json.
+"""`slm analyze longrope-search`: LongRoPE's search of per-dimension RoPE rescale factors (slm.analysis.longrope),
+as a stage: the factors as a `model.rope_scaling` file, the whole search in search.json.
 
 Skipped when stage.json records this config, the model's files are unchanged and the factors file is still there.
 """
@@ -32,9 +32,9 @@ def inputs_fingerprint(cfg: LongRopeSearchConfig) -> str | None:
 def run(cfg: LongRopeSearchConfig, force: bool = False, progress: bool = True) -> dict:
     import torch
 
+    from slm.analysis.longrope import save_rope_scaling, search_longrope_factors
     from slm.data.packed import packed_corpus
     from slm.data.tokenizer import load_tokenizer
-    from slm.longrope import save_rope_scaling, search_longrope_factors
     from slm.models import load_pretrained
     from slm.training.distributed import device
 

@@ -12,9 +12,7 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import slm  # noqa: F401  (registers the backbones)
-from slm.config import ModelConfig
-from slm.errors import SlmError
-from slm.longrope import (
+from slm.analysis.longrope import (
     _crossover,
     _mutate,
     is_monotone,
@@ -28,6 +26,8 @@ from slm.longrope import (
     search_longrope_factors,
     yarn_factors,
 )
+from slm.config import ModelConfig
+from slm.errors import SlmError
 from slm.models import build_model
 
 VOCAB = 97

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from slm.errors import SlmError
+from slm.io import atomic_write_text
 
 SEARCH_STEP = 0.01  # Table 1: lambda_i on a 0.01 grid
 SEARCH_MAX_RATIO = 1.25  # Table 1: lambda_i in [1.0, 1.25 * s]
@@ -495,7 +496,7 @@ def save_rope_scaling(result: dict[str, Any], path: str | Path) -> Path:
         text = json.dumps(scaling, indent=2) + "\n"
     elif path.suffix in (".yaml", ".yml"):
         header = (
-            "# LongRoPE factors (slm.longrope.search_longrope_factors): use as model.rope_scaling,\n"
+            "# LongRoPE factors (slm.analysis.longrope.search_longrope_factors): use as model.rope_scaling,\n"
             f"# with model.max_position_embeddings >= {int(result['target_len'])}.\n"
         )
         if "perplexity" in result:
@@ -506,9 +507,7 @@ def save_rope_scaling(result: dict[str, Any], path: str | Path) -> Path:
         text = header + yaml.safe_dump(scaling, sort_keys=False, default_flow_style=None)
     else:
         raise SlmError(f"{path}: expected a .json, .yaml or .yml file name")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, text)
     return path
 
 
