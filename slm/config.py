@@ -250,11 +250,38 @@ class FinetuneConfig(ReferenceConfig):
         return self
 
 
+class ReferenceModel(StrictModel):
+    """One reference of a multi-reference `slm score` (an item of its `reference:` list)."""
+
+    path: str = Field(description="Hugging Face checkpoint directory.")
+    domain: str | None = Field(
+        None,
+        description="combine=min_per_domain only: the documents (those whose domain_field is this value) whose "
+        "tokens this reference scores; None: every document's.",
+    )
+
+
 class ScoreConfig(StrictModel):
     """`slm score`: per-token reference loss over the training corpus, into Arrow shards."""
 
     out_dir: str
-    reference: str = Field(description="Reference model: Hugging Face checkpoint directory.")
+    reference: str | list[str | ReferenceModel] = Field(
+        description="Reference model: a Hugging Face checkpoint directory, or a list of them (each a path or "
+        "{path, domain}): with several, reference i's losses are column ref_loss_<i> and ref_loss is their "
+        "combination (`combine`). A list of one is the single reference, shard for shard."
+    )
+    combine: Literal["max", "mean", "min_per_domain"] = Field(
+        "max",
+        description="With several references, ref_loss[t] from their losses L_i[t]: max: max_i L_i[t]; mean: "
+        "(1/k) sum_i L_i[t]; min_per_domain: min over the references whose domain is the document's or unset. NaN "
+        "from any reference that enters makes ref_loss NaN (the token is not selected).",
+        json_schema_extra=ADDED,
+    )
+    domain_field: str = Field(
+        "domain",
+        description="combine=min_per_domain with declared domains: the corpus column naming each document's domain.",
+        json_schema_extra=ADDED,
+    )
     base_model: str | None = Field(None, description="Optional base model for static excess loss.")
     tokenizer: str | None = Field(None, description="Defaults to the reference's own tokenizer.")
     corpus: CorpusConfig
@@ -278,6 +305,29 @@ class ScoreConfig(StrictModel):
         if self.part >= self.parts:
             raise ValueError(f"part={self.part} must be < parts={self.parts}")
         return self
+
+    @field_validator("reference")
+    @classmethod
+    def _some_reference(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list: name at least one reference model directory")
+        return v
+
+    @model_validator(mode="after")
+    def _domains_need_min_per_domain(self):
+        declared = [i for i, r in enumerate(self.references) if r.domain is not None]
+        if declared and self.combine != "min_per_domain":
+            raise ValueError(
+                f"reference.{declared[0]}.domain is set but combine={self.combine!r}: domains are used only by "
+                "combine=min_per_domain; set combine: min_per_domain or drop the domain"
+            )
+        return self
+
+    @property
+    def references(self) -> list[ReferenceModel]:
+        """`reference` as a list of ReferenceModel (a single path is a list of one)."""
+        items = self.reference if isinstance(self.reference, list) else [self.reference]
+        return [ReferenceModel(path=r) if isinstance(r, str) else r for r in items]
 
 
 class PretrainConfig(StrictModel):

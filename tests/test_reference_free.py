@@ -65,3 +65,30 @@ def test_a_corpus_without_shards_takes_only_modes_that_need_no_reference(tiny_de
     with pytest.raises(SlmError, match=r"exactly one of shards .* and corpus"):
         load_config(path, PretrainConfig, ["shards=somewhere", "selection.mode=self_loss"])
     assert load_config(path, PretrainConfig, ["selection.enabled=false"]).corpus is not None
+
+
+def test_selection_quality_measures_the_runs_own_rule(scored):
+    """`slm.evaluation.heldout.selection_quality` with a reference-free mode keeps what training keeps: the top
+    ratio of each batch by the model's own loss, recounted here from the shards' noise tags."""
+    import numpy as np
+    import torch
+
+    from slm.evaluation.heldout import selection_quality
+    from slm.models import load_pretrained
+    from slm.selection import top_k_mask
+    from slm.shards import ShardSet
+    from slm.token_loss import token_losses
+
+    shards, model = ShardSet(scored["shards"]), load_pretrained(scored["reference"]).float().eval()
+    got = selection_quality(model, shards, 0.5, 8, 2, progress=False, mode="self_loss")
+    kept_clean = kept_all = 0
+    for start in (0, 8):
+        rows = shards.rows(np.arange(start, start + 8), ("input_ids", "loss_mask", "noise"))
+        with torch.no_grad():
+            ce = token_losses(model, torch.from_numpy(rows["input_ids"]).long())
+        valid = torch.isfinite(ce) & torch.from_numpy(rows["loss_mask"]).bool()
+        kept = top_k_mask(ce.reshape(-1), valid.reshape(-1), 0.5).view_as(ce)
+        kept_all += int(kept.sum())
+        kept_clean += int((kept & ~torch.from_numpy(rows["noise"]).bool()).sum())
+    assert got["mode"] == "self_loss" and got["kept_clean"] == pytest.approx(kept_clean / kept_all)
+    assert got["kept_clean"] != selection_quality(model, shards, 0.5, 8, 2, progress=False)["kept_clean"]

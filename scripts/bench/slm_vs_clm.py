@@ -144,7 +144,10 @@ def run_config(base, out_dir: Path, seed: int, ratio: float | None, args):
         checkpoint_every=args.checkpoint_every,
         keep_checkpoints=10_000,
     )
-    d["selection"] = {"enabled": False} if ratio is None else {**d["selection"], "enabled": True, "ratio": ratio}
+    mode = {"mode": args.mode} if getattr(args, "mode", None) else {}
+    d["selection"] = (
+        {"enabled": False} if ratio is None else {**d["selection"], "enabled": True, "ratio": ratio, **mode}
+    )
     return PretrainConfig.model_validate(d)
 
 
@@ -160,6 +163,7 @@ class Evaluator:
 
         self.args, self.prep = args, prep
         base = prep["pretrain"]
+        self.mode = args.mode or base.selection.mode  # the SLM runs' selection rule, final models measured by it
         self.shards = ShardSet(base.shards)
         self.tokenizer_dir = base.tokenizer or self.shards.metadata.tokenizer_path
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
@@ -253,7 +257,7 @@ class Evaluator:
             "run": _stage_fp(run_dir),
             "questions": len(self.questions),
             "max_new_tokens": self.max_new_tokens,
-            "selection_quality": [ratio, SQ_BATCH, SQ_BATCHES],
+            "selection_quality": [ratio, SQ_BATCH, SQ_BATCHES] + ([self.mode] if self.mode != "batch" else []),
         }
 
         def compute():
@@ -264,7 +268,7 @@ class Evaluator:
                 acc.append({"step": int(read_json(ck / MARKER)["step"]), "accuracy": self.accuracy(model)})
             model = load_pretrained(str(run_dir / "model")).float().eval()  # the exported final model
             sq = (
-                selection_quality(model, self.shards, ratio, SQ_BATCH, SQ_BATCHES, progress=False)
+                selection_quality(model, self.shards, ratio, SQ_BATCH, SQ_BATCHES, progress=False, mode=self.mode)
                 if ratio is not None
                 else None
             )
@@ -283,6 +287,7 @@ class Evaluator:
         ratio = TARGET_RATIO if ratio is None else ratio
         n_rows = SQ_BATCH * SQ_BATCHES
         key = {"run": _stage_fp(run_dir), "ratio": ratio, "rows": n_rows}
+        key.update({"mode": self.mode} if self.mode != "batch" else {})
         if self._codes is None:
             self._codes = noise_kind_codes(self.shards, self.prep["score"].corpus, self.tokenizer, n_rows)
 
@@ -290,7 +295,15 @@ class Evaluator:
             model = load_pretrained(str(run_dir / "model")).float().eval()
             codes, names = self._codes
             return selection_quality(
-                model, self.shards, ratio, SQ_BATCH, SQ_BATCHES, progress=False, noise_codes=codes, kind_names=names
+                model,
+                self.shards,
+                ratio,
+                SQ_BATCH,
+                SQ_BATCHES,
+                progress=False,
+                noise_codes=codes,
+                kind_names=names,
+                mode=self.mode,
             )["by_kind"]
 
         return self.cached(run_dir / "bench_kinds.json", key, compute)
@@ -306,8 +319,11 @@ def _stage_fp(run_dir: Path) -> str:
 # ----------------------------------------------------------------------------- the runs
 
 
+MODE = None  # --mode: the selection mode of the SLM runs (None: the recipe's, batch); set by main / report_from
+
+
 def method_name(ratio: float | None) -> str:
-    return "CLM" if ratio is None else f"SLM {ratio:g}"
+    return "CLM" if ratio is None else f"{'SLM' if MODE in (None, 'batch') else MODE} {ratio:g}"
 
 
 def analyse_run(metrics: list[dict], cfg, untrained: dict, evals: dict, record: dict) -> dict:
@@ -370,7 +386,7 @@ def micro_overhead(model, shards, sel_cfg, micro_batch: int, reps: int) -> dict:
     import torch
 
     from slm.selection import selective_loss
-    from slm.token_loss import token_losses
+    from slm.token_loss import token_losses, token_losses_and_entropy
     from slm.training.loop import causal_lm_step
 
     rows = shards.rows(np.arange(micro_batch), ("input_ids", "ref_loss", "loss_mask"))
@@ -385,9 +401,14 @@ def micro_overhead(model, shards, sel_cfg, micro_batch: int, reps: int) -> dict:
         loss, _ = causal_lm_step(model, batch)
         loss.backward()
 
+    def losses():  # the student's losses (and, for self_entropy, entropies) as the training step computes them
+        if sel_cfg.mode == "self_entropy":
+            return token_losses_and_entropy(model, batch["input_ids"])
+        return token_losses(model, batch["input_ids"]), None
+
     def selective():
-        ce = token_losses(model, batch["input_ids"])
-        selective_loss(ce, batch["ref_loss"], sel_cfg, batch["loss_mask"]).loss.backward()
+        ce, entropy = losses()
+        selective_loss(ce, batch["ref_loss"], sel_cfg, batch["loss_mask"], entropy=entropy).loss.backward()
 
     def timed(fn):
         model.zero_grad(set_to_none=True)
@@ -405,11 +426,11 @@ def micro_overhead(model, shards, sel_cfg, micro_batch: int, reps: int) -> dict:
         for name, fn in order:
             times[name].append(timed(fn))
     with torch.no_grad():
-        ce = token_losses(model, batch["input_ids"])
+        ce, entropy = losses()
     sel_only = []
     for _ in range(max(reps, 20)):
         t = time.perf_counter()
-        selective_loss(ce, batch["ref_loss"], sel_cfg, batch["loss_mask"])
+        selective_loss(ce, batch["ref_loss"], sel_cfg, batch["loss_mask"], entropy=entropy)
         sel_only.append(time.perf_counter() - t)
     model.zero_grad(set_to_none=True)
     p, s, o = (statistics.median(times["plain"]), statistics.median(times["selective"]), statistics.median(sel_only))
@@ -810,6 +831,8 @@ def report_from(path: Path, args, console) -> None:
 
     saved = json.loads(path.read_text())
     st = saved["settings"]
+    global MODE
+    MODE = st.get("mode")  # absent in results saved before --mode: batch
     results = {}
     for r in saved["runs"]:
         r = {
@@ -859,6 +882,13 @@ def main() -> None:
     p.add_argument(
         "--micro-reps", type=int, default=20, help="interleaved repetitions of the fwd+bwd micro-measurement"
     )
+    p.add_argument(
+        "--mode",
+        choices=["batch", "self_loss", "self_entropy"],
+        default=None,
+        help="selection mode of the SLM runs (default: the recipe's, batch = RHO-1); self_loss / self_entropy: "
+        "reference-free (ESLM). The CLM runs do not depend on it: run once per mode in one --work-dir to compare",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (fixed)")
     p.add_argument("--force", action="store_true", help="redo the runs and evaluations (not the prepared demo)")
     p.add_argument(
@@ -883,6 +913,8 @@ def main() -> None:
         "--plot", type=Path, default=None, help="PNG (default results/slm_vs_clm.png; --quick: slm_vs_clm_quick.png)"
     )
     args = p.parse_args()
+    global MODE
+    MODE = args.mode
     if args.quick:
         args.seeds = args.seeds if args.seeds != p.get_default("seeds") else [0]
         args.ratios = args.ratios if args.ratios != p.get_default("ratios") else [TARGET_RATIO]
@@ -941,7 +973,8 @@ def main() -> None:
     for seed in args.seeds:
         untrained = ev.untrained(base, seed)
         for ratio in methods:
-            name = f"{'clm' if ratio is None else f'slm{ratio:g}'}-seed{seed}"
+            slm = "slm" if args.mode in (None, "batch") else args.mode
+            name = f"{'clm' if ratio is None else f'{slm}{ratio:g}'}-seed{seed}"
             cfg = run_config(base, runs_dir / name, seed, ratio, args)
             t = time.time()
             record = pretrain.run(cfg, force=args.force)
@@ -972,11 +1005,11 @@ def main() -> None:
 
         clm_dir = Path(results[(None, args.seeds[0])]["out_dir"])
         sel_cfg = SelectionConfig.model_validate(
-            {**base.selection.model_dump(), "enabled": True, "ratio": TARGET_RATIO}
+            {**base.selection.model_dump(), "enabled": True, "ratio": TARGET_RATIO, "mode": ev.mode}
         )
         micro = ev.cached(
-            clm_dir.parent / "bench_micro.json",
-            {"model": _stage_fp(clm_dir), "reps": args.micro_reps, "ratio": TARGET_RATIO},
+            clm_dir.parent / ("bench_micro.json" if ev.mode == "batch" else f"bench_micro_{ev.mode}.json"),
+            {"model": _stage_fp(clm_dir), "reps": args.micro_reps, "ratio": TARGET_RATIO, "mode": ev.mode},
             lambda: micro_overhead(
                 load_pretrained(str(clm_dir / "model")).float(),
                 ev.shards,
@@ -1006,6 +1039,7 @@ def main() -> None:
         "machine": info,
         "settings": {
             "quick": args.quick,
+            "mode": ev.mode,
             "seeds": args.seeds,
             "ratios": ratios,
             "steps": args.steps,

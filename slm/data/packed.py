@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from slm.config import CorpusConfig
 from slm.data.corpus import corpus_fingerprint, load_corpus
-from slm.data.packing import pack_documents, tokenize_documents
+from slm.data.packing import pack_documents, token_documents, tokenize_documents
 from slm.data.tokenizer import tokenizer_fingerprint
 from slm.errors import SlmError
 from slm.io import atomic_open, sha256_json
@@ -139,11 +139,9 @@ def packed_corpus(cfg: CorpusConfig, tokenizer, tokenizer_dir: str, seq_len: int
             docs = iter_documents(corpus, tokenizer, cfg.text_field)
         else:
             docs = iter_completion_documents(corpus, tokenizer, cfg.text_field, cfg.completion_field)
-        started = 0  # documents begun in the rows so far
-        for row in pack_documents(docs, seq_len, tokenizer.eos_token_id, pad_id, cfg.packing):
-            # the row's first token opens a document (the next one) or continues the last one begun
-            doc_index.append(started if 0 in row.doc_starts else started - 1)
-            started += len(row.doc_starts)
+        rows = pack_documents(docs, seq_len, tokenizer.eos_token_id, pad_id, cfg.packing)
+        for row, documents in token_documents(rows):
+            doc_index.append(int(documents[0]))  # the document of the row's first token
             buffer.append(row)
             n_rows += 1
             if len(buffer) == 1024:

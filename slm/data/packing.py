@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 @dataclass
 class PackedRow:
@@ -77,6 +79,18 @@ def pack_documents(
             starts = [s - seq_len for s in starts if s >= seq_len]
     if ids:
         yield padded_row()
+
+
+def token_documents(rows: Iterable[PackedRow], first: int = 0) -> Iterator[tuple[PackedRow, np.ndarray]]:
+    """Each row of `pack_documents` with, per token, the index of the document holding it (documents numbered in
+    packing order from `first`; -1 on padding). A document's EOS is its own; a row's tokens before its first
+    `doc_starts` entry continue the last document begun in the rows before."""
+    started = first  # documents begun so far
+    for row in rows:
+        starts = np.asarray(row.doc_starts, dtype=np.int64)
+        at = np.searchsorted(starts, np.arange(len(row.input_ids)), side="right")  # starts at or before t
+        yield row, np.where(np.asarray(row.loss_mask) != 0, started - 1 + at, -1)
+        started += len(starts)
 
 
 def noise_tags_from_spans(

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from slm.config import SelectionConfig
 from slm.errors import SlmError
 from slm.evaluation.ruler.decode import greedy_generate, stop_token_ids
-from slm.selection import top_k_mask
-from slm.token_loss import token_losses
+from slm.selection import selective_loss
+from slm.token_loss import token_losses, token_losses_and_entropy
 
 
 def read_questions(path: str | Path) -> list[dict]:
@@ -78,8 +79,10 @@ def selection_quality(
     progress: bool = True,
     noise_codes: np.ndarray | None = None,
     kind_names: list[str] | None = None,
+    mode: str = "batch",
 ) -> dict:
-    """Precision/recall of the model's batch-mode selection against the shards' noise column.
+    """Precision/recall of the model's selection (per batch: `mode` batch, RHO-1's, or the reference-free
+    self_loss / self_entropy, as `slm.selection.selective_loss` selects in training) against the shards' noise column.
 
     noise_dropped: share of noise tokens the selection drops (recall of the drop);
     kept_clean: share of kept tokens that are clean (precision of the keep).
@@ -102,10 +105,15 @@ def selection_quality(
         index = np.arange(start, min(start + batch_size, n))
         rows = shards.rows(index, ("input_ids", "ref_loss", "loss_mask", "noise"))
         ids = torch.from_numpy(rows["input_ids"]).long().to(dev)
-        ce = token_losses(model, ids).float()
+        if mode == "self_entropy":
+            ce, entropy = token_losses_and_entropy(model, ids)
+        else:
+            ce, entropy = token_losses(model, ids), None
+        ce = ce.float()
         ref = torch.from_numpy(rows["ref_loss"]).to(dev)
-        valid = torch.isfinite(ce) & torch.isfinite(ref) & torch.from_numpy(rows["loss_mask"]).bool().to(dev)
-        kept = top_k_mask((ce - ref).reshape(-1), valid.reshape(-1), ratio).view_as(ce)
+        mask = torch.from_numpy(rows["loss_mask"]).to(dev)
+        sel = selective_loss(ce, ref, SelectionConfig(mode=mode, ratio=ratio), mask, entropy=entropy)
+        valid, kept = sel.valid, sel.weights.bool()
         noise = torch.from_numpy(rows["noise"]).bool().to(dev) & valid
         kept_total += int(kept.sum())
         kept_clean += int((kept & ~noise).sum())
@@ -115,9 +123,10 @@ def selection_quality(
             codes = torch.from_numpy(noise_codes[index].astype(np.int64)).to(dev)
             for code in range(len(names)):
                 m = (codes == code) & valid
-                sums[code] += [int(m.sum()), int((m & kept).sum()), float(ref[m].sum()), float(ce[m].sum())]
+                sums[code] += [int(m.sum()), int((m & kept).sum()), float(ref[m].nansum()), float(ce[m].sum())]
     out = {
         "ratio": ratio,
+        "mode": mode,
         "noise_share": noise_total / max(int(n * shards.seq_len), 1),
         "noise_dropped": noise_dropped / max(noise_total, 1),
         "kept_clean": kept_clean / max(kept_total, 1),

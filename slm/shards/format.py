@@ -7,6 +7,8 @@ One row per packed sequence of `seq_len` tokens. Columns (fixed-size lists of le
   loss_mask  int8     1 for real tokens, 0 for padding
   base_loss  float32  optional: the same quantity under a base model (static excess = base - ref)
   noise      int8     optional (demo): 1 where the token lies in a noise span; measurement only
+  ref_loss_<i> float32  with k > 1 references (metadata `references`), reference i's own losses, i = 0..k-1;
+                      ref_loss is then their combination (metadata `combine`, see slm.scoring.combine_losses)
 and per row:
   sequence_id int64   the row's global index (shard_index * ROW_STRIDE + row in shard)
   doc_starts  list<int32>  positions where a document begins inside the row
@@ -48,6 +50,13 @@ class ShardMetadata:
     # embedding even when the reference folder holds no tokenizer files
     reference_vocab_size: int | None = None
     reference_embedding_shape: list[int] | None = None
+    # several references (None with one): each {model, sha256, domain, vocab_size, embedding_shape}, in column order
+    # ref_loss_0..k-1; `combine` made ref_loss of them, `domain_field` named the documents' domains (min_per_domain).
+    # reference_model and reference_sha256 then stand for the set: "combine(model_0, ...)" and the sha256 of the
+    # references' sha256s, domains and the rule, so that a reader refuses shards of another set or rule.
+    references: list[dict] | None = None
+    combine: str | None = None
+    domain_field: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -76,12 +85,19 @@ class ShardMetadata:
                 raise SlmError(f"{source}: {key} differs: {b!r} in the shard vs {a!r} expected")
 
 
+def reference_columns(meta: ShardMetadata) -> list[str]:
+    """The per-reference loss columns: ref_loss_0..k-1 with k > 1 references, none with one."""
+    k = len(meta.references or [])
+    return [f"ref_loss_{i}" for i in range(k)] if k > 1 else []
+
+
 def shard_schema(meta: ShardMetadata, with_base: bool, with_noise: bool) -> pa.Schema:
     L = meta.seq_len
     cols = [
         pa.field("sequence_id", pa.int64()),
         pa.field("input_ids", pa.list_(pa.int32(), L)),
         pa.field("ref_loss", pa.list_(pa.float32(), L)),
+        *(pa.field(name, pa.list_(pa.float32(), L)) for name in reference_columns(meta)),
         pa.field("loss_mask", pa.list_(pa.int8(), L)),
         pa.field("doc_starts", pa.list_(pa.int32())),
     ]

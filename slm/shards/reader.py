@@ -13,8 +13,6 @@ from slm.io import sha256_file
 from slm.shards.format import ShardMetadata, fixed_list_to_numpy, metadata_from_schema, shard_schema
 from slm.shards.manifest import DONE_DIR, Manifest, load_manifest
 
-FIXED_COLUMNS = ("input_ids", "ref_loss", "loss_mask", "base_loss", "noise")
-
 
 def open_shard(path: Path) -> pa.Table:
     """A shard as a zero-copy table over a memory map (an Arrow IPC stream file)."""
@@ -125,7 +123,7 @@ class ShardSet:
             where = np.nonzero(shard_of == s)[0]
             local = indices[where] - self.offsets[s]
             for c in columns:
-                if c in FIXED_COLUMNS:
+                if pa.types.is_fixed_size_list(table.schema.field(c).type):  # per token: [rows, seq_len]
                     values = fixed_list_to_numpy(table.column(c), self.seq_len)[local]
                 else:
                     values = table.column(c).to_numpy()[local]

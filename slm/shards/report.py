@@ -105,7 +105,7 @@ def document_map(shards: ShardSet, rows: np.ndarray, corpus, tokenizer, source_f
     naming it (another corpus or tokenizer)."""
     from slm.data.corpus import load_corpus, resolve_files
     from slm.data.packed import iter_documents
-    from slm.data.packing import pack_documents
+    from slm.data.packing import pack_documents, token_documents
 
     docs = load_corpus(corpus)
     per_shard = shards.metadata.documents_per_shard
@@ -128,12 +128,9 @@ def document_map(shards: ShardSet, rows: np.ndarray, corpus, tokenizer, source_f
                 f"{shards.directory / name}: its tokens differ from corpus.path {corpus.path!r} documents {lo}-{hi} "
                 "packed again; not the corpus (or tokenizer) these shards were scored from"
             )
-        started = 0  # documents begun in this shard's rows so far
-        for j, row in enumerate(packed):
+        for j, (_, documents) in enumerate(token_documents(packed, first=lo)):
             if j in want:
-                at = np.searchsorted(np.asarray(row.doc_starts, dtype=np.int64), np.arange(shards.seq_len), "right")
-                doc[want[j]] = np.where(np.asarray(row.loss_mask, bool), lo + started - 1 + at, -1)
-            started += len(row.doc_starts)
+                doc[want[j]] = documents
     needed = np.unique(doc[doc >= 0])
     if source_field in docs.column_names:
         values = docs.select(needed.tolist())[source_field]

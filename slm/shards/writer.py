@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from slm.io import atomic_open, sha256_file
-from slm.shards.format import ShardMetadata, shard_name, shard_schema
+from slm.shards.format import ShardMetadata, reference_columns, shard_name, shard_schema
 from slm.shards.manifest import record_shard
 
 
@@ -30,6 +30,10 @@ class ShardWriter:
             "sequence_id": pa.array(np.asarray(batch["sequence_id"], dtype=np.int64)),
             "input_ids": _fixed_list(np.asarray(batch["input_ids"], dtype=np.int32), pa.int32()),
             "ref_loss": _fixed_list(np.asarray(batch["ref_loss"], dtype=np.float32), pa.float32()),
+            **{
+                c: _fixed_list(np.asarray(batch[c], dtype=np.float32), pa.float32())
+                for c in reference_columns(self.meta)
+            },
             "loss_mask": _fixed_list(np.asarray(batch["loss_mask"], dtype=np.int8), pa.int8()),
             "doc_starts": pa.array(batch["doc_starts"], type=pa.list_(pa.int32())),
         }

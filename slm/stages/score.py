@@ -26,7 +26,17 @@ from slm.io import DiskFull, read_json, sha256_file
 from slm.models import load_pretrained
 from slm.models.checks import check_vocab
 from slm.preempt import Interrupted, StopRequest
-from slm.scoring import check_seq_len, score_rows, weights_fingerprint
+from slm.scoring import (
+    ReferenceSet,
+    check_domains,
+    check_seq_len,
+    entering_references,
+    reference_metadata,
+    score_rows,
+    uses_domains,
+    weights_fingerprint,
+    with_entering_references,
+)
 from slm.shards.format import FORMAT_VERSION, ROW_STRIDE, ShardMetadata, shard_name
 from slm.shards.manifest import DONE_DIR, MANIFEST, forget_shard, load_manifest, merge_manifest
 from slm.shards.writer import ShardWriter
@@ -141,33 +151,36 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
     init_distributed()
     dev = device()
     dtype = torch.bfloat16 if resolve_precision(cfg.precision) == "bf16" else torch.float32
-    tokenizer_dir = cfg.tokenizer or cfg.reference
-    reference = _load_scorer(cfg.reference, "reference model", dtype, dev)
+    specs = cfg.references  # one or several; with several, ref_loss is their combination (slm.scoring)
+    tokenizer_dir = cfg.tokenizer or specs[0].path
+    references = [_load_scorer(spec.path, "reference model", dtype, dev) for spec in specs]
     tokenizer = load_tokenizer(tokenizer_dir)
-    _check_model(reference, cfg, tokenizer, tokenizer_dir, cfg.reference, "reference model")
+    for spec, reference in zip(specs, references):
+        _check_model(reference, cfg, tokenizer, tokenizer_dir, spec.path, "reference model")
     base = None
     if cfg.base_model:
         base = _load_scorer(cfg.base_model, "base model", dtype, dev)
         _check_model(base, cfg, tokenizer, tokenizer_dir, cfg.base_model, "base model")
 
     corpus = load_corpus(cfg.corpus)
+    by_domain = uses_domains(specs, cfg.combine)
+    if by_domain:  # every document's domain has a reference, before any scoring
+        check_domains(corpus, specs, cfg.domain_field, f"corpus.path {cfg.corpus.path!r}")
     meta = ShardMetadata(
         format_version=FORMAT_VERSION,
         tokenizer_name=Path(tokenizer_dir).name,
         tokenizer_sha256=tokenizer_fingerprint(tokenizer_dir),
         vocab_size=len(tokenizer),
         seq_len=cfg.seq_len,
-        reference_model=str(cfg.reference),
-        reference_sha256=weights_fingerprint(cfg.reference),
         corpus_fingerprint=corpus_fingerprint(cfg.corpus),
         slm_version=slm.__version__,
         documents_per_shard=cfg.documents_per_shard,
         base_model=cfg.base_model,
         base_sha256=weights_fingerprint(cfg.base_model) if cfg.base_model else None,
         tokenizer_path=str(Path(tokenizer_dir).resolve()),
-        reference_vocab_size=getattr(reference.config, "vocab_size", None),
-        reference_embedding_shape=list(reference.get_input_embeddings().weight.shape),
+        **reference_metadata(specs, references, cfg.combine, cfg.domain_field),
     )
+    scorer = ReferenceSet(references, cfg.combine)
     if (out / MANIFEST).is_file():
         existing = load_manifest(out).metadata
         for key in (
@@ -204,8 +217,11 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
             lo, hi = k * cfg.documents_per_shard, min((k + 1) * cfg.documents_per_shard, len(corpus))
             docs = iter_documents(corpus, tokenizer, cfg.corpus.text_field, cfg.corpus.noise_field, lo, hi)
             rows = pack_documents(docs, cfg.seq_len, tokenizer.eos_token_id, pad_id, cfg.corpus.packing)
+            if by_domain:
+                enters = entering_references(specs, corpus[lo:hi][cfg.domain_field])
+                rows = with_entering_references(rows, lo, enters)
             batches = score_rows(
-                rows, reference, cfg.batch_size, cfg.logprob_chunk_tokens, k * ROW_STRIDE, base, dev, bar.update
+                rows, scorer, cfg.batch_size, cfg.logprob_chunk_tokens, k * ROW_STRIDE, base, dev, bar.update
             )
             try:
                 writer.write(
