@@ -96,3 +96,12 @@ def test_override_of_one_stage_leaves_anchor_sharing_stages_alone(tmp_path):
         by_name["eval_clm"].validation.max_documents is None
         and by_name["eval_reference"].validation.max_documents is None
     )
+
+
+def test_the_demo_recipe_in_pipelines_is_the_one_in_the_package():
+    """pipelines/demo.yaml (for readers of the repository) and slm/recipes/demo.yaml (what `slm run` runs after a
+    plain install) are one recipe: byte for byte the same file."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    assert (repo / "pipelines" / "demo.yaml").read_bytes() == builtin_recipe().read_bytes()

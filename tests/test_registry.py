@@ -217,3 +217,15 @@ def test_longrope_command_writes_the_factors_at_out_and_skips_a_rerun(models, tm
     assert "skipping" in capsys.readouterr().err
     assert run_cli(["analyze", "longrope-search", "--out", str(tmp_path / "g.yaml")]) == 2
     assert "key 'model': required key is missing" in capsys.readouterr().err
+
+
+def test_jobs_status_does_not_import_submit():
+    """submit reads Slurm states through status; status reads jobs.json through slm.jobs.record, not submit."""
+    import ast
+
+    import slm.jobs.status
+
+    tree = ast.parse(Path(slm.jobs.status.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "slm.jobs.record" in imported and "slm.jobs.submit" not in imported

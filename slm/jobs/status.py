@@ -17,6 +17,7 @@ from rich.table import Table
 from slm.errors import SlmError
 from slm.io import read_json
 from slm.jobs.progress import num_shards, stage_file_complete, whole_shards
+from slm.jobs.record import JOBS_FILE, latest_jobs
 
 STATES = {
     "RUNNING": ("RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING"),
@@ -113,8 +114,6 @@ def query_jobs(job_ids: list[str], squeue: str = "squeue", sacct: str = "sacct")
 
 def pipeline_status(out_dir: str | Path, squeue: str = "squeue", sacct: str = "sacct") -> list[dict]:
     """One row per stage of the pipeline submitted into `out_dir`."""
-    from slm.jobs.submit import JOBS_FILE, latest_jobs
-
     path = Path(out_dir) / JOBS_FILE
     if not path.is_file():
         raise SlmError(f"{path}: not found; submit a pipeline first with `slm jobs submit PIPELINE --out {out_dir}`")

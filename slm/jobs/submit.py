@@ -18,27 +18,13 @@ import time
 from pathlib import Path
 
 from slm.errors import SlmError
-from slm.io import atomic_write_json, read_json
+from slm.io import atomic_write_json
 from slm.jobs.progress import stage_complete, unfinished_parts
+from slm.jobs.record import JOBS_FILE, latest_jobs, load_jobs_file
 from slm.jobs.render import RenderedJob, plan_jobs, write_frozen, write_job
 from slm.jobs.status import query_jobs
 
-JOBS_FILE = "jobs.json"
 ACTIVE = ("PENDING", "RUNNING")
-
-
-def load_jobs_file(out_dir: str | Path) -> dict:
-    path = Path(out_dir) / JOBS_FILE
-    return read_json(path) if path.is_file() else {}
-
-
-def latest_jobs(record: dict) -> dict[str, dict]:
-    """stage -> its most recent submission entry (job_id, array, depends_on, at)."""
-    latest: dict[str, dict] = {}
-    for sub in record.get("submissions", []):
-        for stage, entry in sub.get("jobs", {}).items():
-            latest[stage] = {**entry, "at": sub.get("at")}
-    return latest
 
 
 def sbatch_submit(script: Path, dependencies: list[str], sbatch: str = "sbatch") -> str:
