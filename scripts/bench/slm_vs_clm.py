@@ -42,6 +42,11 @@ Targets (from the issue; checked at ratio 0.6, reported met or not):
     # the same runs in parallel: one process per seed (add --seeds N --micro-reps 0 --out/--plot elsewhere),
     # then the command above reuses every finished run and evaluation and writes the report
     python scripts/bench/slm_vs_clm.py --report-from scripts/bench/results/slm_vs_clm.json   # tables and plot again
+    # the other selection options, each beside the same CLM baseline (add --out/--plot elsewhere for each):
+    python scripts/bench/slm_vs_clm.py --work-dir runs/bench_v2 ... --mode self_loss   # reference-free (ESLM);
+        # the prepared demo and the CLM runs are reused, only the SLM arms train
+    python scripts/bench/slm_vs_clm.py --work-dir runs/bench_v2 ... --references 2 --combine mean
+        # a second reference (seed 1, the recipe's 900 steps) and the shards scored with both; every run redone
 
 Cost on the shared 2-core CPU machine: preparing the demo ~6 min; at the recipe's 200 steps a run takes ~3-4 min of
 training plus ~0.5 min of evaluation (3 x (1 + 3 ratios): ~32 min); at --steps 600 ~7-9 min plus ~1 min (three
@@ -115,6 +120,33 @@ def prepare(args) -> dict:
         if record.get("status", "complete") != "complete":
             raise SystemExit(f"stage {name} did not complete: {record}")
     slm_cfg, clm_cfg = by_name["pretrain_slm"].cfg, by_name["pretrain_clm"].cfg
+    score_cfg = by_name["score"].cfg
+    if args.references > 1:  # more references of the recipe's kind (seeds 1, 2, ...) and their combined scores
+        ref_cfg, paths = by_name["reference"].cfg, [str(Path(by_name["reference"].cfg.out_dir) / "model")]
+        for seed in range(1, args.references):
+            cfg = ref_cfg.model_copy(
+                update={
+                    "out_dir": f"{ref_cfg.out_dir}_seed{seed}",
+                    "train": ref_cfg.train.model_copy(update={"seed": seed}),
+                }
+            )
+            t = time.time()
+            stage_runner("reference")(cfg)
+            timings[f"reference_seed{seed}"] = round(time.time() - t, 1)
+            log(f"prepare: reference_seed{seed} ({timings[f'reference_seed{seed}']} s)")
+            paths.append(str(Path(cfg.out_dir) / "model"))
+        score_cfg = score_cfg.model_copy(
+            update={
+                "reference": paths,
+                "combine": args.combine,
+                "out_dir": f"{score_cfg.out_dir}_{args.references}refs_{args.combine}",
+            }
+        )
+        t = time.time()
+        stage_runner("score")(score_cfg)
+        timings["score_references"] = round(time.time() - t, 1)
+        log(f"prepare: score with {args.references} references, {args.combine} ({timings['score_references']} s)")
+        slm_cfg, clm_cfg = (c.model_copy(update={"shards": score_cfg.out_dir}) for c in (slm_cfg, clm_cfg))
     a, b = slm_cfg.model_dump(mode="json"), clm_cfg.model_dump(mode="json")
     for d in (a, b):
         d.pop("out_dir"), d.pop("selection")
@@ -126,7 +158,7 @@ def prepare(args) -> dict:
         "eval": by_name["eval_reference"].cfg,
         "reference": by_name["reference"].cfg,
         "data": by_name["data"].cfg,
-        "score": by_name["score"].cfg,
+        "score": score_cfg,
         "stage_seconds": timings,
     }
 
@@ -667,7 +699,8 @@ def targets(summary: dict, micro: dict | None) -> list[dict]:
     tl = a["tokens_to_clm_loss_x_budget"]
     out.append(
         {
-            "target": f"SLM {TARGET_RATIO:g} reaches the CLM final held-out loss with <= {TOKENS_TARGET:g}x the tokens",
+            "target": f"{method_name(TARGET_RATIO)} reaches the CLM final held-out loss with <= {TOKENS_TARGET:g}x "
+            "the tokens",
             "measured": "not reached" if tl["n"] == 0 else f"{tl['mean']:.3f}x (reached in {tl['n']}/{seeds} seeds)",
             "met": tl["n"] == seeds and tl["mean"] <= TOKENS_TARGET,
         }
@@ -889,6 +922,14 @@ def main() -> None:
         help="selection mode of the SLM runs (default: the recipe's, batch = RHO-1); self_loss / self_entropy: "
         "reference-free (ESLM). The CLM runs do not depend on it: run once per mode in one --work-dir to compare",
     )
+    p.add_argument(
+        "--references",
+        type=int,
+        default=1,
+        help="score with this many references (the recipe's and more of its kind with train.seed 1, 2, ...), "
+        "ref_loss their --combine; every run trains on those shards (runs under runs/<tag>-<N>refs-<combine>)",
+    )
+    p.add_argument("--combine", choices=["max", "mean"], default="mean", help="with --references > 1")
     p.add_argument("--threads", type=int, default=1, help="torch threads (fixed)")
     p.add_argument("--force", action="store_true", help="redo the runs and evaluations (not the prepared demo)")
     p.add_argument(
@@ -968,6 +1009,7 @@ def main() -> None:
 
     methods: list[float | None] = [None, *ratios]
     tag = f"steps{args.steps}-eval{args.eval_every}-ckpt{args.checkpoint_every}"
+    tag += f"-{args.references}refs-{args.combine}" if args.references > 1 else ""
     runs_dir = work / ("quick" if args.quick else "runs") / tag
     results, run_seconds, total = {}, [], len(args.seeds) * len(methods)
     for seed in args.seeds:
@@ -1040,6 +1082,8 @@ def main() -> None:
         "settings": {
             "quick": args.quick,
             "mode": ev.mode,
+            "references": args.references,
+            "combine": args.combine if args.references > 1 else None,
             "seeds": args.seeds,
             "ratios": ratios,
             "steps": args.steps,
