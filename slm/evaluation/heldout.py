@@ -81,8 +81,10 @@ def selection_quality(
     kind_names: list[str] | None = None,
     mode: str = "batch",
 ) -> dict:
-    """Precision/recall of the model's selection (per batch: `mode` batch, RHO-1's, or the reference-free
-    self_loss / self_entropy, as `slm.selection.selective_loss` selects in training) against the shards' noise column.
+    """Precision/recall of the model's selection against the shards' noise column: the tokens that
+    `slm.selection.selective_loss` keeps in training with `mode` at `ratio`, a batch of rows at a time: sequence,
+    batch (RHO-1's), global (batch, in one process), soft (a weight above 1/2), or the reference-free self_loss /
+    self_entropy; static needs the shards' base loss and is not measured here.
 
     noise_dropped: share of noise tokens the selection drops (recall of the drop);
     kept_clean: share of kept tokens that are clean (precision of the keep).
@@ -113,7 +115,7 @@ def selection_quality(
         ref = torch.from_numpy(rows["ref_loss"]).to(dev)
         mask = torch.from_numpy(rows["loss_mask"]).to(dev)
         sel = selective_loss(ce, ref, SelectionConfig(mode=mode, ratio=ratio), mask, entropy=entropy)
-        valid, kept = sel.valid, sel.weights.bool()
+        valid, kept = sel.valid, (sel.weights > 0.5) & sel.valid  # a soft mode's weight above 1/2 (Selection.stats)
         noise = torch.from_numpy(rows["noise"]).bool().to(dev) & valid
         kept_total += int(kept.sum())
         kept_clean += int((kept & ~noise).sum())

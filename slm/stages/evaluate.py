@@ -12,11 +12,11 @@ from slm.config import EvalConfig
 from slm.data.packed import packed_corpus
 from slm.data.tokenizer import load_tokenizer
 from slm.evaluation.heldout import domain_accuracy, read_questions, selection_quality
-from slm.io import atomic_write_json
+from slm.io import atomic_write_json, read_json
 from slm.models import load_pretrained
 from slm.scoring import weights_fingerprint
 from slm.shards import ShardSet
-from slm.stages.common import StageRun, config_fingerprint, console, locked_stage, say
+from slm.stages.common import STAGE_FILE, StageRun, config_fingerprint, console, locked_stage, say
 from slm.threads import apply_threads
 from slm.training.distributed import device
 from slm.training.loop import heldout_eval, heldout_sample
@@ -53,13 +53,35 @@ def run(cfg: EvalConfig, force: bool = False) -> dict:
             n_rows = len(shards) if cfg.max_batches is None else min(len(shards), cfg.max_batches * cfg.batch_size)
             codes, kinds = noise_kind_codes(shards, cfg.noise_corpus, tokenizer, n_rows)
         metrics["selection"] = selection_quality(
-            model, shards, cfg.selection_ratio, cfg.batch_size, cfg.max_batches, noise_codes=codes, kind_names=kinds
+            model,
+            shards,
+            cfg.selection_ratio,
+            cfg.batch_size,
+            cfg.max_batches,
+            noise_codes=codes,
+            kind_names=kinds,
+            mode=trained_selection_mode(cfg.model),
         )
     atomic_write_json(out / "results.json", {"model": cfg.model, **metrics})
     metrics.update(threads)  # stage.json only: how it ran, not a result
     print_results(cfg.model, metrics)
     fingerprints = {"config": config_fingerprint(cfg), "model": weights_fingerprint(cfg.model)}
     return stage.complete(fingerprints, metrics, started, {"results": str(out / "results.json")})
+
+
+def trained_selection_mode(model_dir: str) -> str:
+    """The selection mode that selection quality measures `model_dir` with: that of the pretrain run whose `model/`
+    it is (the run's stage.json beside it), so an eval measures the selection its run trained with, at
+    `selection_ratio`; batch (RHO-1's default) for any other model, and for static, which scores by the shards'
+    base loss rather than the model."""
+    record_file = Path(model_dir).parent / STAGE_FILE
+    if not record_file.is_file():
+        return "batch"
+    record = read_json(record_file)
+    mode = ((record.get("config") or {}).get("selection") or {}).get("mode", "batch")
+    if record.get("kind") != "pretrain" or mode == "static":
+        return "batch"
+    return mode
 
 
 def print_results(model: str, metrics: dict) -> None:
