@@ -11,6 +11,10 @@ Untrusted files: every `.pt` file of a checkpoint is read with `torch.load(weigh
 checkpoint folder is data, never code: a pickle that names any callable outside tensors, plain
 containers and the few DeepSpeed state classes in `TRUSTED_GLOBALS` is refused with one line and
 never run. The RNG files hold tensors and plain numbers only (`rng_state`).
+
+Reading a checkpoint's weights without DeepSpeed (token dynamics over a run's checkpoints, the SLM-vs-CLM
+bench): `load_deepspeed_weights` copies a ZeRO 0-2 checkpoint's module state into a model of the same
+architecture; ZeRO-3 (partitioned weights) is refused with the way to consolidate it.
 """
 
 from __future__ import annotations
@@ -192,3 +196,72 @@ def load_latest(engine, ckpt_dir: Path, fingerprints: dict) -> dict | None:
         )
     set_rng_state(safe_torch_load(own), own)
     return client
+
+
+# --------------------------------------------------------------------------- a checkpoint's weights, without DeepSpeed
+
+DS_MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+def deepspeed_model_file(tag_dir: str | Path) -> Path:
+    """`<tag>/mp_rank_00_model_states.pt` of a ZeRO 0-2 checkpoint; a clear error for ZeRO-3."""
+    tag_dir = Path(tag_dir)
+    path = tag_dir / DS_MODEL_STATES
+    if path.is_file():
+        return path
+    if any(tag_dir.glob("zero_pp_rank_*_model_states.pt")):
+        raise SlmError(_zero3_message(tag_dir))
+    raise SlmError(f"{tag_dir}: no DeepSpeed model states ({DS_MODEL_STATES}); not a DeepSpeed checkpoint directory")
+
+
+def _zero3_message(tag_dir: Path) -> str:
+    return (
+        f"{tag_dir}: a ZeRO-3 checkpoint (weights partitioned across ranks) is not supported; "
+        "consolidate it with DeepSpeed's zero_to_fp32.py (saved beside the checkpoints), "
+        "add the run's model/config.json, and pass those directories as checkpoints"
+    )
+
+
+def load_module_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str | Path) -> torch.nn.Module:
+    """Copy a full module state dict into `model` (dtype cast as needed); every key must match.
+
+    A key the state lacks is accepted only when it is tied to one it has (DeepSpeed saves
+    `module.state_dict()` with both names of a tied embedding; HF exports drop one)."""
+    own = model.state_dict()
+    by_storage: dict[int, list[str]] = {}
+    for k, v in own.items():
+        by_storage.setdefault(v.data_ptr(), []).append(k)
+    missing = [k for k in own if k not in state and not any(o in state for o in by_storage[own[k].data_ptr()])]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise SlmError(
+            f"{where}: weights do not fit the architecture: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}; "
+            "is the architecture the run's own model?"
+        )
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            if v.numel() == 0:
+                raise SlmError(_zero3_message(Path(where).parent))
+            raise SlmError(f"{where}: {k} has shape {list(v.shape)}, the architecture expects {list(own[k].shape)}")
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def load_deepspeed_weights(model: torch.nn.Module, tag_dir: str | Path) -> torch.nn.Module:
+    """Load a DeepSpeed ZeRO 0-2 checkpoint's module weights (`<tag>/mp_rank_00_model_states.pt`,
+    key `module`) into `model`, an instance of the same architecture. Returns `model`.
+
+    The file is read with torch.load(weights_only=True) (`safe_torch_load`): a pickle that would run code
+    is refused. With bf16 training the module weights are the bf16 copies (the fp32 masters live in the
+    optimizer states)."""
+    path = deepspeed_model_file(tag_dir)
+    state = safe_torch_load(path, map_location="cpu", mmap=True)
+    if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
+        raise SlmError(f"{path}: no 'module' state dict in this DeepSpeed checkpoint")
+    zero = ((state.get("ds_config") or {}).get("zero_optimization") or {}).get("stage")
+    if zero == 3:
+        raise SlmError(_zero3_message(Path(tag_dir)))
+    if int(state.get("mp_world_size", 1) or 1) > 1:
+        raise SlmError(f"{path}: model-parallel checkpoints (mp_world_size={state['mp_world_size']}) are not supported")
+    return load_module_weights(model, state["module"], path)
