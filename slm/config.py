@@ -204,8 +204,25 @@ class TrainConfig(StrictModel):
     )
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(10, ge=1)
+    log_every: int = Field(
+        10,
+        ge=1,
+        description="Steps per metrics read: the losses and the non-finite guard stay on the device in between "
+        "(one host sync per interval and before each checkpoint); tokens_per_s and gate values on these steps.",
+    )
     threads: int | None = threads_field()
+    compile: bool = Field(
+        False,
+        description="torch.compile the decoder (inductor) before training; refused in one line where it cannot "
+        "compile here.",
+        json_schema_extra=RUNTIME,
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer in backward instead of keeping its activations (HF activation "
+        "checkpointing); backbones without it (the streaming ones) are refused by name.",
+        json_schema_extra=RUNTIME,
+    )
     optim: OptimConfig = Field(default_factory=OptimConfig)
 
 

@@ -41,17 +41,19 @@ class Selection:
     valid: torch.Tensor  # [B, T] bool
     score_name: str = "excess"  # what `excess` holds: excess, or the reference-free mode (self_loss, self_entropy)
 
-    def stats(self, ce: torch.Tensor) -> dict[str, float]:
-        """Kept fraction, mean score (`<score_name>_kept`, `_dropped`) and mean loss of kept and dropped tokens."""
+    def stats(self, ce: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Kept fraction, mean score (`<score_name>_kept`, `_dropped`) and mean loss of kept and dropped tokens
+        (NaN where there are none), as 0-dim tensors on ce's device: nothing waits for the device here (the
+        training loop reads them once per logging interval)."""
         kept = (self.weights > 0.5) & self.valid
         dropped = ~kept & self.valid
-        n_valid = int(self.valid.sum())
+        n_valid = self.valid.sum()
 
-        def mean(x, m):
-            return float(x[m].mean()) if m.any() else float("nan")
+        def mean(x, m):  # 0 / 0 = NaN when m is empty
+            return torch.where(m, x, torch.zeros_like(x)).sum() / m.sum()
 
         return {
-            "kept_fraction": float(kept.sum()) / max(n_valid, 1),
+            "kept_fraction": kept.sum() / n_valid.clamp_min(1),
             f"{self.score_name}_kept": mean(self.excess, kept),
             f"{self.score_name}_dropped": mean(self.excess, dropped),
             "loss_kept": mean(ce.detach(), kept),
@@ -153,7 +155,9 @@ def selective_loss(
     elif cfg.mode == "soft":
         # weight_t = sigmoid((excess_t - cut) / temperature), cut = the batch's top-k% threshold
         flat, fvalid = excess.reshape(-1), valid.reshape(-1)
-        cut = torch.quantile(flat[fvalid].float(), 1.0 - cfg.ratio) if fvalid.any() else flat.new_zeros(())
+        # nanquantile over the valid scores (no boolean indexing: no host sync); NaN when none is valid, and then
+        # every weight is masked to 0 below
+        cut = torch.nanquantile(torch.where(fvalid, flat, float("nan")).float(), 1.0 - cfg.ratio)
         weights = torch.sigmoid((excess - cut) / cfg.temperature)
         weights = torch.where(valid, weights, torch.zeros_like(weights)).to(ce.dtype)
     else:  # pragma: no cover - the config's Literal forbids it
@@ -166,11 +170,8 @@ def selective_loss(
         # so scale by world size to get exactly the global mean
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         total_weight = _all_reduce_sum(total_weight.detach()) / world
-    loss = (
-        (safe_ce * weights).sum() / total_weight.clamp_min(1e-12)
-        if total_weight > 0
-        else (safe_ce * weights).sum() * 0.0
-    )
+    # no kept token: 0 / 1e-12 = 0 with zero gradients (safe_ce is finite), and no host sync to find out
+    loss = (safe_ce * weights).sum() / total_weight.clamp_min(1e-12)
     return Selection(
         loss=loss, weights=weights.detach(), excess=excess, valid=valid, score_name=cfg.mode if free else "excess"
     )

@@ -59,11 +59,12 @@ def test_prompt_loss_weight_is_the_weighted_mean(pairs_file, tiny_demo, tmp_path
         completion, prompt = (mask == 2)[:, 1:], (mask == 1)[:, 1:]  # position 0 has no loss
         ce = ce[:, 1:]
         for w in (0.0, 0.2, 1.0):
-            loss, extra = causal_lm_step(model, batch, prompt_loss_weight=w)
+            loss, extra = causal_lm_step(model, batch, prompt_loss_weight=w, completion_loss=True)
             expected = (ce[completion].sum() + w * ce[prompt].sum()) / (completion.sum() + w * prompt.sum())
             assert torch.allclose(loss, expected, atol=1e-6), w
-            assert extra["completion_loss"] == pytest.approx(float(ce[completion].mean()), abs=1e-6)
-        plain, _ = causal_lm_step(model, batch)
+            assert float(extra["completion_loss"]) == pytest.approx(float(ce[completion].mean()), abs=1e-6)
+        plain, extras = causal_lm_step(model, batch)
+        assert extras == {}  # completion_loss only when asked for (a prompt/completion corpus)
         valid = mask[:, 1:].bool()
         assert torch.allclose(plain, ce[valid].mean(), atol=1e-6)
 

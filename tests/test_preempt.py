@@ -71,7 +71,8 @@ def test_signalled_training_resumes_to_the_uninterrupted_weights(tiny_reference_
     from slm.stages import reference
     from slm.training.metrics import read_metrics
 
-    train = dict(max_steps=300, checkpoint_every=1000, eval_every=1000, log_every=1000)
+    # log_every=1: metrics.jsonl grows a line per step (lines are read off the device once per log_every steps)
+    train = dict(max_steps=300, checkpoint_every=1000, eval_every=1000, log_every=1)
     whole_cfg, cfg = tiny_reference_cfg("whole", **train), tiny_reference_cfg("signalled", **train)
     a = slm_process("reference", "--config", str(write_config(whole_cfg, tmp_path / "a.yaml")), cwd=tmp_path)
     b = slm_process("reference", "--config", str(write_config(cfg, tmp_path / "b.yaml")), cwd=tmp_path)

@@ -73,6 +73,26 @@ def test_disabled_selection_is_the_plain_causal_lm_baseline(scored, tiny_demo, t
     assert [m["loss"] for m in a] == pytest.approx([m["loss"] for m in b], abs=1e-6)
 
 
+def test_selection_stats_read_once_per_interval_equal_the_per_step_reads(scored, tiny_demo, tmp_path):
+    """The selective step's extras are device tensors read once per log_every steps: every step's line holds the
+    kept fraction, excess and loss of kept and dropped tokens, noise measures and loss of log_every=1."""
+    runs = [
+        read_metrics(
+            pretrain.run(
+                pretrain_cfg(scored, tiny_demo, tmp_path, name=f"log{n}", max_steps=5, grad_accum=2, log_every=n)
+            )["outputs"]["metrics"]
+        )
+        for n in (1, 3)
+    ]
+    every, batched = runs
+    assert [m["step"] for m in batched] == [m["step"] for m in every] == [1, 2, 3, 4, 5]
+    timing = {"tokens_per_s", "selection_ms"}
+    for a, b in zip(every, batched):
+        assert set(a) - timing == set(b) - timing and {"kept_fraction", "excess_kept", "noise_dropped"} <= set(a)
+        for k in set(a) - timing:
+            assert a[k] == pytest.approx(b[k], abs=1e-6, nan_ok=True), k
+
+
 def test_pretrain_resume_equals_uninterrupted(scored, tiny_demo, tmp_path):
     from safetensors.torch import load_file
 

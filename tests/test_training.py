@@ -99,15 +99,68 @@ def test_finished_output_of_another_config_is_refused(tiny_reference_cfg):
         reference.run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 3})}))
 
 
+def nan_from_step(first_bad: int, grad_accum: int = 1, only_micro: int | None = None):
+    """The plain causal-LM step, whose loss turns NaN from optimizer step `first_bad` on (only in micro-step
+    `only_micro` of that step, when given): through the model's graph, as a real divergence would."""
+    from slm.training.loop import causal_lm_step
+
+    calls = []
+
+    def step(model, batch):
+        calls.append(None)
+        loss, extra = causal_lm_step(model, batch)
+        step_no, micro = (len(calls) - 1) // grad_accum + 1, (len(calls) - 1) % grad_accum
+        if step_no > first_bad or (step_no == first_bad and only_micro in (None, micro)):
+            loss = loss * float("nan")
+        return loss, extra
+
+    return step
+
+
 def test_non_finite_loss_stops_with_a_clear_message(tiny_reference_cfg, monkeypatch):
     import slm.stages.reference as stage
 
-    def nan_loss(model, batch):
-        return torch.tensor(float("nan"), requires_grad=True), {}
-
-    monkeypatch.setattr(stage, "causal_lm_step", nan_loss)
+    monkeypatch.setattr(stage, "causal_lm_step", nan_from_step(1))
     with pytest.raises(SlmError, match=r"loss is nan at step 1 \(non-finite\)"):
         reference.run(tiny_reference_cfg(max_steps=2))
+
+
+def test_non_finite_loss_mid_interval_stops_before_a_checkpoint_holds_it(tiny_reference_cfg, monkeypatch):
+    """The guard reads the losses once per log_every steps and before every checkpoint: a NaN in one micro-step of
+    step 5 (logged at step 8) stops the run at the step-6 checkpoint, which is never written; metrics.jsonl keeps
+    steps 1-4, the step-3 checkpoint is intact, and the rerun resumes from it."""
+    import slm.stages.reference as stage
+    from slm.training.checkpoint import whole_checkpoints
+
+    cfg = tiny_reference_cfg("nan", max_steps=8, log_every=4, checkpoint_every=3, eval_every=100, grad_accum=2)
+    monkeypatch.setattr(stage, "causal_lm_step", nan_from_step(5, grad_accum=2, only_micro=1))
+    with pytest.raises(SlmError, match=r"loss is nan at step 5 \(non-finite\)") as err:
+        reference.run(cfg)
+    assert "\n" not in str(err.value)
+    ckpts = Path(cfg.out_dir) / "checkpoints"
+    assert [p.name for p in whole_checkpoints(ckpts)] == ["step-00000003"]
+    assert not any("00000006" in p.name for p in ckpts.iterdir())  # not even a partial one
+    assert [m["step"] for m in read_metrics(f"{cfg.out_dir}/metrics.jsonl")] == [1, 2, 3, 4]
+    monkeypatch.undo()
+    resumed = reference.run(cfg)
+    assert resumed["metrics"]["resumed_from"] == 3
+    assert all(torch.isfinite(w).all() for w in weights(resumed["outputs"]["model"]).values())
+
+
+def test_losses_read_once_per_interval_equal_the_per_step_reads(tiny_reference_cfg):
+    """log_every=4 reads the device once per 4 steps; its metrics.jsonl has one line per step with the losses,
+    learning rates, token counts and held-out figures of log_every=1 (a read every step), and the same keys but
+    for tokens_per_s, which only logging steps carry."""
+    every = read_metrics(reference.run(tiny_reference_cfg("every", max_steps=7, grad_accum=2))["outputs"]["metrics"])
+    batched = reference.run(tiny_reference_cfg("batched", max_steps=7, grad_accum=2, log_every=4))
+    batched = read_metrics(batched["outputs"]["metrics"])
+    assert [m["step"] for m in batched] == [m["step"] for m in every] == list(range(1, 8))
+    assert [m["loss"] for m in batched] == pytest.approx([m["loss"] for m in every], abs=1e-6)
+    assert [m["step"] for m in batched if "tokens_per_s" in m] == [4, 7]
+    for a, b in zip(every, batched):
+        assert set(a) - {"tokens_per_s"} == set(b) - {"tokens_per_s"}
+        for k in set(a) - {"tokens_per_s", "loss"}:
+            assert a[k] == pytest.approx(b[k], abs=1e-6), k
 
 
 def test_vocab_mismatch_between_tokenizer_and_checkpoint(tiny_reference_cfg, tmp_path):

@@ -31,14 +31,15 @@ from slm.training.distributed import rank
 from slm.training.loop import Trainer
 
 
-def noise_measures(selection, noise: torch.Tensor) -> dict[str, float]:
-    """How the selection treats the demo's noise tags (measurement only; never used to select)."""
+def noise_measures(selection, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How the selection treats the demo's noise tags (measurement only; never used to select), as 0-dim tensors
+    (read by the training loop once per logging interval)."""
     kept = (selection.weights > 0.5) & selection.valid
     is_noise = noise.bool() & selection.valid
     clean_kept = kept & ~is_noise
     return {
-        "noise_dropped": float((is_noise & ~kept).sum()) / max(int(is_noise.sum()), 1),
-        "kept_clean": float(clean_kept.sum()) / max(int(kept.sum()), 1),
+        "noise_dropped": (is_noise & ~kept).sum() / is_noise.sum().clamp_min(1),
+        "kept_clean": clean_kept.sum() / kept.sum().clamp_min(1),
     }
 
 

@@ -50,8 +50,11 @@ def train_causal_lm(kind: str, cfg: ReferenceConfig, force: bool, resume: bool, 
         f"{len(train_rows)} rows of {seq_len} tokens"
     )
     step_loss = causal_lm_step
-    if cfg.train.prompt_loss_weight != 1.0:
-        step_loss = partial(causal_lm_step, prompt_loss_weight=cfg.train.prompt_loss_weight)
+    completions = cfg.corpus.completion_field is not None  # log completion_loss (prompt/completion corpora)
+    if cfg.train.prompt_loss_weight != 1.0 or completions:
+        step_loss = partial(
+            causal_lm_step, prompt_loss_weight=cfg.train.prompt_loss_weight, completion_loss=completions
+        )
     trainer = Trainer(
         model, cfg.train, out, train_rows, ("input_ids", "loss_mask"), step_loss, fingerprints, heldout, stop_after
     )

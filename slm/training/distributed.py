@@ -82,3 +82,13 @@ def all_reduce_sum(value: int | float) -> float:
         dist.all_reduce(t)
         return float(t.item())
     return value
+
+
+def all_reduce_tensor_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over all ranks, left on its device (no host sync; the tensor itself in a world of one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t

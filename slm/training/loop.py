@@ -25,21 +25,36 @@ from slm.models.gates import gate_parameters, gate_stats
 from slm.preempt import Interrupted, StopRequest
 from slm.token_loss import token_losses
 from slm.training import checkpoint as ckpt
-from slm.training.distributed import all_reduce_sum, barrier, device, init_distributed, rank, world_size
+from slm.training.distributed import (
+    all_reduce_sum,
+    all_reduce_tensor_sum,
+    barrier,
+    device,
+    init_distributed,
+    rank,
+    world_size,
+)
 from slm.training.ds_config import deepspeed_config, resolve_precision
 from slm.training.loader import DeterministicLoader
 from slm.training.metrics import MetricsLog
+from slm.training.speed import compile_errors, prepare_model
 
 StepLoss = Callable[[torch.nn.Module, dict], "tuple[torch.Tensor, dict]"]
 
 
-def causal_lm_step(model, batch: dict, prompt_loss_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+def causal_lm_step(
+    model, batch: dict, prompt_loss_weight: float = 1.0, completion_loss: bool = False
+) -> tuple[torch.Tensor, dict]:
     """Causal-LM loss: the weighted mean token loss over valid (unpadded) positions,
 
         L = sum_t w_t * l_t / sum_t w_t,   w_t = 1 on completion tokens (loss_mask 2), prompt_loss_weight on the
                                            other tokens (loss_mask 1), 0 on padding (loss_mask 0),
 
-    the plain mean when no row is a prompt/completion pair (corpus.completion_field) or the weight is 1."""
+    the plain mean when no row is a prompt/completion pair (corpus.completion_field) or the weight is 1.
+
+    With `completion_loss` (a prompt/completion corpus) the extras hold `completion_loss`, the mean loss of the
+    completion tokens alone (the figure a retrieval fine-tuning is about; NaN for a micro-batch without one), as a
+    0-dim tensor: nothing here waits for the device, the loop reads the extras once per logging interval."""
     ce = token_losses(model, batch["input_ids"])
     mask = batch["loss_mask"]
     valid = torch.isfinite(ce) & mask.bool()
@@ -51,9 +66,20 @@ def causal_lm_step(model, batch: dict, prompt_loss_weight: float = 1.0) -> tuple
         weight = torch.where(completion, 1.0, prompt_loss_weight) * valid
     loss = (ce * weight).sum() / weight.sum().clamp_min(1e-12 if prompt_loss_weight < 1 else 1)
     extra = {}
-    if completion.any():  # the figure a retrieval fine-tuning is about: the loss of the answer alone
-        extra["completion_loss"] = float(ce.detach()[completion].mean())
+    if completion_loss:
+        extra["completion_loss"] = (ce.detach() * completion).sum() / completion.sum()  # 0 / 0 = NaN: none here
     return loss, extra
+
+
+def values_to_host(records, dev: torch.device) -> None:
+    """Replace every tensor value in the dicts `records` by its Python float, all in one device-to-host copy (one
+    host sync for a whole logging interval, however many steps and keys it holds)."""
+    slots = [(r, k) for r in records for k, v in r.items() if isinstance(v, torch.Tensor)]
+    if not slots:
+        return
+    values = torch.stack([r[k].detach().to(dev, torch.float64).reshape(()) for r, k in slots]).tolist()
+    for (r, k), v in zip(slots, values):
+        r[k] = v
 
 
 @dataclass(frozen=True)
@@ -174,6 +200,7 @@ class Trainer:
 
         if resolve_precision(cfg.precision) == "fp32":
             model = model.float()
+        prepare_model(model, cfg)  # train.activation_checkpointing, train.compile (slm.training.speed)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=parameter_groups(model, cfg.optim), config=deepspeed_config(cfg, world_size())
         )
@@ -181,6 +208,7 @@ class Trainer:
             train_rows, cfg.micro_batch_size, cfg.grad_accum, rank(), world_size(), cfg.seed, columns
         )
         self.metrics = MetricsLog(self.out_dir, enabled=rank() == 0)
+        self._window, self._tokens_per_s = [0, time.time()], 0.0  # throughput since the last logging step
         self.ckpt_dir = self.out_dir / "checkpoints"
 
     @property
@@ -200,7 +228,8 @@ class Trainer:
         if self.heldout_rows is None:
             return None
         indices = None if whole else self.eval_indices
-        return heldout_eval(self.model, self.heldout_rows, self.cfg.micro_batch_size, self.device, indices)
+        with compile_errors(self.cfg, self.model):
+            return heldout_eval(self.model, self.heldout_rows, self.cfg.micro_batch_size, self.device, indices)
 
     def _eval_sample_info(self, tokens: int | None) -> dict:
         rows = self.heldout_rows
@@ -251,29 +280,33 @@ class Trainer:
 
     def _steps(self, step: int, tokens: int, history: list[dict], bar, stop: StopRequest) -> tuple[int, int]:
         """Optimizer steps from `step` to max_steps (or `stop_after`); on a stop request (slm.preempt), agreed by
-        every rank after the step in progress, a whole checkpoint of that step and `Interrupted` (exit 3)."""
+        every rank after the step in progress, a whole checkpoint of that step and `Interrupted` (exit 3).
+
+        Nothing here waits for the device per micro-step: each step's loss (summed in float64) and the step
+        loss's extras stay device tensors in `pending` until `_flush` reads them all at once, every log_every
+        steps and before every checkpoint. The non-finite guard is that read: a NaN or inf loss stops the run there
+        (naming its step) before any checkpoint of that step or a later one is written; the steps in between do
+        train on, and are discarded with the run."""
         cfg = self.cfg
-        window_tokens, window_start, tokens_per_s = 0, time.time(), 0.0
+        pending: list[tuple[int, dict]] = []
+        self._window = [0, time.time()]  # tokens trained since the last logging step, and when that was
         while step < cfg.max_steps:
             skipped_before = self.engine.skipped_steps
-            logs: dict[str, float] = {}
-            loss_sum = 0.0
+            logs: dict = {}
+            losses = []
             for micro in self.loader.micro_batches(step):
                 micro = {k: v.to(self.device) for k, v in micro.items()}
                 micro["input_ids"] = micro["input_ids"].long()
-                loss, extra = self.step_loss(self.engine, micro)
-                if not torch.isfinite(loss.detach()):
-                    raise SlmError(
-                        f"{self.out_dir}: loss is {loss.item()} at step {step + 1} (non-finite); "
-                        "lower train.optim.lr or check the data; resume continues from the last whole checkpoint"
-                    )
+                with compile_errors(cfg, self.model):
+                    loss, extra = self.step_loss(self.engine, micro)
                 self.engine.backward(loss)
                 self.engine.step()
-                loss_sum += loss.item()
+                losses.append(loss.detach())
                 for k, v in extra.items():
                     logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
-                window_tokens += micro["input_ids"].numel() * world_size()
+                self._window[0] += micro["input_ids"].numel() * world_size()
             if self.engine.skipped_steps > skipped_before:
+                self._flush(pending, history, bar)
                 raise SlmError(
                     f"{self.out_dir}: DeepSpeed skipped optimizer step {step + 1} (overflow); "
                     "lower train.optim.lr or use precision fp32"
@@ -281,32 +314,33 @@ class Trainer:
             step += 1
             tokens += self.loader.global_batch * self.loader.source.seq_len
             record = {
-                "loss": all_reduce_sum(loss_sum / cfg.grad_accum) / world_size(),
+                "loss": torch.stack(losses).double().sum() / cfg.grad_accum,  # this rank's; averaged in _flush
                 "lr": self.engine.get_lr()[0],
                 "tokens": tokens,
                 **logs,
             }
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            logged = step % cfg.log_every == 0 or step == cfg.max_steps
+            if logged:
                 record.update(gate_stats(self.model))
-                now = time.time()
-                tokens_per_s = record["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
-                window_tokens, window_start = 0, now
+                record["tokens_per_s"] = None  # measured once the device has caught up (in _flush)
             if (step % cfg.eval_every == 0 or step == cfg.max_steps) and (held := self._evaluate()) is not None:
                 record.update(heldout_loss=held.loss, heldout_rows=held.rows, heldout_tokens=held.tokens)
-            self.metrics.log(step, record)
-            history.append({"step": step, **record})
+            pending.append((step, record))
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
             saved = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
+            ends = self.stop_after is not None and step >= self.stop_after
+            if logged or saved or ends:
+                self._flush(pending, history, bar)
             if saved:
                 ckpt.save_checkpoint(
                     self.engine, self.ckpt_dir, step, self._client_state(step, tokens), cfg.keep_checkpoints
                 )
-            if self.stop_after is not None and step >= self.stop_after:
+            if ends:
                 break
             why = stop.reason()
             if step < cfg.max_steps and all_reduce_sum(1.0 if why else 0.0) > 0:  # every rank stops at this step
                 if not saved:
+                    self._flush(pending, history, bar)
                     ckpt.save_checkpoint(
                         self.engine, self.ckpt_dir, step, self._client_state(step, tokens), cfg.keep_checkpoints
                     )
@@ -316,6 +350,34 @@ class Trainer:
                     f"Slurm requeue the job) to continue from it"
                 )
         return step, tokens
+
+    def _flush(self, pending: list[tuple[int, dict]], history: list[dict], bar) -> None:
+        """Read the pending steps' device values in one transfer (the rank mean of the losses in one all-reduce),
+        then log each step; the first step with a non-finite loss stops the run, once the steps before it are logged.
+
+        A logging step's record holds `tokens_per_s: None`; it is measured here, after the read, when the device
+        has finished the window's work."""
+        if not pending:
+            return
+        steps, records = zip(*pending)
+        pending.clear()
+        losses = all_reduce_tensor_sum(torch.stack([r["loss"] for r in records])) / world_size()
+        for r, loss in zip(records, losses):
+            r["loss"] = loss
+        values_to_host(records, self.device)
+        if "tokens_per_s" in records[-1]:
+            now = time.time()
+            records[-1]["tokens_per_s"] = self._tokens_per_s = self._window[0] / max(now - self._window[1], 1e-9)
+            self._window = [0, now]
+        for step, record in zip(steps, records):
+            if not math.isfinite(record["loss"]):
+                raise SlmError(
+                    f"{self.out_dir}: loss is {record['loss']} at step {step} (non-finite); "
+                    "lower train.optim.lr or check the data; resume continues from the last whole checkpoint"
+                )
+            self.metrics.log(step, record)
+            history.append({"step": step, **record})
+        bar.set_postfix(loss=f"{records[-1]['loss']:.3f}", tok_s=f"{self._tokens_per_s:.0f}")
 
     def export(self, out: str | Path, tokenizer=None) -> Path:
         """The trained model in Hugging Face format (with its tokenizer), gathered from ZeRO-3 shards."""
