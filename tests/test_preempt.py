@@ -124,8 +124,13 @@ def test_signalled_scoring_keeps_whole_shards_only_and_a_rerun_completes(scored,
     assert sorted(p.name for p in out.glob("shard-*.arrow")) == sorted(manifest.shards)
     assert verify_shards(out) == [f"{out}: {len(manifest.shards)} of {manifest.num_shards} shards whole"]
     assert leftover_temp_files(out) == []
+    # what a SIGKILL mid-write leaves (no handler runs): the rerun, holding the lock, removes its shards' temp files
+    (out / ".shard-00003.arrow.k1ll3d00.tmp").write_bytes(b"partial")
+    (out / DONE_DIR / ".shard-00003.arrow.json.k1ll3d00.tmp").write_text("{")
+    (out / ".notes.txt.k1ll3d00.tmp").write_text("not a shard's")
 
     assert score.run(cfg)["status"] == "complete"
+    assert leftover_temp_files(out) == [out / ".notes.txt.k1ll3d00.tmp"]
     score.run(whole_cfg)
     sha = {n: e["sha256"] for n, e in load_manifest(out).shards.items()}
     assert sha == {n: e["sha256"] for n, e in load_manifest(tmp_path / "whole").shards.items()}

@@ -131,6 +131,16 @@ def _until_stopped(batches, stop: StopRequest, out: Path, name: str):
         yield batch
 
 
+def drop_dead_temp_files(out: Path, names: list[str]) -> None:
+    """Remove the temp files (`slm.io.atomic_open`) of these shards and their sidecars that a killed writer left.
+    Only this process writes these shards (its part's lock, slm.locks; each rank its own shards), so no temp file
+    of theirs belongs to a live writer."""
+    for name in names:
+        for folder, stem in ((out, name), (out / DONE_DIR, f"{name}.json")):
+            for tmp in folder.glob(f".{stem}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+
 def my_shards(num_shards: int, part: int, parts: int, rank_: int, world: int) -> list[int]:
     """The shards this (part, rank) scores: k % parts == part, then every world-th of those."""
     of_part = [k for k in range(num_shards) if k % parts == part]
@@ -201,6 +211,7 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
 
     num_shards = math.ceil(len(corpus) / cfg.documents_per_shard)
     todo = my_shards(num_shards, cfg.part, cfg.parts, rank(), world_size())
+    drop_dead_temp_files(out, [shard_name(k) for k in todo])
     merge_manifest(out, meta, num_shards)  # from the start, the manifest says which shards are whole so far
     writer = ShardWriter(out, meta, with_base=base is not None, with_noise=cfg.corpus.noise_field is not None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
