@@ -212,7 +212,51 @@ def test_deepspeed_config_follows_the_typed_config():
     assert ds["train_batch_size"] == 24 and ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == 1e-3
     assert ds["scheduler"]["params"]["warmup_num_steps"] == 5 and ds["scheduler"]["params"]["total_num_steps"] == 50
-    assert ds["bf16"]["enabled"] is (torch.cuda.is_available())
+    # precision auto: bf16 autocast on a GPU, fp32 on CPU; DeepSpeed's bf16-weights mode never
+    assert ds["torch_autocast"] == {"enabled": torch.cuda.is_available(), "dtype": "bfloat16"}
+    assert ds["bf16"]["enabled"] is False
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_bf16_is_autocast_through_deepspeed_with_fp32_weights(tiny_reference_cfg, monkeypatch, zero):
+    """precision bf16 (here on CPU, as a GPU would run it): the forward's matrix products run in bf16 under
+    DeepSpeed's torch_autocast while weights, gradients and AdamW states stay fp32; AdamW has taken exactly one step
+    per optimizer step (DeepSpeed's bf16-weights mode with ZeRO 0 takes one more at start), and the losses follow the
+    fp32 run's within bf16's precision."""
+    from transformers.models.llama import modeling_llama
+
+    from slm.training import loop
+
+    seen = {}
+    plain_forward = modeling_llama.LlamaMLP.forward
+
+    def forward(self, x):
+        out = plain_forward(self, x)
+        seen.setdefault("mlp_out", out.dtype)
+        return out
+
+    plain_fit = loop.Trainer.fit
+
+    def fit(self, resume=True):
+        result = plain_fit(self, resume)
+        inner = self.engine.optimizer
+        while not isinstance(inner, torch.optim.Optimizer):
+            inner = inner.optimizer  # ZeRO's optimizer wraps the torch AdamW
+        seen["adam_steps"] = {int(st["step"]) for st in inner.state.values()}
+        seen["weights"] = {p.dtype for p in self.model.parameters()}
+        return result
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", forward)
+    monkeypatch.setattr(loop.Trainer, "fit", fit)
+    train = dict(max_steps=6, checkpoint_every=6, log_every=6, eval_every=100, zero_stage=zero)
+    train["optim"] = dict(lr=1e-2, warmup_steps=1)
+    fp32 = reference.run(tiny_reference_cfg(f"fp32-{zero}", precision="fp32", **train))
+    assert seen.pop("mlp_out") == torch.float32
+    bf16 = reference.run(tiny_reference_cfg(f"bf16-{zero}", precision="bf16", **train))
+    assert seen["mlp_out"] == torch.bfloat16 and seen["weights"] == {torch.float32} and seen["adam_steps"] == {6}
+    a, b = (read_metrics(r["outputs"]["metrics"]) for r in (fp32, bf16))
+    assert [m["loss"] for m in b] == pytest.approx([m["loss"] for m in a], abs=5e-3)
+    assert {w.dtype for w in weights(bf16["outputs"]["model"]).values()} == {torch.float32}  # exported as trained
 
 
 def test_checkpoint_restores_each_ranks_random_generators(tmp_path):

@@ -43,7 +43,14 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
                 "cos_min_ratio": opt.min_lr_ratio,
             },
         },
-        "bf16": {"enabled": precision == "bf16"},
+        # bf16 is torch.autocast through DeepSpeed (its torch_autocast section; the loop enters it with
+        # `slm.training.speed.autocast`, as engine.forward would): fp32 weights, gradients and AdamW states, matrix
+        # products in bf16, norms, softmax and the loss in fp32. DeepSpeed's own "bf16" mode (the weights cast to
+        # bf16) stays off: with ZeRO 0 it runs FP16_UnfusedOptimizer, which takes a zero-gradient AdamW step at start
+        # (Adam's step count one ahead of the steps taken, one weight decay at the peak lr) and checks for overflow
+        # with a host sync every step.
+        "bf16": {"enabled": False},
+        "torch_autocast": {"enabled": precision == "bf16", "dtype": "bfloat16"},
         "fp16": {"enabled": False},
         "zero_optimization": {"stage": cfg.zero_stage},
         "steps_per_print": 1 << 30,

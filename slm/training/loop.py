@@ -34,10 +34,10 @@ from slm.training.distributed import (
     rank,
     world_size,
 )
-from slm.training.ds_config import deepspeed_config, resolve_precision
+from slm.training.ds_config import deepspeed_config
 from slm.training.loader import DeterministicLoader
 from slm.training.metrics import MetricsLog
-from slm.training.speed import compile_errors, prepare_model
+from slm.training.speed import autocast, compile_errors, prepare_model
 
 StepLoss = Callable[[torch.nn.Module, dict], "tuple[torch.Tensor, dict]"]
 
@@ -198,8 +198,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         import deepspeed
 
-        if resolve_precision(cfg.precision) == "fp32":
-            model = model.float()
+        model = model.float()  # fp32 weights; bf16 is autocast (slm.training.ds_config)
         prepare_model(model, cfg)  # train.activation_checkpointing, train.compile (slm.training.speed)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=parameter_groups(model, cfg.optim), config=deepspeed_config(cfg, world_size())
@@ -228,7 +227,7 @@ class Trainer:
         if self.heldout_rows is None:
             return None
         indices = None if whole else self.eval_indices
-        with compile_errors(self.cfg, self.model):
+        with compile_errors(self.cfg, self.model), autocast(self.engine):
             return heldout_eval(self.model, self.heldout_rows, self.cfg.micro_batch_size, self.device, indices)
 
     def _eval_sample_info(self, tokens: int | None) -> dict:
@@ -297,7 +296,7 @@ class Trainer:
             for micro in self.loader.micro_batches(step):
                 micro = {k: v.to(self.device) for k, v in micro.items()}
                 micro["input_ids"] = micro["input_ids"].long()
-                with compile_errors(cfg, self.model):
+                with compile_errors(cfg, self.model), autocast(self.engine):
                     loss, extra = self.step_loss(self.engine, micro)
                 self.engine.backward(loss)
                 self.engine.step()

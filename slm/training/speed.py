@@ -64,6 +64,14 @@ def compile_model(model) -> None:
     model.get_decoder().compile()
 
 
+def autocast(engine):
+    """DeepSpeed's autocast (the torch_autocast section of its config: bf16 when train.precision resolves to bf16)
+    around a forward that the loop runs on the module itself, outside engine.forward (which would enter it)."""
+    from deepspeed.runtime.torch_autocast import autocast_if_enabled
+
+    return autocast_if_enabled(engine)
+
+
 def prepare_model(model, cfg) -> None:
     """Apply train.activation_checkpointing, then train.compile, to the model before DeepSpeed wraps it."""
     if cfg.activation_checkpointing:
