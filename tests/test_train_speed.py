@@ -113,3 +113,38 @@ def test_a_backend_that_cannot_compile_is_refused_in_one_line(tiny_reference_cfg
     assert message.startswith("train.compile: torch.compile (inductor, torch ") and "\n" not in message
     assert "cannot compile the 'llama' model on cpu: " in message and message.endswith("set train.compile=false")
     torch._dynamo.reset()
+
+
+FLASH_OPTIONS = {**SEGMENT_OPTIONS, "megalodon": {**SEGMENT_OPTIONS["megalodon"], "z_dim": 32, "value_dim": 32}}
+
+
+@pytest.mark.parametrize("backbone", list(SEGMENT_OPTIONS))
+def test_attention_goes_through_sdpa_and_its_fused_kernel(backbone, monkeypatch):
+    """Every backbone's softmax attention is F.scaled_dot_product_attention with 4-D inputs, and a training forward
+    and backward runs with SDPA restricted to its flash kernel (CPU's flash takes the masks that fam and beacon pass;
+    on CUDA those go to the memory-efficient kernel). Megalodon's Q/K width differs from its value width by default,
+    which flash does not take: checked with equal widths, and its default inputs are 4-D."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from slm.token_loss import token_losses
+
+    shapes = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        shapes.append((q.dim(), k.dim(), v.dim()))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    ids = torch.randint(0, 64, (2, 48), generator=torch.Generator().manual_seed(0))
+    for options in (SEGMENT_OPTIONS[backbone], FLASH_OPTIONS[backbone]):
+        shapes.clear()
+        model = build_model(ModelConfig(**TINY_MODEL, backbone=backbone, options=options), vocab_size=64, seed=0)
+        if options is FLASH_OPTIONS[backbone]:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                token_losses(model, ids).nanmean().backward()
+        else:
+            token_losses(model, ids).nanmean().backward()
+        assert shapes and set(shapes) == {(4, 4, 4)}, (backbone, shapes)

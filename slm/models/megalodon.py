@@ -248,10 +248,12 @@ def chunk_attention(q, k, v, chunk_len: int, prefix: int = 0):
     q = F.pad(q, (0, 0, prefix, pad))  # dummy queries for the cached prefix, dropped below
     k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
     n = (S + pad) // c
+    # the chunks as extra heads, [B, H * n, c, d]: 4-D inputs, which SDPA's fused kernels take (5-D ones fall back
+    # to its unfused math kernel)
     o = F.scaled_dot_product_attention(
-        q.view(B, H, n, c, -1), k.view(B, H, n, c, -1), v.view(B, H, n, c, -1), is_causal=True, scale=1.0
+        q.reshape(B, H * n, c, -1), k.reshape(B, H * n, c, -1), v.reshape(B, H * n, c, -1), is_causal=True, scale=1.0
     )
-    return o.reshape(B, H, n * c, -1)[:, :, prefix:S]
+    return o.view(B, H, n * c, -1)[:, :, prefix:S]
 
 
 class MegalodonLayer(nn.Module):
