@@ -27,13 +27,15 @@ Methods:
               itself) with ZeRO stage 0 or 2, fp32, grad_accum 1, the step loss of `slm pretrain`
               (`slm.stages.pretrain.make_step_loss`: `token_losses`, `selective_loss(mode=batch, ratio=0.6)`, `.stats`),
               over an in-memory row source that `DeterministicLoader` reads as it reads shards. Per micro-step
-              fit runs: batch to device, `.long()`, step loss, `isfinite(loss)` guard, `engine.backward`, `engine.step`,
-              `loss.item()`; per step: skipped-step check, record, metrics.jsonl line, tqdm, gate stats every
-              `log_every`. A step is the time between consecutive `engine.step()` returns; `stop_after` ends the run
-              before any checkpoint or export (those are periodic, not per step, and are not measured).
-              Timing wrappers (perf_counter) around the step loss, `engine.backward`, `engine.allreduce_gradients`,
-              `engine.step` and the inner torch AdamW's `step` split the step into sections; the rest of the step
-              interval is the loop's own work (data, guard, `.item()`, metrics).
+              fit runs: batch to device, `.long()`, step loss (under DeepSpeed's autocast), `engine.backward`,
+              `engine.step`, the detached loss kept on the device (no host sync); per step: skipped-step check,
+              record, tqdm; every `log_every` steps (and before a checkpoint) one read of the pending losses and
+              extras, which is the non-finite guard, the metrics.jsonl lines and gate stats. A step is the time
+              between consecutive `engine.step()` returns; `stop_after` ends the run before any checkpoint or export
+              (those are periodic, not per step, and are not measured). Timing wrappers (perf_counter) around the
+              step loss, `engine.backward`, `engine.allreduce_gradients`, `engine.step` and the inner torch AdamW's
+              `step` split the step into sections; the rest of the step interval is the loop's own work (data,
+              records, the interval's read, metrics).
 
 Profile: `bare` and `slm_zero0` run P more steps (`--profile-steps`) after the timed ones under torch.profiler;
 the per-step self CPU time of each op is compared and the ops where slm spends the most extra are printed, beside
@@ -731,7 +733,7 @@ def section_comparison(slm: dict, bare: dict) -> list[list]:
     b_known, s_known = sum(c[1] for c in cats), sum(c[2] for c in cats)
     cats.append(
         (
-            "other (loop: data, guard, .item(), metrics, tqdm)",
+            "other (loop: data, records, interval read, metrics, tqdm)",
             b_step - b_known,
             s_step - s_known,
             "step interval minus the sections",
