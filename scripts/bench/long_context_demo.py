@@ -1,14 +1,15 @@
-"""Long-context demo (issue 12): pass-key and multi-key retrieval at L..32L of every backbone pretrained
-with the selective loss at training length L and fine-tuned briefly on retrieval documents, and of a
-pretrained llama grafted to infini and to beacon and continued the same way.
+"""Long-context demo (issue 12): pass-key and multi-key retrieval at L..32L of every backbone warmed up on short
+pass-key pairs from scratch, pretrained with the selective loss at training length L and fine-tuned briefly on
+pass-key pairs, and of the pretrained llama grafted to infini and to beacon and fine-tuned the same way.
 
 1. Runs `pipelines/long-context-demo.yaml` through `slm.pipeline.run_pipeline` (finished stages are
-   skipped on a rerun): the demo corpus with retrieval documents of about L tokens
-   (retrieval_share 0.5, retrieval_chars 320, packed whole), a llama reference, scoring, selective-loss
-   pretraining of infini, megalodon, fam, beacon and plain llama at L = 128 (segment, chunk, block
-   and window lengths 32 = L/4, so the memory carries needles across segments during training), then
-   one `finetune` stage per model on data/retrieval.jsonl (whole pass-key / key-value documents of at
-   most L tokens, half of them short), and two grafts of the pretrained llama (infini, beacon).
+   skipped on a rerun): the demo corpus (pass-key retrieval documents of about L tokens in half the domain
+   documents, packed whole), a llama reference, scoring; per backbone (infini, megalodon, fam, beacon, llama;
+   segment, chunk, block and window lengths 32 = L/4, L = 128) a warm-up from scratch on short pass-key
+   prompt/completion pairs (data/retrieval_warmup.jsonl, one per row, the answer weighted 5x), selective-loss
+   pretraining continuing it, and a fine-tuning on pairs of up to L tokens (data/retrieval.jsonl); and two
+   grafts of the pretrained llama (infini, beacon) fine-tuned the same way. The YAML's header says why
+   (measured with scripts/experiments/retrieval_recipes.py).
 2. Evaluates each fine-tuned checkpoint with `slm.evaluation.ruler.run_ruler` (template_set compact, the
    demo corpus' wording; tasks passkey and niah_multikey; lengths L, 2L, 4L, 8L, 16L; samples cycle
    through the depth grid 0, 0.25, 0.5, 0.75, 1). Plain llama is evaluated three times: as trained, and
