@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from slm.config import ModelConfig
-from slm.data.demo import PASSKEY_QUESTION, SHORT_RETRIEVAL_CHARS, retrieval_document
+from slm.data.demo import PASSKEY_QUESTION, SHORT_RETRIEVAL_CHARS, retrieval_document, split_answer
 from slm.data.tokenizer import load_tokenizer
 from slm.models import build_model, load_pretrained
 from slm.token_loss import token_losses
@@ -54,11 +54,6 @@ def phase_at(phases, step: int) -> str:
             return name
         step -= n
     return phases[-1][0]
-
-
-def split_answer(text: str) -> tuple[str, str]:
-    at = text.rindex(" is ") + len(" is")  # both questions end "... is", then " <answer>."
-    return text[:at], text[at:]
 
 
 class Rows:

@@ -168,6 +168,12 @@ class RetrievalMix:
         return retrieval_document(rng, SHORT_RETRIEVAL_CHARS if short else self.chars, self.kinds)
 
 
+def split_answer(text: str) -> tuple[str, str]:
+    """A retrieval document as (prompt, completion): both questions end "... is", then " <answer>."."""
+    at = text.rindex(" is ") + len(" is")
+    return text[:at], text[at:]
+
+
 def retrieval_finetune_documents(
     rng: random.Random, n: int, max_chars: int, short_share: float, kinds: tuple[str, ...] = RETRIEVAL_KINDS
 ) -> list[dict]:
@@ -180,9 +186,8 @@ def retrieval_finetune_documents(
     docs = []
     for _ in range(n):
         chars = SHORT_RETRIEVAL_CHARS if rng.random() < short_share else rng.randint(SHORT_RETRIEVAL_CHARS, max_chars)
-        text = retrieval_document(rng, chars, kinds)
-        answer_at = text.rindex(" is ") + len(" is")  # both questions end "... is", then " <answer>."
-        docs.append({"prompt": text[:answer_at], "completion": text[answer_at:], "source": "retrieval"})
+        prompt, completion = split_answer(retrieval_document(rng, chars, kinds))
+        docs.append({"prompt": prompt, "completion": completion, "source": "retrieval"})
     return docs
 
 

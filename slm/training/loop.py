@@ -60,11 +60,8 @@ def causal_lm_step(
     valid = torch.isfinite(ce) & mask.bool()
     ce = torch.where(valid, ce, torch.zeros_like(ce))
     completion = valid & (mask == 2)
-    if prompt_loss_weight == 1.0:
-        weight = valid.float()
-    else:
-        weight = torch.where(completion, 1.0, prompt_loss_weight) * valid
-    loss = (ce * weight).sum() / weight.sum().clamp_min(1e-12 if prompt_loss_weight < 1 else 1)
+    weight = torch.where(completion, 1.0, prompt_loss_weight) * valid
+    loss = (ce * weight).sum() / weight.sum().clamp_min(1e-12)  # no valid token: 0 / tiny = 0
     extra = {}
     if completion_loss:
         extra["completion_loss"] = (ce.detach() * completion).sum() / completion.sum()  # 0 / 0 = NaN: none here
