@@ -21,8 +21,8 @@ import pytest
 import typer
 
 from slm import cli
-from slm.shards.format import shard_name
-from slm.shards.manifest import DONE_DIR, load_manifest
+from slm.shards.layout import DONE_DIR, shard_name
+from slm.shards.manifest import load_manifest
 
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 

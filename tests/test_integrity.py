@@ -22,7 +22,8 @@ from slm.errors import SlmError
 from slm.io import sha256_file
 from slm.shards import ShardSet, load_manifest
 from slm.shards.format import ShardMetadata, fixed_list_to_numpy
-from slm.shards.manifest import MANIFEST, merge_manifest
+from slm.shards.layout import MANIFEST
+from slm.shards.manifest import merge_manifest
 from slm.shards.reader import open_shard, verify_shards
 from slm.shards.writer import ShardWriter
 from slm.stages import evaluate, pretrain, score

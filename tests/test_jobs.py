@@ -22,10 +22,11 @@ import yaml
 from slm.errors import SlmError
 from slm.io import atomic_write_json
 from slm.jobs import pipeline_status, render_pipeline, submit_pipeline
-from slm.jobs.progress import unfinished_parts, whole_shards
+from slm.jobs.progress import unfinished_parts
 from slm.jobs.render import array_spec, launcher_command
 from slm.jobs.status import normalize_state, query_jobs
 from slm.pipeline import load_pipeline
+from slm.shards.layout import whole_shards
 from slm.stages.common import StageRun
 
 MODEL = {
@@ -712,7 +713,8 @@ def _check_sequences(shards: Path, corpus: Path, tokenizer_dir: Path, documents_
     from slm.data.packed import iter_documents
     from slm.data.packing import pack_documents
     from slm.data.tokenizer import load_tokenizer
-    from slm.shards.format import ROW_STRIDE, shard_name
+    from slm.shards.format import ROW_STRIDE
+    from slm.shards.layout import shard_name
     from slm.shards.manifest import load_manifest
     from slm.shards.reader import open_shard, verify_shards
 

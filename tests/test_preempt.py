@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from slm.errors import EXIT_INTERRUPTED
 from slm.preempt import STOP_FILE_ENV, StopRequest
-from slm.shards.manifest import DONE_DIR, load_manifest
+from slm.shards.layout import DONE_DIR
+from slm.shards.manifest import load_manifest
 from slm.shards.reader import leftover_temp_files, verify_shards
 from slm.training.checkpoint import whole_checkpoints
 

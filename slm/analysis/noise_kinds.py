@@ -16,7 +16,7 @@ from slm.data.corpus import load_corpus
 from slm.data.packed import BATCH_DOCS
 from slm.data.packing import pack_documents, tokenize_documents
 from slm.errors import SlmError
-from slm.shards.format import shard_name
+from slm.shards.layout import shard_documents, shard_index
 
 
 def noise_kind_codes(
@@ -39,10 +39,9 @@ def noise_kind_codes(
     for i, name in enumerate(shards.names):
         if shards.offsets[i] >= n_rows:
             break
-        k = int(name.removeprefix("shard-").removesuffix(".arrow"))
-        if name != shard_name(k):
+        if (k := shard_index(name)) is None:
             raise SlmError(f"{shards.directory / name}: not a shard name")
-        lo, hi = k * per_shard, min((k + 1) * per_shard, len(docs))
+        lo, hi = shard_documents(k, per_shard, len(docs))
         tagged = []
         for start in range(lo, hi, BATCH_DOCS):
             batch = docs[start : min(start + BATCH_DOCS, hi)]

@@ -9,14 +9,13 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from slm.errors import SlmError
-from slm.shards.manifest import DONE_DIR, MANIFEST
+from slm.shards.layout import MANIFEST, part_shards, whole_run_config, whole_shards
 from slm.stages.common import STAGE_FILE, StageRun
-from slm.stages.score import my_shards
 
 
 def stage_cfg_for_fingerprint(kind: str, cfg: BaseModel) -> BaseModel:
     """The config a stage fingerprints in its stage.json (scoring: one record for all parts)."""
-    return cfg.model_copy(update={"part": 0, "parts": 1}) if kind == "score" else cfg
+    return whole_run_config(cfg) if kind == "score" else cfg
 
 
 def stage_complete(stage: str, kind: str, cfg: BaseModel, out_dir: Path) -> bool:
@@ -46,24 +45,6 @@ def num_shards(shards_dir: Path) -> int | None:
         return None
 
 
-def whole_shards(shards_dir: Path) -> set[int]:
-    """Shards whose `.done` sidecar exists and whose file has the recorded size (the scoring job
-    itself also checks the sha256 before it skips one)."""
-    shards_dir = Path(shards_dir)
-    whole = set()
-    for entry in (shards_dir / DONE_DIR).glob("shard-*.json"):
-        name = entry.name[: -len(".json")]
-        try:
-            index = int(name.split("-", 1)[1].split(".")[0])  # shard-NNNNN.arrow
-            size = json.loads(entry.read_text())["bytes"]
-        except (ValueError, KeyError, IndexError, OSError):
-            continue
-        shard = shards_dir / name
-        if shard.is_file() and shard.stat().st_size == size:
-            whole.add(index)
-    return whole
-
-
 def unfinished_parts(shards_dir: Path, parts: int) -> list[int]:
     """Array tasks (parts) that own at least one shard that is not whole; all of them while no
     manifest tells how many shards the corpus makes."""
@@ -71,4 +52,4 @@ def unfinished_parts(shards_dir: Path, parts: int) -> list[int]:
     if total is None:
         return list(range(parts))
     whole = whole_shards(shards_dir)
-    return [p for p in range(parts) if any(k not in whole for k in my_shards(total, p, parts, 0, 1))]
+    return [p for p in range(parts) if any(k not in whole for k in part_shards(total, p, parts))]

@@ -115,10 +115,6 @@ def metadata_from_schema(schema: pa.Schema, source: str) -> ShardMetadata:
     return ShardMetadata.from_json(json.loads(raw), source)
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.arrow"
-
-
 def fixed_list_to_numpy(column: pa.ChunkedArray | pa.Array, length: int) -> np.ndarray:
     """A fixed_size_list<T, length> column as a [rows, length] array (zero-copy when possible)."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column

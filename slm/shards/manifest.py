@@ -16,9 +16,7 @@ from pathlib import Path
 from slm.errors import SlmError
 from slm.io import atomic_write_json, read_json
 from slm.shards.format import FORMAT_VERSION, ShardMetadata
-
-MANIFEST = "manifest.json"
-DONE_DIR = ".done"
+from slm.shards.layout import DONE_DIR, MANIFEST, sidecar
 
 
 @dataclass
@@ -58,11 +56,11 @@ def _locked(directory: Path):
 
 
 def record_shard(directory: Path, name: str, entry: dict) -> None:
-    atomic_write_json(directory / DONE_DIR / f"{name}.json", entry)
+    atomic_write_json(sidecar(directory, name), entry)
 
 
 def forget_shard(directory: Path, name: str) -> None:
-    (directory / DONE_DIR / f"{name}.json").unlink(missing_ok=True)
+    sidecar(directory, name).unlink(missing_ok=True)
 
 
 def merge_manifest(directory: Path, metadata: ShardMetadata, num_shards: int) -> Manifest:

@@ -11,7 +11,8 @@ import pyarrow as pa
 from slm.errors import SlmError, describe
 from slm.io import sha256_file
 from slm.shards.format import ShardMetadata, fixed_list_to_numpy, metadata_from_schema, shard_schema
-from slm.shards.manifest import DONE_DIR, Manifest, load_manifest
+from slm.shards.layout import DONE_DIR
+from slm.shards.manifest import Manifest, load_manifest
 
 
 def open_shard(path: Path) -> pa.Table:

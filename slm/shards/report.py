@@ -31,6 +31,7 @@ from slm.errors import SlmError
 from slm.io import atomic_write_json, atomic_write_text
 from slm.selection import top_k_mask
 from slm.shards.inspect import RowView, css, decode_pieces, spans_html, visible
+from slm.shards.layout import shard_documents, shard_index
 from slm.shards.reader import ShardSet
 from slm.token_loss import token_losses
 
@@ -115,8 +116,9 @@ def document_map(shards: ShardSet, rows: np.ndarray, corpus, tokenizer, source_f
     doc = np.full(stored.shape, -1, dtype=np.int64)
     for s in np.unique(shard_of):
         name = shards.names[s]
-        k = int(name.removeprefix("shard-").removesuffix(".arrow"))
-        lo, hi = k * per_shard, min((k + 1) * per_shard, len(docs))
+        if (k := shard_index(name)) is None:
+            raise SlmError(f"{shards.directory / name}: not a shard name")
+        lo, hi = shard_documents(k, per_shard, len(docs))
         tokens = iter_documents(docs, tokenizer, corpus.text_field, None, lo, hi)
         packed = list(pack_documents(tokens, shards.seq_len, tokenizer.eos_token_id, pad_id, corpus.packing))
         want = {int(r - shards.offsets[s]): i for i, r in enumerate(rows) if shard_of[i] == s}

@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow as pa
 
 from slm.io import atomic_open, sha256_file
-from slm.shards.format import ShardMetadata, reference_columns, shard_name, shard_schema
+from slm.shards.format import ShardMetadata, reference_columns, shard_schema
+from slm.shards.layout import shard_name
 from slm.shards.manifest import record_shard
 
 

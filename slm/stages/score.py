@@ -2,13 +2,12 @@
 
 Shard k holds the documents [k*D, (k+1)*D) packed into rows (D = documents_per_shard), so a
 shard's content never depends on how the work is split. Part i of n scores the shards with
-k % n == i; inside a part, data-parallel ranks take every world-th of those. Whole shards are
-skipped on a rerun; a partial or damaged one is redone.
+k % n == i; inside a part, data-parallel ranks take every world-th of those (slm.shards.layout).
+Whole shards are skipped on a rerun; a partial or damaged one is redone.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from slm.data.packed import iter_documents
 from slm.data.packing import pack_documents
 from slm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from slm.errors import SlmError
-from slm.io import DiskFull, read_json, sha256_file
+from slm.io import DiskFull, read_json
 from slm.models import load_pretrained
 from slm.models.checks import check_vocab
 from slm.preempt import Interrupted, StopRequest
@@ -37,8 +36,19 @@ from slm.scoring import (
     weights_fingerprint,
     with_entering_references,
 )
-from slm.shards.format import FORMAT_VERSION, ROW_STRIDE, ShardMetadata, shard_name
-from slm.shards.manifest import DONE_DIR, MANIFEST, forget_shard, load_manifest, merge_manifest
+from slm.shards.format import FORMAT_VERSION, ROW_STRIDE, ShardMetadata
+from slm.shards.layout import (
+    DONE_DIR,
+    MANIFEST,
+    drop_dead_temp_files,
+    is_whole,
+    part_shards,
+    shard_count,
+    shard_documents,
+    shard_name,
+    whole_run_config,
+)
+from slm.shards.manifest import forget_shard, load_manifest, merge_manifest
 from slm.shards.writer import ShardWriter
 from slm.stages.common import StageRun, locked_stage, say
 from slm.threads import apply_threads
@@ -90,15 +100,6 @@ def _check_model(model, cfg: ScoreConfig, tokenizer, tokenizer_dir: str, model_d
         say(f"[yellow]score[/]: {warning}")
 
 
-def _whole(directory: Path, name: str) -> bool:
-    entry = directory / DONE_DIR / f"{name}.json"
-    shard = directory / name
-    if not (entry.is_file() and shard.is_file()):
-        return False
-    rec = read_json(entry)
-    return shard.stat().st_size == rec["bytes"] and sha256_file(shard) == rec["sha256"]
-
-
 def _disk_full(e: DiskFull, out: Path, shards_left: int) -> SlmError:
     """A full disk while scoring: the bytes the shards left to score need (from the whole shards' mean size)."""
     sizes = [read_json(p)["bytes"] for p in (out / DONE_DIR).glob("*.json")]
@@ -131,28 +132,10 @@ def _until_stopped(batches, stop: StopRequest, out: Path, name: str):
         yield batch
 
 
-def drop_dead_temp_files(out: Path, names: list[str]) -> None:
-    """Remove the temp files (`slm.io.atomic_open`) of these shards and their sidecars that a killed writer left.
-    Only this process writes these shards (its part's lock, slm.locks; each rank its own shards), so no temp file
-    of theirs belongs to a live writer."""
-    for name in names:
-        for folder, stem in ((out, name), (out / DONE_DIR, f"{name}.json")):
-            for tmp in folder.glob(f".{stem}.*.tmp"):
-                tmp.unlink(missing_ok=True)
-
-
-def my_shards(num_shards: int, part: int, parts: int, rank_: int, world: int) -> list[int]:
-    """The shards this (part, rank) scores: k % parts == part, then every world-th of those."""
-    of_part = [k for k in range(num_shards) if k % parts == part]
-    return of_part[rank_::world]
-
-
 @locked_stage("score")
 def run(cfg: ScoreConfig, force: bool = False) -> dict:
     out = Path(cfg.out_dir)
-    # the config without part/parts: every part of one scoring run shares one stage.json, and the
-    # shards do not depend on the split (`slm run` and a `slm jobs` array agree on the record)
-    stage = StageRun("score", cfg.model_copy(update={"part": 0, "parts": 1}), out)
+    stage = StageRun("score", whole_run_config(cfg), out)  # every part of one scoring run shares one stage.json
     if (done := stage.prepare(force)) is not None:
         say(f"[green]score[/]: {out} is complete for this config; skipping (use --force to redo)")
         return done
@@ -209,8 +192,8 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
                     "use --force or another out_dir"
                 )
 
-    num_shards = math.ceil(len(corpus) / cfg.documents_per_shard)
-    todo = my_shards(num_shards, cfg.part, cfg.parts, rank(), world_size())
+    num_shards = shard_count(len(corpus), cfg.documents_per_shard)
+    todo = part_shards(num_shards, cfg.part, cfg.parts, rank(), world_size())
     drop_dead_temp_files(out, [shard_name(k) for k in todo])
     merge_manifest(out, meta, num_shards)  # from the start, the manifest says which shards are whole so far
     writer = ShardWriter(out, meta, with_base=base is not None, with_noise=cfg.corpus.noise_field is not None)
@@ -220,12 +203,12 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
     with StopRequest() as stop, bar:  # the bar closes before an error is printed
         for i, k in enumerate(todo):
             name = shard_name(k)
-            if _whole(out, name):
+            if is_whole(out, name):
                 skipped += 1
                 continue
             _stop_if_asked(stop, out, name, partial=False)
             forget_shard(out, name)
-            lo, hi = k * cfg.documents_per_shard, min((k + 1) * cfg.documents_per_shard, len(corpus))
+            lo, hi = shard_documents(k, cfg.documents_per_shard, len(corpus))
             docs = iter_documents(corpus, tokenizer, cfg.corpus.text_field, cfg.corpus.noise_field, lo, hi)
             rows = pack_documents(docs, cfg.seq_len, tokenizer.eos_token_id, pad_id, cfg.corpus.packing)
             if by_domain:
