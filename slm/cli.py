@@ -77,6 +77,17 @@ def data_demo(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt, 
     stage.run(load_config(config, stage.config, set_, base=None if config else {"out_dir": "runs/demo/data"}), force)
 
 
+@data_app.command("real-text")
+def data_real_text(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt, force: bool = ForceOpt):
+    """Build the real-text corpus: this machine's manual pages and package documentation (reference, training
+    with junk spans inserted, held-out), deterministic for a seed and a machine (slm.data.real_text)."""
+    from slm.stages.registry import get_stage
+
+    stage = get_stage("real_text_data")
+    base = None if config else {"out_dir": "runs/real-text/data"}
+    stage.run(load_config(config, stage.config, set_, base=base), force)
+
+
 @data_app.command("tokenizer")
 def data_tokenizer(
     corpus: list[str] | None = typer.Option(

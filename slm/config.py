@@ -125,6 +125,32 @@ class DemoDataConfig(StrictModel):
     vocab_size: int = Field(2048, ge=300)
 
 
+class RealTextDataConfig(StrictModel):
+    """A real-text corpus from the machine's manual pages and package documentation, mixed with junk
+    (`slm.data.real_text`: sources, splits and junk kinds)."""
+
+    out_dir: str
+    seed: int = Field(0, description="Ranks the files (which split each is in) and draws the junk.")
+    reference_documents: int = Field(1000, ge=1, description="Clean documents for the reference model.")
+    train_documents: int = Field(1200, ge=1, description="Training documents, each with junk spans inserted.")
+    validation_documents: int = Field(150, ge=1, description="Clean held-out documents.")
+    junk_share: float = Field(0.3, ge=0, lt=1, description="Target share of junk characters in the training corpus.")
+    max_chars: int = Field(8000, ge=500, description="A document is cut to this many characters at a paragraph end.")
+    min_chars: int = Field(500, ge=1, description="A shorter rendered document is skipped.")
+    max_per_family: int = Field(
+        20, ge=1, description="At most this many documents of one command's pages or one package's documentation."
+    )
+    man_dirs: list[str] = Field(["/usr/share/man"], description="Manual page trees (their man1..man9 sections).")
+    doc_dirs: list[str] = Field(["/usr/share/doc"], description="Package documentation trees (and HTML for markup).")
+    binary_dirs: list[str] = Field(["/usr/bin"], description="Executables for hexdump junk.")
+    library_dirs: list[str] = Field(
+        ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu"],
+        description="Shared libraries for symbols junk (missing directories are skipped).",
+    )
+    image_dirs: list[str] = Field(["/usr/share/icons", "/usr/share/pixmaps"], description="Images for base64 junk.")
+    threads: int = Field(2, ge=1, description="Manual pages rendered at once.", json_schema_extra=RUNTIME)
+
+
 # --------------------------------------------------------------------------- model
 
 
@@ -822,6 +848,7 @@ class PipelineConfig(StrictModel):
 # stage kind -> its config class; slm.stages.registry declares the rest of each kind (command, run, outputs)
 STAGE_CONFIGS: dict[str, type[StrictModel]] = {
     "demo_data": DemoDataConfig,
+    "real_text_data": RealTextDataConfig,
     "reference": ReferenceConfig,
     "finetune": FinetuneConfig,
     "score": ScoreConfig,

@@ -92,17 +92,21 @@ def log(msg: str) -> None:
 
 
 def prepare(args) -> dict:
-    """The demo recipe's data, reference and score stages under args.work_dir; the configs of the rest."""
+    """The pipeline's stages before its first pretraining (the demo's data, reference and score; a pipeline's own
+    data, tokenizer, ...) under args.work_dir; the configs of the rest."""
     from slm.errors import SlmError
     from slm.pipeline import load_pipeline
+    from slm.stages.common import STAGE_FILE
     from slm.stages.registry import stage_runner
 
-    _, stages, recipe = load_pipeline(None, [f"work_dir={args.work_dir}", *args.overrides])
+    pipeline, stages, recipe = load_pipeline(args.pipeline, [f"work_dir={args.work_dir}", *args.overrides])
     by_name = {s.name: s for s in stages}
+    missing = {"reference", "score", "pretrain_slm", "pretrain_clm", "eval_reference"} - set(by_name)
+    if missing:
+        raise SystemExit(f"{recipe}: the benchmark needs stages named {sorted(missing)} (as the demo's)")
+    first_pretrain = next(i for i, s in enumerate(stages) if s.kind == "pretrain")
     timings = {}
-    for name in ("data", "reference", "score"):
-        from slm.stages.common import STAGE_FILE
-
+    for name in (s.name for s in stages[:first_pretrain]):
         existed = (Path(by_name[name].cfg.out_dir) / STAGE_FILE).is_file()
         t = time.time()
         try:
@@ -154,10 +158,10 @@ def prepare(args) -> dict:
         raise SystemExit(f"{recipe}: pretrain_slm and pretrain_clm differ beyond out_dir and selection: {a} vs {b}")
     return {
         "recipe": str(recipe),
+        "name": pipeline.name,
         "pretrain": slm_cfg,
         "eval": by_name["eval_reference"].cfg,
         "reference": by_name["reference"].cfg,
-        "data": by_name["data"].cfg,
         "score": score_cfg,
         "stage_seconds": timings,
     }
@@ -201,7 +205,9 @@ class Evaluator:
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.train = base.train
         self.max_new_tokens = prep["eval"].max_new_tokens
-        self.questions = read_questions(prep["eval"].questions)[: args.questions]
+        # domain accuracy needs the pipeline's questions (the demo's); without them only held-out loss is measured
+        questions = prep["eval"].questions
+        self.questions = read_questions(questions)[: args.questions] if questions else []
         # the same packed validation rows the trainer evaluates on (same corpus, tokenizer, seq_len)
         self._codes = None  # noise kind codes of the rows `kinds` reads, made on first use
         self.heldout_rows = packed_corpus(
@@ -223,9 +229,11 @@ class Evaluator:
             next(model.parameters()).device,
         )
 
-    def accuracy(self, model) -> float:
+    def accuracy(self, model) -> float | None:
         from slm.evaluation.heldout import domain_accuracy
 
+        if not self.questions:
+            return None
         return domain_accuracy(model, self.tokenizer, self.questions, self.max_new_tokens, progress=False)["accuracy"]
 
     def cached(self, path: Path, key: dict, compute):
@@ -253,7 +261,7 @@ class Evaluator:
             model = load_pretrained(str(ref_dir)).float().eval()
             return {
                 "heldout_loss": self.heldout(model),
-                "domain_accuracy": self.accuracy(model),
+                "domain_accuracy": self.accuracy(model),  # None without questions
                 "questions": len(self.questions),
             }
 
@@ -295,7 +303,7 @@ class Evaluator:
         def compute():
             model = load_pretrained(str(run_dir / "model")).float().eval()
             acc = []
-            for ck in whole_checkpoints(run_dir / "checkpoints"):
+            for ck in whole_checkpoints(run_dir / "checkpoints") if self.questions else []:
                 load_deepspeed_weights(model, ck)
                 acc.append({"step": int(read_json(ck / MARKER)["step"]), "accuracy": self.accuracy(model)})
             model = load_pretrained(str(run_dir / "model")).float().eval()  # the exported final model
@@ -354,6 +362,17 @@ def _stage_fp(run_dir: Path) -> str:
 MODE = None  # --mode: the selection mode of the SLM runs (None: the recipe's, batch); set by main / report_from
 
 
+def accuracy_text(reference: dict) -> str:
+    """', domain accuracy A on N questions' for a pipeline with questions (the demo's), else ''."""
+    if reference.get("domain_accuracy") is None:
+        return ""
+    return f", domain accuracy {reference['domain_accuracy']:.3f} on {reference['questions']} questions"
+
+
+def questions_text(n: int) -> str:
+    return f", {n} questions" if n else ""
+
+
 def method_name(ratio: float | None) -> str:
     return "CLM" if ratio is None else f"{'SLM' if MODE in (None, 'batch') else MODE} {ratio:g}"
 
@@ -366,7 +385,11 @@ def analyse_run(metrics: list[dict], cfg, untrained: dict, evals: dict, record: 
     loss_curve = [(0, untrained["heldout_loss"])] + [
         (m["tokens"], m["heldout_loss"]) for m in metrics if m.get("heldout_loss") is not None
     ]
-    acc_curve = [(0, untrained["domain_accuracy"])] + [(tokens_at[a["step"]], a["accuracy"]) for a in evals["accuracy"]]
+    acc_curve = (  # empty without questions
+        [(0, untrained["domain_accuracy"])] + [(tokens_at[a["step"]], a["accuracy"]) for a in evals["accuracy"]]
+        if untrained["domain_accuracy"] is not None
+        else []
+    )
     last = [m for m in metrics if m["step"] > tr.max_steps * (1 - LAST_SHARE)]
 
     def mean(key, rows):
@@ -395,7 +418,7 @@ def analyse_run(metrics: list[dict], cfg, untrained: dict, evals: dict, record: 
         "loss_curve": loss_curve,
         "accuracy_curve": acc_curve,
         "final_heldout_loss": loss_curve[-1][1],
-        "final_accuracy": acc_curve[-1][1],
+        "final_accuracy": acc_curve[-1][1] if acc_curve else None,
         "log_noise_dropped": mean("noise_dropped", last),
         "log_kept_clean": mean("kept_clean", last),
         "log_kept_fraction": mean("kept_fraction", last),
@@ -528,10 +551,14 @@ def summarise(results: dict, seeds: list[int], methods: list[float | None]) -> d
             r, base = results[(ratio, seed)], results[(None, seed)]
             budget = base["tokens"]
             tl = tokens_to_reach(r["loss_curve"], base["final_heldout_loss"], True)
-            trivial = (
-                base["final_accuracy"] <= r["accuracy_curve"][0][1]
-            )  # no better than the untrained model: nothing to reach
-            ta = None if trivial else tokens_to_reach(r["accuracy_curve"], base["final_accuracy"], False)
+            measured = base["final_accuracy"] is not None
+            # no better than the untrained model: nothing to reach
+            trivial = measured and base["final_accuracy"] <= r["accuracy_curve"][0][1]
+            ta = (
+                tokens_to_reach(r["accuracy_curve"], base["final_accuracy"], False)
+                if measured and not trivial
+                else None
+            )
             per_seed.append(
                 {
                     "seed": seed,
@@ -657,6 +684,9 @@ def table_rows(summary: dict, seeds: int) -> tuple[list[str], list[list]]:
             "",
         ]
     )
+    if not any(s["mean"]["final_accuracy"]["n"] for s in summary.values()):  # no questions: no accuracy columns
+        keep = [i for i, h in enumerate(headers) if "accuracy" not in h]
+        headers, rows = [headers[i] for i in keep], [[r[i] for i in keep] for r in rows]
     return headers, rows
 
 
@@ -741,7 +771,7 @@ def targets(summary: dict, micro: dict | None) -> list[dict]:
 # ----------------------------------------------------------------------------- plot
 
 
-def plot(results: dict, seeds: list[int], methods: list[float | None], path: Path, subtitle: str) -> None:
+def plot(results: dict, seeds: list[int], methods: list[float | None], path: Path, subtitle: str, corpus: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -749,12 +779,17 @@ def plot(results: dict, seeds: list[int], methods: list[float | None], path: Pat
     import numpy as np
 
     with_kinds = all(results[k].get("by_kind") for k in results)
-    fig, axes = plt.subplots(1, 3 if with_kinds else 2, figsize=(18 if with_kinds else 12, 4.6))
+    with_accuracy = all(results[k]["accuracy_curve"] for k in results)
+    panels = ["loss_curve"] + ["accuracy_curve"] * with_accuracy + ["kinds"] * with_kinds
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.6), squeeze=False)
+    axes = axes[0]
+    curve_axes = dict(zip(panels, axes))
     cmap = plt.get_cmap("viridis")
     ratios = [r for r in methods if r is not None]
     for ratio in methods:
         color = "black" if ratio is None else cmap(0.1 + 0.8 * (ratios.index(ratio) / max(len(ratios) - 1, 1)))
-        for ax, key in zip(axes, ("loss_curve", "accuracy_curve")):
+        for key in ("loss_curve", "accuracy_curve")[: 1 + with_accuracy]:
+            ax = curve_axes[key]
             curves = [results[(ratio, s)][key] for s in seeds]
             xs = np.array([x for x, _ in curves[0]], dtype=float)
             ys = np.array([[y for _, y in c] for c in curves], dtype=float)
@@ -770,42 +805,43 @@ def plot(results: dict, seeds: list[int], methods: list[float | None], path: Pat
             if len(seeds) > 1:
                 ax.fill_between(xs / 1e3, ys.min(0), ys.max(0), color=color, alpha=0.15)
     clm_loss = statistics.fmean(results[(None, s)]["final_heldout_loss"] for s in seeds)
-    clm_acc = statistics.fmean(results[(None, s)]["final_accuracy"] for s in seeds)
     axes[0].axhline(clm_loss, color="black", ls=":", lw=1)
-    axes[1].axhline(clm_acc, color="black", ls=":", lw=1)
     axes[0].set_ylabel("held-out loss (nats/token)")
-    axes[1].set_ylabel("domain accuracy (exact match)")
+    if with_accuracy:
+        clm_acc = statistics.fmean(results[(None, s)]["final_accuracy"] for s in seeds)
+        curve_axes["accuracy_curve"].axhline(clm_acc, color="black", ls=":", lw=1)
+        curve_axes["accuracy_curve"].set_ylabel("domain accuracy (exact match)")
+        curve_axes["accuracy_curve"].set_title("accuracy at checkpoints; dotted: CLM final", fontsize=9)
     lo = min(min(y for _, y in results[(r, s)]["loss_curve"][1:]) for r in methods for s in seeds)
     hi = max(max(y for _, y in results[(r, s)]["loss_curve"][1:]) for r in methods for s in seeds)
     hi = min(
         hi, lo + 3 * (clm_loss - lo) + 0.15
     )  # zoom on the end of training, where the methods differ; the early drop is off the top
     axes[0].set_ylim(lo - 0.05 * (hi - lo), hi)
-    for ax in axes[:2]:
+    for ax in axes[: 1 + with_accuracy]:
         ax.set_xlabel("tokens processed (K)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     axes[0].set_title("held-out loss (mean over seeds, min-max shaded; zoomed); dotted: CLM final", fontsize=9)
-    axes[1].set_title("accuracy at checkpoints; dotted: CLM final", fontsize=9)
     if with_kinds:  # kept share of each kind of token by every SLM ratio (mean over seeds)
         kinds = list(results[(None, seeds[0])]["by_kind"])
         width = 0.8 / max(len(ratios), 1)
         for i, ratio in enumerate(ratios):
             kept = [statistics.fmean(results[(ratio, s)]["by_kind"][k]["kept"] for s in seeds) for k in kinds]
-            axes[2].bar(
+            curve_axes["kinds"].bar(
                 np.arange(len(kinds)) + (i - (len(ratios) - 1) / 2) * width,
                 kept,
                 width,
                 color=cmap(0.1 + 0.8 * (i / max(len(ratios) - 1, 1))),
                 label=method_name(ratio),
             )
-        axes[2].set_xticks(np.arange(len(kinds)), kinds, rotation=30, ha="right", fontsize=8)
-        axes[2].set_ylabel("share of the kind's tokens kept")
-        axes[2].set_ylim(0, 1)
-        axes[2].grid(alpha=0.3, axis="y")
-        axes[2].legend(fontsize=8)
-        axes[2].set_title("what the final models keep, by kind of token", fontsize=9)
-    fig.suptitle(f"SLM vs CLM on the demo ({subtitle})", fontsize=10)
+        curve_axes["kinds"].set_xticks(np.arange(len(kinds)), kinds, rotation=30, ha="right", fontsize=8)
+        curve_axes["kinds"].set_ylabel("share of the kind's tokens kept")
+        curve_axes["kinds"].set_ylim(0, 1)
+        curve_axes["kinds"].grid(alpha=0.3, axis="y")
+        curve_axes["kinds"].legend(fontsize=8)
+        curve_axes["kinds"].set_title("what the final models keep, by kind of token", fontsize=9)
+    fig.suptitle(f"SLM vs CLM on {corpus} ({subtitle})", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -838,11 +874,7 @@ def report(results: dict, seeds: list[int], methods: list, micro: dict | None, r
             table.add_row(*r)
         console.print(table)
         md += "\n\n" + _util.markdown_table(k_headers, k_rows)
-    console.print(
-        f"reference model: held-out loss {reference['heldout_loss']:.3f}, "
-        f"domain accuracy {reference['domain_accuracy']:.3f} "
-        f"({reference['questions']} questions)"
-    )
+    console.print(f"reference model: held-out loss {reference['heldout_loss']:.3f}{accuracy_text(reference)}")
     if micro:
         console.print(
             f"micro-measurement (batch {micro['batch']}, ratio {micro['ratio']:g}, {micro['reps']} interleaved reps): "
@@ -877,12 +909,12 @@ def report_from(path: Path, args, console) -> None:
     methods = [None, *st["ratios"]]
     subtitle = (
         f"{st['steps']} steps = {st['tokens_budget'] / 1e3:.0f}K tokens, "
-        f"seeds {st['seeds']}, {st['questions']} questions" + (", QUICK smoke check" if st["quick"] else "")
+        f"seeds {st['seeds']}{questions_text(st['questions'])}" + (", QUICK smoke check" if st["quick"] else "")
     )
     summary, goals, md = report(
         results, st["seeds"], methods, saved.get("micro_measurement"), saved["reference"], subtitle, console
     )
-    plot(results, st["seeds"], methods, args.plot, subtitle)
+    plot(results, st["seeds"], methods, args.plot, subtitle, st.get("corpus", "the demo"))
     saved.update(summary=summary, targets=goals, markdown=md, plot=str(args.plot))
     saved.setdefault("report_regenerated", []).append(
         {
@@ -905,6 +937,13 @@ def main() -> None:
     )
     p.add_argument(
         "--work-dir", default="runs/bench_slm_vs_clm", help="prepared demo (data, reference, shards) and the runs"
+    )
+    p.add_argument(
+        "--pipeline",
+        type=Path,
+        default=None,
+        help="a pipeline YAML with the demo's stage names (reference, score, pretrain_slm, pretrain_clm, "
+        "eval_reference); default: the embedded demo. Its stages before pretraining are prepared in --work-dir",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--ratios", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
@@ -964,7 +1003,7 @@ def main() -> None:
         args.checkpoint_every = min(args.checkpoint_every, 10)
         args.questions = min(args.questions, 20)
         args.micro_reps = min(args.micro_reps, 4)
-    suffix = "_quick" if args.quick else ""
+    suffix = (f"_{args.pipeline.stem.replace('-', '_')}" if args.pipeline else "") + ("_quick" if args.quick else "")
     args.out = args.out or _util.RESULTS_DIR / f"slm_vs_clm{suffix}.json"
     args.plot = args.plot or _util.RESULTS_DIR / f"slm_vs_clm{suffix}.png"
     ratios = sorted(set(args.ratios))
@@ -996,13 +1035,14 @@ def main() -> None:
     info["machine_note"] = MACHINE_NOTE
     work = Path(args.work_dir)
     prep = prepare(args)
+    corpus = "the demo" if args.pipeline is None else f"{prep['name']} ({args.pipeline})"
     base = prep["pretrain"]
     args.steps = args.steps or base.train.max_steps
     ev = Evaluator(prep, args)
     reference = ev.reference()
     log(
-        f"reference (llama, trained on the high-quality corpus): held-out loss {reference['heldout_loss']:.3f}, "
-        f"domain accuracy {reference['domain_accuracy']:.3f} on {reference['questions']} questions"
+        f"reference (trained on the high-quality corpus): held-out loss {reference['heldout_loss']:.3f}"
+        + accuracy_text(reference)
     )
 
     from slm.stages import pretrain
@@ -1035,8 +1075,9 @@ def main() -> None:
             done = len(results)
             eta = statistics.fmean(run_seconds) * (total - done)
             log(
-                f"{done}/{total} {name}: held-out {r['final_heldout_loss']:.4f}, acc {r['final_accuracy']:.3f}, "
-                f"noise dropped {r['log_noise_dropped']:.3f}, kept clean {r['log_kept_clean']:.3f}, "
+                f"{done}/{total} {name}: held-out {r['final_heldout_loss']:.4f}, "
+                + (f"acc {r['final_accuracy']:.3f}, " if r["final_accuracy"] is not None else "")
+                + f"noise dropped {r['log_noise_dropped']:.3f}, kept clean {r['log_kept_clean']:.3f}, "
                 f"train {trained:.0f} s + eval {time.time() - t - trained:.0f} s; ETA {eta / 60:.0f} min"
             )
 
@@ -1066,14 +1107,13 @@ def main() -> None:
         )
 
     budget = results[(None, args.seeds[0])]["tokens"]
-    subtitle = f"{args.steps} steps = {budget / 1e3:.0f}K tokens, seeds {args.seeds}, {len(ev.questions)} questions" + (
-        ", QUICK smoke check" if args.quick else ""
-    )
+    subtitle = f"{args.steps} steps = {budget / 1e3:.0f}K tokens, seeds {args.seeds}{questions_text(len(ev.questions))}"
+    subtitle += ", QUICK smoke check" if args.quick else ""
     summary, goals, md = report(results, args.seeds, methods, micro, reference, subtitle, console)
     if dropped_one:
         console.print("ratio 1.0 was not run: it is the CLM baseline by construction")
 
-    plot(results, args.seeds, methods, args.plot, subtitle)
+    plot(results, args.seeds, methods, args.plot, subtitle, corpus)
     info["load_average_at_end"] = _util.load_average()
     out = {
         "benchmark": "slm_vs_clm",
@@ -1093,6 +1133,7 @@ def main() -> None:
             "threads": args.threads,
             "work_dir": str(work),
             "recipe": prep["recipe"],
+            "corpus": corpus,
             "pipeline_overrides": args.overrides,
             "tokens_budget": budget,
             "pretrain_config": {k: v for k, v in base.model_dump(mode="json").items() if k != "out_dir"},

@@ -65,6 +65,13 @@ STAGES: dict[str, Stage] = {
             SAME_CONFIG,
         ),
         Stage(
+            "real_text_data",
+            "real_text_data",
+            "slm data real-text",
+            ("reference.jsonl", "train.jsonl", "validation.jsonl", "manifest.json"),
+            SAME_CONFIG,
+        ),
+        Stage(
             "tokenizer",
             "tokenizer",
             "slm data tokenizer",
