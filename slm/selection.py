@@ -41,11 +41,16 @@ class Selection:
     valid: torch.Tensor  # [B, T] bool
     score_name: str = "excess"  # what `excess` holds: excess, or the reference-free mode (self_loss, self_entropy)
 
+    @property
+    def kept(self) -> torch.Tensor:
+        """[B, T] bool: the valid tokens the loss keeps (a soft mode's weight above 1/2)."""
+        return (self.weights > 0.5) & self.valid
+
     def stats(self, ce: torch.Tensor) -> dict[str, torch.Tensor]:
         """Kept fraction, mean score (`<score_name>_kept`, `_dropped`) and mean loss of kept and dropped tokens
         (NaN where there are none), as 0-dim tensors on ce's device: nothing waits for the device here (the
         training loop reads them once per logging interval)."""
-        kept = (self.weights > 0.5) & self.valid
+        kept = self.kept
         dropped = ~kept & self.valid
         n_valid = self.valid.sum()
 
@@ -59,6 +64,18 @@ class Selection:
             "loss_kept": mean(ce.detach(), kept),
             "loss_dropped": mean(ce.detach(), dropped),
             "valid_tokens": n_valid,
+        }
+
+    def noise_measures(self, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """How the selection treats the demo's noise tags `noise` [B, T] (measurement only; never used to select):
+        the share of noise tokens it drops and the share of kept tokens that are clean, as 0-dim tensors (read by
+        the training loop once per logging interval)."""
+        kept = self.kept
+        is_noise = noise.bool() & self.valid
+        clean_kept = kept & ~is_noise
+        return {
+            "noise_dropped": (is_noise & ~kept).sum() / is_noise.sum().clamp_min(1),
+            "kept_clean": clean_kept.sum() / kept.sum().clamp_min(1),
         }
 
 

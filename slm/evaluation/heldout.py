@@ -115,7 +115,7 @@ def selection_quality(
         ref = torch.from_numpy(rows["ref_loss"]).to(dev)
         mask = torch.from_numpy(rows["loss_mask"]).to(dev)
         sel = selective_loss(ce, ref, SelectionConfig(mode=mode, ratio=ratio), mask, entropy=entropy)
-        valid, kept = sel.valid, (sel.weights > 0.5) & sel.valid  # a soft mode's weight above 1/2 (Selection.stats)
+        valid, kept = sel.valid, sel.kept
         noise = torch.from_numpy(rows["noise"]).bool().to(dev) & valid
         kept_total += int(kept.sum())
         kept_clean += int((kept & ~noise).sum())

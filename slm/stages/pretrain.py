@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from slm.config import PretrainConfig
@@ -23,24 +22,12 @@ from slm.plots import plot_learning_curves
 from slm.scoring import check_seq_len
 from slm.selection import REFERENCE_FREE, selective_loss
 from slm.shards import ShardSet
-from slm.shards.format import fixed_list_to_numpy
+from slm.shards.checks import check_shards_match, check_something_to_learn
 from slm.stages.common import StageRun, config_fingerprint, locked_stage, say
 from slm.threads import apply_threads
 from slm.token_loss import token_losses, token_losses_and_entropy
 from slm.training.distributed import rank
 from slm.training.loop import Trainer
-
-
-def noise_measures(selection, noise: torch.Tensor) -> dict[str, torch.Tensor]:
-    """How the selection treats the demo's noise tags (measurement only; never used to select), as 0-dim tensors
-    (read by the training loop once per logging interval)."""
-    kept = (selection.weights > 0.5) & selection.valid
-    is_noise = noise.bool() & selection.valid
-    clean_kept = kept & ~is_noise
-    return {
-        "noise_dropped": (is_noise & ~kept).sum() / is_noise.sum().clamp_min(1),
-        "kept_clean": clean_kept.sum() / kept.sum().clamp_min(1),
-    }
 
 
 def make_step_loss(cfg: PretrainConfig):
@@ -59,54 +46,10 @@ def make_step_loss(cfg: PretrainConfig):
         )
         logs = {**sel.stats(ce), "selection_ms": (time.perf_counter() - t0) * 1e3}
         if "noise" in batch:
-            logs.update(noise_measures(sel, batch["noise"]))
+            logs.update(sel.noise_measures(batch["noise"]))
         return sel.loss, logs
 
     return step_loss
-
-
-def check_shards_match(shards: ShardSet, cfg: PretrainConfig, tokenizer_dir: str, vocab: int) -> None:
-    meta, where = shards.metadata, cfg.shards
-    if cfg.train.seq_len != meta.seq_len:
-        raise SlmError(
-            f"{where}: shards have seq_len {meta.seq_len}, train.seq_len is {cfg.train.seq_len}; "
-            f"set train.seq_len={meta.seq_len}"
-        )
-    mine = tokenizer_fingerprint(tokenizer_dir)
-    if mine != meta.tokenizer_sha256:
-        raise SlmError(
-            f"{where}: shards were scored with tokenizer sha256 {meta.tokenizer_sha256[:12]}, "
-            f"tokenizer {tokenizer_dir!r} has {mine[:12]}"
-        )
-    if vocab != meta.vocab_size:
-        raise SlmError(f"{where}: shards have vocab_size {meta.vocab_size}, tokenizer {tokenizer_dir!r} has {vocab}")
-    if cfg.selection.mode == "static" and "base_loss" not in shards.columns:
-        raise SlmError(f"{where}: selection.mode=static needs base_loss in the shards; score with base_model set")
-
-
-def check_something_to_learn(shards: ShardSet, cfg: PretrainConfig) -> None:
-    """A run whose selection can keep no token learns nothing (loss 0 at every step): refuse it before the first step.
-
-    Valid tokens are loss_mask 1 with a finite ref_loss (and base_loss for mode=static), past position 0, which has no
-    context. The manifest bounds them: at least tokens - nan_tokens - rows; when that is not positive, count them.
-    """
-    t = shards.manifest.totals()
-    free = cfg.selection.mode in REFERENCE_FREE  # no reference loss enters: a NaN one does not matter
-    if cfg.selection.mode != "static" and t["tokens"] - (0 if free else t["nan_tokens"]) - t["rows"] > 0:
-        return
-    cols = ("loss_mask",) + (() if free else ("ref_loss",)) + (("base_loss",) if cfg.selection.mode == "static" else ())
-    for name in shards.names:
-        table = shards.table(name)
-        mask, *scores = (fixed_list_to_numpy(table.column(c), shards.seq_len)[:, 1:] for c in cols)
-        if (mask.astype(bool) & np.logical_and.reduce([np.isfinite(s) for s in scores])).any():
-            return
-    if free:
-        raise SlmError(f"{cfg.shards}: no token can be trained on: every position past the first is masked")
-    scored = "base_loss and ref_loss" if cfg.selection.mode == "static" else "ref_loss"
-    raise SlmError(
-        f"{cfg.shards}: no token can be trained on: of {t['tokens']} tokens in {t['rows']} rows none has "
-        f"loss_mask 1 and a finite {scored} (all NaN, or every position masked); rescore the shards with `slm score`"
-    )
 
 
 def _train_rows(cfg: PretrainConfig, out: Path):
