@@ -27,36 +27,12 @@ from slm.errors import SlmError
 from slm.io import sha256_files, sha256_json
 from slm.token_loss import token_losses
 
-# backbones that carry state across segments (blocks, windows): attention never spans more than a
-# segment and RoPE is computed per position, so max_position_embeddings is nominal, not a limit
-STREAMING_MODEL_TYPES = ("slm_infini", "slm_megalodon", "slm_fam", "slm_beacon")
-
 
 def weights_fingerprint(model_dir: str | Path) -> str:
     """sha256 over a checkpoint's weight files (safetensors or bin)."""
     model_dir = Path(model_dir)
     files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
     return sha256_files(files) if files else ""
-
-
-def check_seq_len(config, seq_len: int, where: str, model: str) -> str | None:
-    """`seq_len` against the model's `max_position_embeddings`: an SlmError past it, unless the model is built for
-    longer inputs: a streaming backbone, or RoPE scaling (yarn, longrope, dynamic, ...); then a warning to show."""
-    limit = getattr(config, "max_position_embeddings", None)
-    if not limit or seq_len <= limit:
-        return None
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    per_layer = rope.values() if rope and all(isinstance(v, dict) for v in rope.values()) else [rope]
-    scaling = sorted({r.get("rope_type", r.get("type", "default")) for r in per_layer} - {"default"})
-    said = f"{where}={seq_len} exceeds max_position_embeddings={limit} of {model}"
-    if config.model_type in STREAMING_MODEL_TYPES:
-        return f"{said}; allowed: {config.model_type} carries state across segments and attends within one"
-    if scaling:
-        return f"{said}; allowed with RoPE scaling {'/'.join(scaling)}, but positions past {limit} were not trained"
-    raise SlmError(
-        f"{said}: positions past {limit} were never trained; use {where} <= {limit}, or a model with a "
-        f"larger max_position_embeddings or RoPE scaling (model.rope_scaling)"
-    )
 
 
 COMBINE_RULES = ("max", "mean", "min_per_domain")

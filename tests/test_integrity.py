@@ -332,8 +332,8 @@ def test_seq_len_above_max_position_embeddings(scored, tiny_demo, tmp_path):
 )
 def test_seq_len_past_the_limit_is_a_warning_where_the_model_is_built_for_it(backbone, options, rope, expect):
     from slm.config import ModelConfig
+    from slm.models.checks import check_seq_len
     from slm.models.registry import build_config
-    from slm.scoring import check_seq_len
 
     config = build_config(
         ModelConfig(

@@ -17,9 +17,8 @@ from slm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from slm.errors import SlmError
 from slm.io import sha256_json
 from slm.models import build_model
-from slm.models.checks import check_vocab
+from slm.models.checks import check_seq_len, check_vocab
 from slm.plots import plot_learning_curves
-from slm.scoring import check_seq_len
 from slm.selection import REFERENCE_FREE, selective_loss
 from slm.shards import ShardSet
 from slm.shards.checks import check_shards_match, check_something_to_learn

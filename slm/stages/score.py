@@ -23,12 +23,11 @@ from slm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from slm.errors import SlmError
 from slm.io import DiskFull, read_json
 from slm.models import load_pretrained
-from slm.models.checks import check_vocab
+from slm.models.checks import check_seq_len, check_tokenizer_fits, check_tokenizer_matches, check_vocab
 from slm.preempt import Interrupted, StopRequest
 from slm.scoring import (
     ReferenceSet,
     check_domains,
-    check_seq_len,
     entering_references,
     reference_metadata,
     score_rows,
@@ -64,35 +63,8 @@ def _load_scorer(path: str, what: str, dtype: torch.dtype, dev: torch.device):
     return model
 
 
-def _check_tokenizer_matches(tokenizer_dir: str, model_dir: str, what: str) -> bool:
-    """The shards' tokenizer must be the one the model was trained with; True when the model ships one to compare."""
-    if (Path(model_dir) / "tokenizer.json").is_file() or (Path(model_dir) / "tokenizer_config.json").is_file():
-        mine, theirs = tokenizer_fingerprint(tokenizer_dir), tokenizer_fingerprint(model_dir)
-        if mine != theirs:
-            raise SlmError(
-                f"tokenizer {tokenizer_dir!r} (sha256 {mine[:12]}) "
-                f"is not the tokenizer of {what} {model_dir!r} (sha256 {theirs[:12]})"
-            )
-        return True
-    return False
-
-
-def check_tokenizer_fits(model, tokenizer, tokenizer_dir: str, model_dir: str, what: str) -> None:
-    """Without tokenizer files beside the model, its embedding is the only witness: beyond `check_vocab` (every token
-    id has a row), the rows no token reaches must be no more than padding explains (embeddings are padded to a
-    multiple of 64-256, or for tensor parallelism): at most max(256, 2%) of them."""
-    rows, tokens = model.get_input_embeddings().weight.shape[0], len(tokenizer)
-    allowed = max(256, rows // 50)
-    if rows - tokens > allowed:
-        raise SlmError(
-            f"tokenizer {tokenizer_dir!r} has {tokens} tokens, the embedding of {what} {model_dir!r} has {rows} rows: "
-            f"{rows - tokens} rows no token reaches, more than padding explains (at most {allowed}); "
-            f"it is not the tokenizer the model was trained with"
-        )
-
-
 def _check_model(model, cfg: ScoreConfig, tokenizer, tokenizer_dir: str, model_dir: str, what: str) -> None:
-    proven = _check_tokenizer_matches(tokenizer_dir, model_dir, what)
+    proven = check_tokenizer_matches(tokenizer_dir, model_dir, what)
     check_vocab(model, tokenizer, tokenizer_dir)
     if not proven:
         check_tokenizer_fits(model, tokenizer, tokenizer_dir, model_dir, what)
