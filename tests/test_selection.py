@@ -194,3 +194,33 @@ def test_entropy_is_the_predictive_entropy_from_the_same_chunked_logits():
     assert ce.requires_grad and not ent.requires_grad
     ce[:, 1:].sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_token_loss_gradients_equal_with_one_chunk_many_chunks_and_full_logits():
+    """One chunk is kept for backward, several are recomputed (checkpointed): the same gradients as full logits."""
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slm.token_loss import token_losses
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    model = LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 50, (2, 12))
+    weights = torch.rand(2, 11)
+
+    def grads(loss_fn):
+        model.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    def full():
+        logits = model(ids).logits.float()[:, :-1]
+        nll = F.cross_entropy(logits.reshape(-1, 50), ids[:, 1:].reshape(-1), reduction="none").view(2, 11)
+        return (nll * weights).sum()
+
+    want = grads(full)
+    for chunk_tokens in (10_000, 5):  # one chunk (22 predictions), five chunks
+        got = grads(lambda n=chunk_tokens: (token_losses(model, ids, chunk_tokens=n)[:, 1:] * weights).sum())
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
