@@ -1,4 +1,4 @@
-"""Atomic file writes and fingerprints (sha256) of files, directories and configs."""
+"""Atomic file writes and fingerprints (sha256) of files, directories, configs and checkpoints."""
 
 from __future__ import annotations
 
@@ -111,6 +111,13 @@ def sha256_dir(path: str | Path, patterns: tuple[str, ...] = ("*",)) -> str:
 
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def weights_fingerprint(model_dir: str | Path) -> str:
+    """sha256 over a checkpoint's weight files (safetensors or bin)."""
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    return sha256_files(files) if files else ""
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")

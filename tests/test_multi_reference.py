@@ -1,5 +1,5 @@
 """Scoring with several references: each one's losses as ref_loss_<i>, ref_loss their max, mean or per-domain min
-(slm.scoring); one reference in a list is the single-reference scoring, shard for shard."""
+(slm.shards.scoring); one reference in a list is the single-reference scoring, shard for shard."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from slm.config import ReferenceModel, ScoreConfig, fingerprint_view, load_confi
 from slm.data.packing import PackedRow, token_documents
 from slm.errors import SlmError
 from slm.models import load_pretrained
-from slm.scoring import combine_losses
 from slm.shards import ShardSet, load_manifest
 from slm.shards.reader import verify_shards
+from slm.shards.scoring import combine_losses
 from slm.stages import score
 from slm.token_loss import token_losses
 from tests.conftest import TINY_MODEL, TINY_TRAIN

@@ -155,7 +155,7 @@ def test_bad_inputs_get_clear_errors(scored, tiny_demo, tmp_path):
 
 
 def test_nan_losses_are_counted_masked_and_reported(scored, tmp_path, monkeypatch):
-    import slm.scoring as scoring
+    import slm.shards.scoring as scoring
 
     real = scoring.token_losses
 

@@ -8,7 +8,7 @@ One row per packed sequence of `seq_len` tokens. Columns (fixed-size lists of le
   base_loss  float32  optional: the same quantity under a base model (static excess = base - ref)
   noise      int8     optional (demo): 1 where the token lies in a noise span; measurement only
   ref_loss_<i> float32  with k > 1 references (metadata `references`), reference i's own losses, i = 0..k-1;
-                      ref_loss is then their combination (metadata `combine`, see slm.scoring.combine_losses)
+                      ref_loss is then their combination (metadata `combine`, see slm.shards.scoring.combine_losses)
 and per row:
   sequence_id int64   the row's global index (shard_index * ROW_STRIDE + row in shard)
   doc_starts  list<int32>  positions where a document begins inside the row

@@ -1,4 +1,5 @@
-"""Scoring rows with a reference (and optional base) model: per-token losses in bounded memory.
+"""Scoring the rows of shards (`slm score`): each token's loss under the reference (and optional base) model, in
+bounded memory, as batches for the ShardWriter.
 
 With k > 1 references, reference i's losses L_i[t] are kept (column ref_loss_<i>) and `ref_loss` is their
 combination (`score.combine`), over the set R(t) of references that enter token t:
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,16 +24,8 @@ import torch
 from slm.config import ReferenceModel
 from slm.data.packing import PackedRow, token_documents
 from slm.errors import SlmError
-from slm.io import sha256_files, sha256_json
+from slm.io import sha256_json, weights_fingerprint
 from slm.token_loss import token_losses
-
-
-def weights_fingerprint(model_dir: str | Path) -> str:
-    """sha256 over a checkpoint's weight files (safetensors or bin)."""
-    model_dir = Path(model_dir)
-    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
-    return sha256_files(files) if files else ""
-
 
 COMBINE_RULES = ("max", "mean", "min_per_domain")
 

@@ -12,9 +12,8 @@ from slm.config import EvalConfig
 from slm.data.packed import packed_corpus
 from slm.data.tokenizer import load_tokenizer
 from slm.evaluation.heldout import domain_accuracy, read_questions, selection_quality
-from slm.io import atomic_write_json, read_json
+from slm.io import atomic_write_json, read_json, weights_fingerprint
 from slm.models import load_pretrained
-from slm.scoring import weights_fingerprint
 from slm.shards import ShardSet
 from slm.stages.common import STAGE_FILE, StageRun, config_fingerprint, console, locked_stage, say
 from slm.threads import apply_threads

@@ -21,20 +21,10 @@ from slm.data.packed import iter_documents
 from slm.data.packing import pack_documents
 from slm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from slm.errors import SlmError
-from slm.io import DiskFull, read_json
+from slm.io import DiskFull, read_json, weights_fingerprint
 from slm.models import load_pretrained
 from slm.models.checks import check_seq_len, check_tokenizer_fits, check_tokenizer_matches, check_vocab
 from slm.preempt import Interrupted, StopRequest
-from slm.scoring import (
-    ReferenceSet,
-    check_domains,
-    entering_references,
-    reference_metadata,
-    score_rows,
-    uses_domains,
-    weights_fingerprint,
-    with_entering_references,
-)
 from slm.shards.format import FORMAT_VERSION, ROW_STRIDE, ShardMetadata
 from slm.shards.layout import (
     DONE_DIR,
@@ -48,6 +38,15 @@ from slm.shards.layout import (
     whole_run_config,
 )
 from slm.shards.manifest import forget_shard, load_manifest, merge_manifest
+from slm.shards.scoring import (
+    ReferenceSet,
+    check_domains,
+    entering_references,
+    reference_metadata,
+    score_rows,
+    uses_domains,
+    with_entering_references,
+)
 from slm.shards.writer import ShardWriter
 from slm.stages.common import StageRun, locked_stage, say
 from slm.threads import apply_threads
@@ -116,7 +115,7 @@ def run(cfg: ScoreConfig, force: bool = False) -> dict:
     init_distributed()
     dev = device()
     dtype = torch.bfloat16 if resolve_precision(cfg.precision) == "bf16" else torch.float32
-    specs = cfg.references  # one or several; with several, ref_loss is their combination (slm.scoring)
+    specs = cfg.references  # one or several; with several, ref_loss is their combination (slm.shards.scoring)
     tokenizer_dir = cfg.tokenizer or specs[0].path
     references = [_load_scorer(spec.path, "reference model", dtype, dev) for spec in specs]
     tokenizer = load_tokenizer(tokenizer_dir)
