@@ -135,7 +135,7 @@ def selective_loss(
     """RHO-1 selective loss from per-token `ce` [B, T] (with grad) and reference losses [B, T].
 
     The reference-free modes ignore `ref_loss` (None allowed); self_entropy needs the student's per-token
-    predictive `entropy` [B, T] (`slm.token_loss.token_losses_and_entropy`)."""
+    predictive `entropy` [B, T] (`slm.models.token_loss.token_losses_and_entropy`)."""
     free = cfg.mode in REFERENCE_FREE
     valid = valid_tokens(ce, None if free else ref_loss, loss_mask)
     if cfg.mode == "self_loss":

@@ -12,7 +12,7 @@ from slm.data.packed import packed_corpus
 from slm.data.tokenizer import load_tokenizer
 from slm.errors import SlmError
 from slm.models import build_model
-from slm.token_loss import token_losses
+from slm.models.token_loss import token_losses
 from slm.training.loop import causal_lm_step
 
 PAIRS = [

@@ -8,9 +8,9 @@ import torch
 
 from slm.config import ModelConfig, PretrainConfig
 from slm.models import build_model
+from slm.models.token_loss import token_losses
 from slm.shards import ShardSet
 from slm.stages import pretrain
-from slm.token_loss import token_losses
 from slm.training.loop import parameter_groups
 from slm.training.metrics import read_metrics
 from tests.conftest import TINY_TRAIN

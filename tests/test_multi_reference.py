@@ -15,11 +15,11 @@ from slm.config import ReferenceModel, ScoreConfig, fingerprint_view, load_confi
 from slm.data.packing import PackedRow, token_documents
 from slm.errors import SlmError
 from slm.models import load_pretrained
+from slm.models.token_loss import token_losses
 from slm.shards import ShardSet, load_manifest
 from slm.shards.reader import verify_shards
 from slm.shards.scoring import combine_losses
 from slm.stages import score
-from slm.token_loss import token_losses
 from tests.conftest import TINY_MODEL, TINY_TRAIN
 
 

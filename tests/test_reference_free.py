@@ -75,9 +75,9 @@ def test_selection_quality_measures_the_runs_own_rule(scored):
 
     from slm.evaluation.heldout import selection_quality
     from slm.models import load_pretrained
+    from slm.models.token_loss import token_losses
     from slm.selection import top_k_mask
     from slm.shards import ShardSet
-    from slm.token_loss import token_losses
 
     shards, model = ShardSet(scored["shards"]), load_pretrained(scored["reference"]).float().eval()
     got = selection_quality(model, shards, 0.5, 8, 2, progress=False, mode="self_loss")

@@ -13,10 +13,10 @@ import torch
 from slm.config import ScoreConfig
 from slm.errors import SlmError
 from slm.models import load_pretrained
+from slm.models.token_loss import token_losses
 from slm.shards import ShardSet, load_manifest
 from slm.shards.reader import verify_shards
 from slm.stages import score
-from slm.token_loss import token_losses
 
 
 def copy_scored(scored, tmp_path):

@@ -177,7 +177,7 @@ def test_reference_modes_without_a_reference_loss_are_refused():
 def test_entropy_is_the_predictive_entropy_from_the_same_chunked_logits():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from slm.token_loss import token_losses, token_losses_and_entropy
+    from slm.models.token_loss import token_losses, token_losses_and_entropy
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
@@ -201,7 +201,7 @@ def test_token_loss_gradients_equal_with_one_chunk_many_chunks_and_full_logits()
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from slm.token_loss import token_losses
+    from slm.models.token_loss import token_losses
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)

@@ -285,7 +285,7 @@ def test_render_row_refuses_another_tokenizer(tokenizer, tmp_path):
 
 
 def test_render_row_ratio_keeps_top_excess(corpus, tokenizer, model):
-    from slm.token_loss import token_losses
+    from slm.models.token_loss import token_losses
 
     ratio = 0.6
     view = render_row(corpus["shards"], 4, tokenizer, model=model, ratio=ratio)

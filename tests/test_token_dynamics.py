@@ -122,7 +122,7 @@ def _cfg(tiny, out, **kw) -> TokenDynamicsConfig:
 
 def test_end_to_end_on_hf_checkpoints(tiny, tmp_path):
     from slm.models import load_pretrained
-    from slm.token_loss import token_losses
+    from slm.models.token_loss import token_losses
 
     out = tmp_path / "td"
     res = token_dynamics(_cfg(tiny, out, checkpoints=[str(p) for p in tiny["ckpts"]]), progress=False)

@@ -105,7 +105,7 @@ def test_a_backend_that_cannot_compile_is_refused_in_one_line(tiny_reference_cfg
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-cache"))
     model = build_model(ModelConfig(**TINY_MODEL), vocab_size=64, seed=0)
     model.get_decoder().compile()
-    from slm.token_loss import token_losses
+    from slm.models.token_loss import token_losses
 
     with pytest.raises(SlmError) as err, compile_errors(TrainConfig(compile=True), model):
         token_losses(model, torch.randint(0, 64, (2, 16)))
@@ -128,7 +128,7 @@ def test_attention_goes_through_sdpa_and_its_fused_kernel(backbone, monkeypatch)
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from slm.token_loss import token_losses
+    from slm.models.token_loss import token_losses
 
     shapes = []
     sdpa = F.scaled_dot_product_attention

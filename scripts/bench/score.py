@@ -6,7 +6,7 @@ with `save_pretrained`, with the demo tokenizer saved beside it. All methods sco
 that same checkpoint, in fp32 on CPU, with the same fixed number of torch threads:
 
   slm    `slm.stages.score.run(ScoreConfig(...), force=True)`: load model and tokenizer, tokenise, pack into
-         `--seq-len` rows, `--batch-size` rows per forward, chunked log-probs (`slm.token_loss`), Arrow shards
+         `--seq-len` rows, `--batch-size` rows per forward, chunked log-probs (`slm.models.token_loss`), Arrow shards
          written atomically with sha256, manifest, stage.json. Everything is timed.
   naive  the loop a user would write with transformers: load model and tokenizer, one document at a time,
          full logits, `F.cross_entropy(reduction="none")`, `.tolist()` into Python lists, then

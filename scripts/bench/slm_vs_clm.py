@@ -440,8 +440,8 @@ def micro_overhead(model, shards, sel_cfg, micro_batch: int, reps: int) -> dict:
     import numpy as np
     import torch
 
+    from slm.models.token_loss import token_losses, token_losses_and_entropy
     from slm.selection import selective_loss
-    from slm.token_loss import token_losses, token_losses_and_entropy
     from slm.training.loop import causal_lm_step
 
     rows = shards.rows(np.arange(micro_batch), ("input_ids", "ref_loss", "loss_mask"))

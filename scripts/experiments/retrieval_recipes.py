@@ -32,7 +32,7 @@ from slm.config import ModelConfig
 from slm.data.demo import PASSKEY_QUESTION, SHORT_RETRIEVAL_CHARS, retrieval_document, split_answer
 from slm.data.tokenizer import load_tokenizer
 from slm.models import build_model, load_pretrained
-from slm.token_loss import token_losses
+from slm.models.token_loss import token_losses
 
 OPTIONS = {  # the long-context demo's segment/window/block/chunk of 32 = L/4
     "llama": {},

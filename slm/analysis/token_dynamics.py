@@ -205,9 +205,9 @@ def _tokenizer_dir(cfg: TokenDynamicsConfig, checkpoints: list[Checkpoint]) -> P
 
 @torch.inference_mode()
 def rows_token_losses(model, input_ids: torch.Tensor, batch_size: int, on_batch=None) -> np.ndarray:
-    """[R, T] float32 per-token losses (NaN at t=0, `slm.token_loss` alignment) in batches."""
+    """[R, T] float32 per-token losses (NaN at t=0, `slm.models.token_loss` alignment) in batches."""
     dev = next(model.parameters()).device
-    from slm.token_loss import token_losses
+    from slm.models.token_loss import token_losses
 
     out = []
     for start in range(0, input_ids.shape[0], batch_size):

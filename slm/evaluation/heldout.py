@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 from slm.config import SelectionConfig
 from slm.errors import SlmError
 from slm.evaluation.ruler.decode import greedy_generate, stop_token_ids
+from slm.models.token_loss import token_losses, token_losses_and_entropy
 from slm.selection import selective_loss
-from slm.token_loss import token_losses, token_losses_and_entropy
 
 
 def read_questions(path: str | Path) -> list[dict]:

@@ -20,9 +20,9 @@ import torch
 
 from slm.errors import SlmError
 from slm.io import atomic_write_text
+from slm.models.token_loss import token_losses
 from slm.selection import top_k_mask
 from slm.shards.reader import ShardSet
-from slm.token_loss import token_losses
 
 # green (low) -> yellow -> red (high): ColorBrewer RdYlGn, reversed
 _SCALE = ((0x1A, 0x98, 0x50), (0xFE, 0xE0, 0x8B), (0xD7, 0x30, 0x27))

@@ -29,11 +29,11 @@ import torch
 
 from slm.errors import SlmError
 from slm.io import atomic_write_json, atomic_write_text
+from slm.models.token_loss import token_losses
 from slm.selection import top_k_mask
 from slm.shards.inspect import RowView, css, decode_pieces, spans_html, visible
 from slm.shards.layout import shard_documents, shard_index
 from slm.shards.reader import ShardSet
-from slm.token_loss import token_losses
 
 HIST_BINS = 60
 TOP_STRINGS = 20

@@ -25,13 +25,13 @@ from slm.config import ReferenceModel
 from slm.data.packing import PackedRow, token_documents
 from slm.errors import SlmError
 from slm.io import sha256_json, weights_fingerprint
-from slm.token_loss import token_losses
+from slm.models.token_loss import token_losses
 
 COMBINE_RULES = ("max", "mean", "min_per_domain")
 
 
 def masked_losses(model, x: torch.Tensor, mask: np.ndarray, chunk_tokens: int) -> np.ndarray:
-    """float32 [B, T] per-token losses of `model` on `x` (slm.token_loss alignment), NaN where `mask` is 0."""
+    """float32 [B, T] per-token losses of `model` on `x` (slm.models.token_loss alignment), NaN where `mask` is 0."""
     loss = token_losses(model, x, chunk_tokens).float().cpu().numpy()
     loss[mask == 0] = np.nan
     return loss

@@ -18,13 +18,13 @@ from slm.errors import SlmError
 from slm.io import sha256_json
 from slm.models import build_model
 from slm.models.checks import check_seq_len, check_vocab
+from slm.models.token_loss import token_losses, token_losses_and_entropy
 from slm.plots import plot_learning_curves
 from slm.selection import REFERENCE_FREE, selective_loss
 from slm.shards import ShardSet
 from slm.shards.checks import check_shards_match, check_something_to_learn
 from slm.stages.common import StageRun, config_fingerprint, locked_stage, say
 from slm.threads import apply_threads
-from slm.token_loss import token_losses, token_losses_and_entropy
 from slm.training.distributed import rank
 from slm.training.loop import Trainer
 

@@ -22,8 +22,8 @@ from slm.config import TrainConfig
 from slm.data.packed import sample_rows
 from slm.errors import SlmError
 from slm.models.gates import gate_parameters, gate_stats
+from slm.models.token_loss import token_losses
 from slm.preempt import Interrupted, StopRequest
-from slm.token_loss import token_losses
 from slm.training import checkpoint as ckpt
 from slm.training.distributed import (
     all_reduce_sum,

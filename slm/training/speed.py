@@ -6,11 +6,11 @@ memory for a second forward of each layer. Only backbones whose model class says
 have it (transformers' Llama does; the streaming backbones, whose layers carry recurrent state, do not); any other
 is refused by name before training starts.
 
-`train.compile: true` compiles the decoder (`model.get_decoder()`, what `slm.token_loss` runs) in place with
-`nn.Module.compile`, so parameter names, checkpoints and the exported model stay those of the plain module. The
-chunked output projection and cross-entropy (`slm.token_loss`) stay eager. Compilation happens at the first forward;
-when the inductor backend cannot compile here (no C++ compiler, an unsupported op), the error is one line that says
-so and names the way out (`compile_errors`).
+`train.compile: true` compiles the decoder (`model.get_decoder()`, what `slm.models.token_loss` runs) in place
+with `nn.Module.compile`, so parameter names, checkpoints and the exported model stay those of the plain module.
+The chunked output projection and cross-entropy (`slm.models.token_loss`) stay eager. Compilation happens at the
+first forward; when the inductor backend cannot compile here (no C++ compiler, an unsupported op), the error is
+one line that says so and names the way out (`compile_errors`).
 
 Neither changes what is computed: the losses of a few steps match the plain model's (tests/test_train_speed.py).
 """
