@@ -12,6 +12,11 @@ Every method trains the same model on the same batches, one fresh process per (m
            in the same order.
   steps    W warm-up optimizer steps (`--warmup`), then N timed steps (`--steps`); median and mean step time,
            tokens/s = micro-batch x seq / median step time.
+  rounds   every method runs `--rounds` times per backbone (default 2), the order reversed in every other round
+           (bare, hf_trainer, slm_zero0, slm_zero2, then slm_zero2, ..., bare), and each method's timed steps of all
+           rounds are pooled: on a shared machine a load that rises during the measurement otherwise lands on the
+           methods measured last (the first run of this benchmark measured slm 1.02x bare for llama, the first
+           backbone, and 1.13-1.62x for the streaming ones while the load average went from 0.0 to 2.7).
 
 Methods:
   bare        the limit, a plain PyTorch loop over the same HF model: `model(input_ids).logits` (full logits),
@@ -694,6 +699,26 @@ def spawn(args, method: str, backbone: str, profile: bool = False) -> dict:
     return res
 
 
+def measurement_order(methods: list[str], rounds: int) -> list[tuple[int, str]]:
+    """(round, method) in the order they run: forward in even rounds, backward in odd ones (A B C D, D C B A, ...),
+    so that a load that rises or falls during the run weighs on every method alike instead of on the last."""
+    return [(r, m) for r in range(rounds) for m in (methods if r % 2 == 0 else methods[::-1])]
+
+
+def pooled(earlier: dict | None, new: dict, args) -> dict:
+    """One method's result over its rounds so far: the first round's (profile, sections, losses), with the timed
+    steps of every round pooled into its step-time figures and each round's median kept beside them."""
+    if earlier is None or new.get("status") != "ok":
+        if new.get("status") == "ok":
+            new["round_step_ms_median"] = [new["step_ms_median"]]
+        return new if earlier is None else {**earlier, "failed_round": new}
+    steps = earlier["step_seconds"] + new["step_seconds"]
+    out = {**earlier, **timing_summary(steps, args, earlier["flops"], args.peak_flops)}
+    out["round_step_ms_median"] = earlier["round_step_ms_median"] + [new["step_ms_median"]]
+    out["process_seconds"] = round(earlier["process_seconds"] + new["process_seconds"], 1)
+    return out
+
+
 def section_comparison(slm: dict, bare: dict) -> list[list]:
     """Rows: category, bare ms, slm ms, extra ms, share of the extra, what it holds."""
     s, b = slm.get("sections_ms") or {}, bare.get("sections_ms") or {}
@@ -782,6 +807,12 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--steps", type=int, default=20, help="N timed optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="W warm-up optimizer steps (>= 1)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="measure every method this many times per backbone, alternating the order (pooled steps)",
+    )
     p.add_argument(
         "--profile-steps",
         type=int,
@@ -911,12 +942,12 @@ def main() -> None:
     }
 
     for backbone in args.backbones:
-        for method in args.methods:
-            r = spawn(args, method, backbone, profile=method in PROFILED and args.profile_steps > 0)
-            results[backbone][method] = r
+        for rnd, method in measurement_order(args.methods, args.rounds):
+            r = spawn(args, method, backbone, profile=rnd == 0 and method in PROFILED and args.profile_steps > 0)
+            results[backbone][method] = pooled(results[backbone].get(method), r, args)
             if r.get("status") == "ok":
                 console.print(
-                    f"  {backbone:10s} {method:11s} step {r['step_ms_median']:9.1f} ms median "
+                    f"  {backbone:10s} {method:11s} {rnd + 1}/{args.rounds} step {r['step_ms_median']:9.1f} ms median "
                     f"({r['step_ms_mean']:.1f} mean), "
                     f"{r['tokens_per_s']:9,.0f} tok/s, MFU {r['mfu'] * 100:5.1f}%  ({r['process_seconds']:.0f} s)"
                 )
