@@ -264,7 +264,7 @@ def init_pipeline(
 ):
     """Write a commented pipeline (tokenizer, reference, score, SLM and CLM pretraining at one budget, eval, compare)
     for your own corpora; `slm run FILE` runs it end to end."""
-    from slm.pipeline_template import write_pipeline
+    from slm.pipeline.template import write_pipeline
 
     path = write_pipeline(
         out,

@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from slm.pipeline import print_summary, short_path
+from slm.pipeline.run import print_summary, short_path
 
 SUMMARY = [
     {
