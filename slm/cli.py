@@ -190,7 +190,7 @@ def evaluate(
 def eval_ruler(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt, force: bool = ForceOpt):
     """RULER-style long-context tasks: scores per task x length, effective context length, heatmaps."""
     from slm.evaluation.ruler import summary_table
-    from slm.io import read_json
+    from slm.utils.io import read_json
 
     record = run_stage("ruler", config, set_, force)
     typer.echo(summary_table(read_json(record["outputs"]["results"])))
@@ -349,9 +349,9 @@ def shards_stats(
     """Token counts, score quantiles, per-shard figures, and noise separation where tagged."""
     from rich.console import Console
 
-    from slm.io import atomic_write_json
     from slm.shards import ShardSet
     from slm.shards.stats import print_stats, shard_stats
+    from slm.utils.io import atomic_write_json
 
     stats = shard_stats(ShardSet(directory, require_complete=False), ratio=ratio)
     print_stats(stats, Console())

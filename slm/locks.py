@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from slm.errors import SlmError
-from slm.io import atomic_write_json
+from slm.utils.io import atomic_write_json
 
 LOCK_PREFIX = ".slm-lock"
 GUARD = LOCK_PREFIX + ".guard"

@@ -181,7 +181,7 @@ def test_verify_nan_count_differing_from_manifest_is_2(scored, tmp_path, capsys)
 
 def test_verify_reports_leftover_temp_files_but_passes(scored, tmp_path, capsys):
     d, names = _shard_copy(scored, tmp_path)
-    # a crash (SIGKILL) inside slm.io.atomic_open leaves `.NAME.XXXXXXXX.tmp` behind
+    # a crash (SIGKILL) inside slm.utils.io.atomic_open leaves `.NAME.XXXXXXXX.tmp` behind
     (d / f".{names[0]}.k2j4l5n6.tmp").write_bytes(b"partial")
     (d / DONE_DIR / f".{names[0]}.json.q8w7e6r5.tmp").write_bytes(b"{")
     assert cli.run_cli(["shards", "verify", str(d)]) == 0

@@ -19,7 +19,6 @@ import pytest
 from slm import cli
 from slm.config import EvalConfig, PretrainConfig
 from slm.errors import SlmError
-from slm.io import sha256_file
 from slm.shards import ShardSet, load_manifest
 from slm.shards.format import ShardMetadata, fixed_list_to_numpy
 from slm.shards.layout import MANIFEST
@@ -27,6 +26,7 @@ from slm.shards.manifest import merge_manifest
 from slm.shards.reader import open_shard, verify_shards
 from slm.shards.writer import ShardWriter
 from slm.stages import evaluate, pretrain, score
+from slm.utils.io import sha256_file
 from tests.conftest import TINY_MODEL, TINY_TRAIN
 
 

@@ -20,7 +20,6 @@ import pytest
 import yaml
 
 from slm.errors import SlmError
-from slm.io import atomic_write_json
 from slm.jobs import pipeline_status, render_pipeline, submit_pipeline
 from slm.jobs.progress import unfinished_parts
 from slm.jobs.render import array_spec, launcher_command
@@ -28,6 +27,7 @@ from slm.jobs.status import normalize_state, query_jobs
 from slm.pipeline import load_pipeline
 from slm.shards.layout import whole_shards
 from slm.stages.common import StageRun
+from slm.utils.io import atomic_write_json
 
 MODEL = {
     "backbone": "llama",

@@ -7,9 +7,9 @@ import pytest
 
 from slm.config import PretrainConfig, load_config
 from slm.errors import SlmError
-from slm.io import read_json
 from slm.stages import pretrain
 from slm.training.metrics import read_metrics
+from slm.utils.io import read_json
 from tests.conftest import TINY_MODEL, TINY_TRAIN
 
 

@@ -183,8 +183,8 @@ def test_command_flags_and_errors(tiny, tmp_path):
 
 
 def _ds_checkpoint(run, step: int, state_dict: dict):
-    from slm.io import atomic_write_json
     from slm.training.checkpoint import MARKER, tag_for
+    from slm.utils.io import atomic_write_json
 
     tag = run / "checkpoints" / tag_for(step)
     tag.mkdir(parents=True)

@@ -295,9 +295,9 @@ class Evaluator:
         """Accuracy at every kept checkpoint; selection quality of the final model (SLM runs)."""
         from slm.analysis.token_dynamics import load_deepspeed_weights
         from slm.evaluation.heldout import selection_quality
-        from slm.io import read_json
         from slm.models import load_pretrained
         from slm.training.checkpoint import MARKER, whole_checkpoints
+        from slm.utils.io import read_json
 
         key = {
             "run": _stage_fp(run_dir),

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from slm.errors import SlmError
-from slm.io import read_json, sha256_file
+from slm.utils.io import read_json, sha256_file
 
 
 def tokens_to_reach(curve: list[tuple[float, float]], target: float, lower_is_better: bool) -> float | None:

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from slm.errors import SlmError
-from slm.io import atomic_write_text
+from slm.utils.io import atomic_write_text
 
 SEARCH_STEP = 0.01  # Table 1: lambda_i on a 0.01 grid
 SEARCH_MAX_RATIO = 1.25  # Table 1: lambda_i in [1.0, 1.25 * s]

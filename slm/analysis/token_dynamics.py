@@ -48,8 +48,8 @@ from slm.config import (  # the config lives with every stage's (slm.config); re
     validate,
 )
 from slm.errors import SlmError
-from slm.io import atomic_write_bytes, atomic_write_json, read_json
 from slm.training.checkpoint import load_deepspeed_weights
+from slm.utils.io import atomic_write_bytes, atomic_write_json, read_json
 
 CATEGORIES = ("H->H", "L->H", "H->L", "L->L")
 HH, LH, HL, LL = range(4)
@@ -390,7 +390,7 @@ def print_token_dynamics(summary: dict, console=None) -> None:
 def plot_token_dynamics(summary: dict, path: str | Path) -> Path:
     """Like RHO-1 Fig. 2: (a) mean loss of each category across checkpoints, (b) category shares,
     (c) example token trajectories. Written atomically."""
-    from slm.plots import plt, save_png
+    from slm.utils.plots import plt, save_png
 
     ck = summary["checkpoints"]
     steps = [c["step"] for c in ck]

@@ -92,7 +92,7 @@ def utf8_copy(path: str | Path) -> str:
     """A copy of `path` with every byte that is not UTF-8 read as U+FFFD, cached by its content's sha256."""
     import datasets
 
-    from slm.io import atomic_open, sha256_file
+    from slm.utils.io import atomic_open, sha256_file
 
     path = Path(path)
     out = Path(datasets.config.HF_DATASETS_CACHE) / "slm-utf8-replaced" / f"{sha256_file(path)[:16]}-{path.name}"
@@ -175,7 +175,7 @@ def load_corpus(cfg: CorpusConfig):
 
 def corpus_fingerprint(cfg: CorpusConfig) -> str:
     """sha256 over the corpus files' contents and the fields read (hub datasets: their fingerprint)."""
-    from slm.io import sha256_files, sha256_json
+    from slm.utils.io import sha256_files, sha256_json
 
     files = resolve_files(cfg.path)
     fields = {"text_field": cfg.text_field, "max_documents": cfg.max_documents, "noise_field": cfg.noise_field}

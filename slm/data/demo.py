@@ -303,7 +303,7 @@ class DemoFiles:
 
 
 def _write_jsonl(path: Path, rows) -> None:
-    from slm.io import atomic_write_text
+    from slm.utils.io import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 

@@ -19,8 +19,8 @@ from slm.data.corpus import corpus_fingerprint, load_corpus
 from slm.data.packing import pack_documents, token_documents, tokenize_documents
 from slm.data.tokenizer import tokenizer_fingerprint
 from slm.errors import SlmError
-from slm.io import atomic_open, sha256_json
 from slm.shards.format import fixed_list_to_numpy
+from slm.utils.io import atomic_open, sha256_json
 
 BATCH_DOCS = 256
 LAYOUT = 2  # 2: with the doc_index column (part of the file name: files of layout 1 are packed again)

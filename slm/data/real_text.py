@@ -308,7 +308,7 @@ class RealTextFiles:
 
 def build_real_text(cfg) -> RealTextFiles:
     """Write reference.jsonl, train.jsonl, validation.jsonl and manifest.json under cfg.out_dir (atomically)."""
-    from slm.io import atomic_write_text
+    from slm.utils.io import atomic_write_text
 
     if shutil.which("groff") is None:
         raise SlmError(

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from slm.errors import SlmError, describe
-from slm.io import sha256_dir
+from slm.utils.io import sha256_dir
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -95,7 +95,7 @@ def save_tokenizer(tok, out_dir: str | Path) -> Path:
     import shutil
     import tempfile
 
-    from slm.io import fsync_dir
+    from slm.utils.io import fsync_dir
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from slm.errors import SlmError
-from slm.io import atomic_write_json
+from slm.utils.io import atomic_write_json
 
 
 def _require_lm_eval():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slm.io import read_json
+from slm.utils.io import read_json
 
 JOBS_FILE = "jobs.json"
 

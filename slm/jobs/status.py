@@ -15,10 +15,10 @@ from rich.console import Console
 from rich.table import Table
 
 from slm.errors import SlmError
-from slm.io import read_json
 from slm.jobs.progress import num_shards, stage_file_complete
 from slm.jobs.record import JOBS_FILE, latest_jobs
 from slm.shards.layout import whole_shards
+from slm.utils.io import read_json
 
 STATES = {
     "RUNNING": ("RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING"),

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 from slm.errors import SlmError
-from slm.io import atomic_write_json
 from slm.jobs.progress import stage_complete, unfinished_parts
 from slm.jobs.record import JOBS_FILE, latest_jobs, load_jobs_file
 from slm.jobs.render import RenderedJob, plan_jobs, write_frozen, write_job
 from slm.jobs.status import query_jobs
+from slm.utils.io import atomic_write_json
 
 ACTIVE = ("PENDING", "RUNNING")
 

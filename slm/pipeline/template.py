@@ -204,8 +204,8 @@ def render_pipeline(
 
 def write_pipeline(out: str | Path, overwrite: bool = False, **kwargs) -> Path:
     """Render the template, check that `slm run` accepts it (every stage's config validates), write it atomically."""
-    from slm.io import atomic_write_text
     from slm.pipeline.load import load_pipeline
+    from slm.utils.io import atomic_write_text
 
     out = Path(out)
     if out.exists() and not overwrite:

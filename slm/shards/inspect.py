@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from slm.errors import SlmError
-from slm.io import atomic_write_text
 from slm.models.token_loss import token_losses
 from slm.selection import top_k_mask
 from slm.shards.reader import ShardSet
+from slm.utils.io import atomic_write_text
 
 # green (low) -> yellow -> red (high): ColorBrewer RdYlGn, reversed
 _SCALE = ((0x1A, 0x98, 0x50), (0xFE, 0xE0, 0x8B), (0xD7, 0x30, 0x27))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from slm.io import sha256_file
+from slm.utils.io import sha256_file
 
 MANIFEST = "manifest.json"
 DONE_DIR = ".done"
@@ -90,7 +90,7 @@ def whole_shards(directory: Path) -> set[int]:
 
 
 def drop_dead_temp_files(directory: Path, names: list[str]) -> None:
-    """Remove the temp files (`slm.io.atomic_open`) of these shards and their sidecars that a killed writer left.
+    """Remove the temp files (`slm.utils.io.atomic_open`) of these shards and their sidecars that a killed writer left.
     The caller is the only writer of these shards (its part's lock, slm.locks; each rank its own shards), so no
     temp file of theirs belongs to a live writer."""
     for name in names:

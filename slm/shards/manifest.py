@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slm.errors import SlmError
-from slm.io import atomic_write_json, read_json
 from slm.shards.format import FORMAT_VERSION, ShardMetadata
 from slm.shards.layout import DONE_DIR, MANIFEST, sidecar
+from slm.utils.io import atomic_write_json, read_json
 
 
 @dataclass

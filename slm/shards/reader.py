@@ -9,10 +9,10 @@ import numpy as np
 import pyarrow as pa
 
 from slm.errors import SlmError, describe
-from slm.io import sha256_file
 from slm.shards.format import ShardMetadata, fixed_list_to_numpy, metadata_from_schema, shard_schema
 from slm.shards.layout import DONE_DIR
 from slm.shards.manifest import Manifest, load_manifest
+from slm.utils.io import sha256_file
 
 
 def open_shard(path: Path) -> pa.Table:
@@ -204,7 +204,7 @@ def count_problems(table: pa.Table, entry: dict, seq_len: int) -> list[str]:
 
 
 def leftover_temp_files(directory: str | Path) -> list[Path]:
-    """Temp files of interrupted atomic writes (`slm.io.atomic_open`: `.NAME.XXXXXXXX.tmp`) in a shard
+    """Temp files of interrupted atomic writes (`slm.utils.io.atomic_open`: `.NAME.XXXXXXXX.tmp`) in a shard
     directory and its `.done/` sidecars: dead weight a crash (SIGKILL, node loss) left behind, safe to delete."""
     directory = Path(directory)
     found = []

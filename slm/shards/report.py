@@ -28,12 +28,12 @@ import numpy as np
 import torch
 
 from slm.errors import SlmError
-from slm.io import atomic_write_json, atomic_write_text
 from slm.models.token_loss import token_losses
 from slm.selection import top_k_mask
 from slm.shards.inspect import RowView, css, decode_pieces, spans_html, visible
 from slm.shards.layout import shard_documents, shard_index
 from slm.shards.reader import ShardSet
+from slm.utils.io import atomic_write_json, atomic_write_text
 
 HIST_BINS = 60
 TOP_STRINGS = 20
@@ -318,7 +318,7 @@ def _png_data(path: Path) -> str:
 
 
 def plot_histograms(report: dict, path: Path) -> Path:
-    from slm.plots import plt, save_png
+    from slm.utils.plots import plt, save_png
 
     hists = report["histograms"]
     fig, axes = plt.subplots(1, len(hists), figsize=(6 * len(hists), 3.8), squeeze=False)
@@ -361,7 +361,7 @@ def _examples(docs: list[dict], unit: str, scale) -> str:
 
 def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     """report.html (self-contained: images inlined), report.json and the PNGs it shows, written atomically."""
-    from slm.plots import plot_learning_curves
+    from slm.utils.plots import plot_learning_curves
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

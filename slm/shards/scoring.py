@@ -24,8 +24,8 @@ import torch
 from slm.config import ReferenceModel
 from slm.data.packing import PackedRow, token_documents
 from slm.errors import SlmError
-from slm.io import sha256_json, weights_fingerprint
 from slm.models.token_loss import token_losses
+from slm.utils.io import sha256_json, weights_fingerprint
 
 COMBINE_RULES = ("max", "mean", "min_per_domain")
 

@@ -400,7 +400,7 @@ def plot_histogram(
 ) -> Path:
     """Histogram PNG of the reference loss (log-count axis), noise and clean apart when tagged,
     with the quantiles marked. Written atomically."""
-    from slm.plots import plt, save_png
+    from slm.utils.plots import plt, save_png
 
     shards = as_shardset(shards)
     if bins < 1:

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from slm.io import atomic_open, sha256_file
 from slm.shards.format import ShardMetadata, reference_columns, shard_schema
 from slm.shards.layout import shard_name
 from slm.shards.manifest import record_shard
+from slm.utils.io import atomic_open, sha256_file
 
 
 def _fixed_list(values: np.ndarray, typ: pa.DataType) -> pa.Array:

@@ -14,9 +14,9 @@ from rich.console import Console
 import slm
 from slm.config import dump_config, fingerprint_view
 from slm.errors import SlmError
-from slm.io import atomic_write_json, read_json, sha256_json
 from slm.locks import clear_directory, locked_dir
 from slm.training.distributed import rank
+from slm.utils.io import atomic_write_json, read_json, sha256_json
 
 STAGE_FILE = "stage.json"
 console = Console(stderr=True)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from slm.analysis.compare import compare_runs, comparison_markdown, inputs_fingerprint
 from slm.config import CompareConfig
-from slm.io import atomic_write_json, atomic_write_text
-from slm.plots import plot_learning_curves
 from slm.stages.common import StageRun, config_fingerprint, console, locked_stage, say
+from slm.utils.io import atomic_write_json, atomic_write_text
+from slm.utils.plots import plot_learning_curves
 
 KEY_FIGURES = ("equal_budget", "target_loss", "slm_tokens_to_clm_final", "slm_token_ratio", "final_heldout_loss_delta")
 

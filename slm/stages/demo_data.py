@@ -9,8 +9,8 @@ from slm.config import DemoDataConfig
 from slm.data.demo import generate_demo
 from slm.data.tokenizer import tokenizer_fingerprint
 from slm.evaluation.harness import write_demo_task
-from slm.io import sha256_file
 from slm.stages.common import StageRun, config_fingerprint, locked_stage, say
+from slm.utils.io import sha256_file
 
 
 @locked_stage("demo_data")

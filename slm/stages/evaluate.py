@@ -12,13 +12,13 @@ from slm.config import EvalConfig
 from slm.data.packed import packed_corpus
 from slm.data.tokenizer import load_tokenizer
 from slm.evaluation.heldout import domain_accuracy, read_questions, selection_quality
-from slm.io import atomic_write_json, read_json, weights_fingerprint
 from slm.models import load_pretrained
 from slm.shards import ShardSet
 from slm.stages.common import STAGE_FILE, StageRun, config_fingerprint, console, locked_stage, say
 from slm.threads import apply_threads
 from slm.training.distributed import device
 from slm.training.loop import heldout_eval, heldout_sample
+from slm.utils.io import atomic_write_json, read_json, weights_fingerprint
 
 
 @locked_stage("eval")

@@ -13,9 +13,9 @@ from pathlib import Path
 from slm.config import LongRopeSearchConfig
 from slm.data.corpus import corpus_fingerprint
 from slm.errors import SlmError
-from slm.io import atomic_write_json, checkpoint_identity, sha256_json
 from slm.stages.common import StageRun, config_fingerprint, locked_stage, say
 from slm.threads import apply_threads
+from slm.utils.io import atomic_write_json, checkpoint_identity, sha256_json
 
 
 def factors_path(cfg: LongRopeSearchConfig) -> Path:

@@ -15,11 +15,9 @@ from slm.data.corpus import corpus_fingerprint
 from slm.data.packed import packed_corpus
 from slm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from slm.errors import SlmError
-from slm.io import sha256_json
 from slm.models import build_model
 from slm.models.checks import check_seq_len, check_vocab
 from slm.models.token_loss import token_losses, token_losses_and_entropy
-from slm.plots import plot_learning_curves
 from slm.selection import REFERENCE_FREE, selective_loss
 from slm.shards import ShardSet
 from slm.shards.checks import check_shards_match, check_something_to_learn
@@ -27,6 +25,8 @@ from slm.stages.common import StageRun, config_fingerprint, locked_stage, say
 from slm.threads import apply_threads
 from slm.training.distributed import rank
 from slm.training.loop import Trainer
+from slm.utils.io import sha256_json
+from slm.utils.plots import plot_learning_curves
 
 
 def make_step_loss(cfg: PretrainConfig):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from slm.config import RealTextDataConfig
 from slm.data.real_text import build_real_text, sources_fingerprint
-from slm.io import sha256_file
 from slm.stages.common import StageRun, config_fingerprint, locked_stage, say
+from slm.utils.io import sha256_file
 
 
 @locked_stage("real_text_data")

@@ -12,11 +12,11 @@ from slm.data.packed import packed_corpus
 from slm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from slm.models import build_model
 from slm.models.checks import check_vocab
-from slm.plots import plot_learning_curves
 from slm.stages.common import StageRun, config_fingerprint, locked_stage, say
 from slm.threads import apply_threads
 from slm.training.distributed import rank
 from slm.training.loop import Trainer, causal_lm_step
+from slm.utils.plots import plot_learning_curves
 
 
 @locked_stage("reference")

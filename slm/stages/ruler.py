@@ -12,8 +12,8 @@ from pathlib import Path
 from slm.config import RulerConfig
 from slm.data.tokenizer import tokenizer_fingerprint
 from slm.evaluation.ruler import run_ruler
-from slm.io import checkpoint_identity, sha256_json
 from slm.stages.common import StageRun, config_fingerprint, locked_stage, say
+from slm.utils.io import checkpoint_identity, sha256_json
 
 
 def inputs_fingerprint(cfg: RulerConfig) -> str | None:

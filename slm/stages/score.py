@@ -21,7 +21,6 @@ from slm.data.packed import iter_documents
 from slm.data.packing import pack_documents
 from slm.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from slm.errors import SlmError
-from slm.io import DiskFull, read_json, weights_fingerprint
 from slm.models import load_pretrained
 from slm.models.checks import check_seq_len, check_tokenizer_fits, check_tokenizer_matches, check_vocab
 from slm.preempt import Interrupted, StopRequest
@@ -52,6 +51,7 @@ from slm.stages.common import StageRun, locked_stage, say
 from slm.threads import apply_threads
 from slm.training.distributed import all_reduce_sum, barrier, device, init_distributed, rank, world_size
 from slm.training.ds_config import resolve_precision
+from slm.utils.io import DiskFull, read_json, weights_fingerprint
 
 
 def _load_scorer(path: str, what: str, dtype: torch.dtype, dev: torch.device):

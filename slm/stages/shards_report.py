@@ -8,11 +8,11 @@ from pathlib import Path
 from slm.config import ShardsReportConfig
 from slm.data.tokenizer import load_tokenizer
 from slm.errors import SlmError
-from slm.io import sha256_json, weights_fingerprint
 from slm.shards import ShardSet
 from slm.shards.report import build_report, write_report
 from slm.stages.common import StageRun, config_fingerprint, locked_stage, say
 from slm.threads import apply_threads
+from slm.utils.io import sha256_json, weights_fingerprint
 
 
 @locked_stage("shards_report")

@@ -13,8 +13,8 @@ from pathlib import Path
 from slm.analysis.token_dynamics import CATEGORIES, resolve_checkpoints, token_dynamics
 from slm.config import TokenDynamicsConfig
 from slm.errors import SlmError
-from slm.io import checkpoint_identity, sha256_json
 from slm.stages.common import StageRun, config_fingerprint, locked_stage, say
+from slm.utils.io import checkpoint_identity, sha256_json
 
 
 def inputs_fingerprint(cfg: TokenDynamicsConfig) -> str | None:

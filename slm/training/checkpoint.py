@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from slm.errors import SlmError, describe
-from slm.io import atomic_open, atomic_write_json, read_json
 from slm.training.distributed import barrier, rank
+from slm.utils.io import atomic_open, atomic_write_json, read_json
 
 MARKER = "slm-complete.json"
 

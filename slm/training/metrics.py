@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from slm.io import atomic_write_text
+from slm.utils.io import atomic_write_text
 
 
 class MetricsLog:

@@ -57,7 +57,7 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: Path) -> None:
-    from slm.plots import save_png
+    from slm.utils.plots import save_png
 
     save_png(fig, path, dpi=fig.dpi, bbox_inches="tight")
 

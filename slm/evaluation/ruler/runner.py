@@ -28,7 +28,7 @@ from slm.evaluation.ruler.scoring import effective_length, score_sample
 from slm.evaluation.ruler.sizing import encode_prompt
 from slm.evaluation.ruler.tasks import generate_sample
 from slm.evaluation.ruler.templates import get_templates
-from slm.io import atomic_write_json, atomic_write_text, checkpoint_identity, sha256_json
+from slm.utils.io import atomic_write_json, atomic_write_text, checkpoint_identity, sha256_json
 
 FORMAT = "slm.ruler/1"
 

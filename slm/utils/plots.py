@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from slm.io import atomic_write_bytes  # noqa: E402
+from slm.utils.io import atomic_write_bytes  # noqa: E402
 
 
 def save_png(fig, path: str | Path, dpi: int = 120, **savefig_kwargs) -> Path:
