@@ -73,17 +73,6 @@ class ShardMetadata:
             )
         return cls(**{k: v for k, v in obj.items() if k in names})
 
-    def check_compatible(
-        self,
-        other: ShardMetadata,
-        source: str,
-        keys=("tokenizer_sha256", "vocab_size", "seq_len", "reference_sha256"),
-    ) -> None:
-        for key in keys:
-            a, b = getattr(self, key), getattr(other, key)
-            if a != b:
-                raise SlmError(f"{source}: {key} differs: {b!r} in the shard vs {a!r} expected")
-
 
 def reference_columns(meta: ShardMetadata) -> list[str]:
     """The per-reference loss columns: ref_loss_0..k-1 with k > 1 references, none with one."""

@@ -63,16 +63,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(obj):
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
-
-
 def all_reduce_sum(value: int | float) -> float:
     """Sum of a Python number over all ranks (the number itself in a world of one)."""
     import torch.distributed as dist

@@ -57,6 +57,3 @@ class DeterministicLoader:
             rows = self.source.rows(self.stream_indices(start, self.micro_batch_size), self.columns)
             out.append({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in rows.items()})
         return out
-
-    def epoch_of(self, step: int) -> float:
-        return step * self.global_batch / len(self.source)

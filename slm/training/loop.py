@@ -140,10 +140,6 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     eval_sample: dict = field(default_factory=dict)  # what the eval points cover (`Trainer.heldout_metrics`)
 
-    @property
-    def final_heldout_loss(self) -> float | None:
-        return None if self.final_heldout is None else self.final_heldout.loss
-
     def heldout_summary(self) -> str:
         """One line: the final figure and what it covers, and the sample the eval points used."""
         f, e = self.final_heldout, self.eval_sample
