@@ -1,1 +1,1 @@
-"""Corpora (via `datasets`), tokenizers, packing, and the embedded demo corpus."""
+"""Corpora (via `datasets`), tokenizers, packing, the embedded demo corpus and the real-text corpus."""

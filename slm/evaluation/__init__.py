@@ -1,1 +1,2 @@
-"""Evaluation: held-out loss, domain accuracy, and RULER-style long-context tasks (`ruler/`)."""
+"""Evaluation: held-out loss, domain accuracy, selection quality, RULER-style long-context tasks (`ruler/`) and
+the lm-eval harness."""

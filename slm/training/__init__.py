@@ -1,1 +1,1 @@
-"""The one training engine (DeepSpeed) used by `slm reference` and `slm pretrain`."""
+"""The one training engine (DeepSpeed) used by `slm reference`, `slm finetune` and `slm pretrain`."""
