@@ -97,6 +97,25 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------- set-up
 
 
+LOCK_WAIT_S = 3600
+
+
+def run_when_free(runner, cfg, name: str) -> dict:
+    """The stage, waiting while another process holds its directory (the per-seed processes started together all
+    check the same prepared stages; each check takes the stage's lock for a moment, or for the whole run)."""
+    from slm.locks import DirectoryLocked
+
+    started = time.time()
+    while True:
+        try:
+            return runner(cfg)
+        except DirectoryLocked:
+            if time.time() - started > LOCK_WAIT_S:
+                raise
+            log(f"prepare: {name} is in use by another process; waiting")
+            time.sleep(10)
+
+
 def prepare(args) -> dict:
     """The pipeline's stages before its first pretraining (the demo's data, reference and score; a pipeline's own
     data, tokenizer, ...) under args.work_dir; the configs of the rest."""
@@ -116,7 +135,7 @@ def prepare(args) -> dict:
         existed = (Path(by_name[name].cfg.out_dir) / STAGE_FILE).is_file()
         t = time.time()
         try:
-            record = stage_runner(by_name[name].kind)(by_name[name].cfg)
+            record = run_when_free(stage_runner(by_name[name].kind), by_name[name].cfg, name)
         except SlmError as e:
             if "another config" not in str(e):
                 raise
@@ -141,7 +160,7 @@ def prepare(args) -> dict:
                 }
             )
             t = time.time()
-            stage_runner("reference")(cfg)
+            run_when_free(stage_runner("reference"), cfg, f"reference_seed{seed}")
             timings[f"reference_seed{seed}"] = round(time.time() - t, 1)
             log(f"prepare: reference_seed{seed} ({timings[f'reference_seed{seed}']} s)")
             paths.append(str(Path(cfg.out_dir) / "model"))
@@ -153,7 +172,7 @@ def prepare(args) -> dict:
             }
         )
         t = time.time()
-        stage_runner("score")(score_cfg)
+        run_when_free(stage_runner("score"), score_cfg, "score_references")
         timings["score_references"] = round(time.time() - t, 1)
         log(f"prepare: score with {args.references} references, {args.combine} ({timings['score_references']} s)")
         slm_cfg, clm_cfg = (c.model_copy(update={"shards": score_cfg.out_dir}) for c in (slm_cfg, clm_cfg))
