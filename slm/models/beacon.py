@@ -219,7 +219,10 @@ class BeaconModel(BeaconPreTrainedModel):
         complete = n_old + n_raw == w
         n_b = w // ratio if complete and ratio else 0
         if n_b:
-            x = torch.cat([x, self.beacon_embed_tokens.weight[None].expand(B, n_b, -1)], 1)
+            # the one learned <bcn> vector for every beacon; looked up through the module so that ZeRO-3, which
+            # gathers a partitioned weight only inside its module's forward, hands it over whole
+            beacon_ids = torch.zeros(B, n_b, dtype=torch.long, device=x.device)
+            x = torch.cat([x, self.beacon_embed_tokens(beacon_ids).to(x.dtype)], 1)
         M = states[0].mem_k.shape[2]
         dev, hd = x.device, c.hidden_size // c.num_attention_heads
         pos_raw = M + torch.arange(n_old, n_old + n_raw, device=dev)
