@@ -55,7 +55,7 @@ def test_demo_recipe_is_valid_and_ships_with_the_package():
     assert slm_stage.cfg.model.backbone != "llama"  # the student is a long-context backbone
 
 
-def test_run_skip_and_redo_from(tmp_path):
+def test_run_skip_redo_from_and_rebuilt_inputs(tmp_path, capsys):
     sets = shrink(tmp_path / "w")
     summary = run_pipeline(None, sets)
     assert [r["status"] for r in summary] == ["complete"] * 8
@@ -64,6 +64,28 @@ def test_run_skip_and_redo_from(tmp_path):
     assert [r["status"] for r in again] == ["skipped"] * 8
     redo = run_pipeline(None, sets, from_stage="eval_slm")
     assert [r["status"] for r in redo] == ["skipped"] * 6 + ["complete"] * 2
+
+    # the shards rebuilt on their own (`slm score --force`): what reads them, and what reads that, runs again;
+    # the reference and its evaluation, which read neither, stay
+    from slm.stages import score
+
+    stages = {s.name: s for s in load_pipeline(None, sets)[1]}
+    score.run(stages["score"].cfg, force=True)
+    capsys.readouterr()
+    rebuilt = run_pipeline(None, sets)
+    assert {r["stage"]: r["status"] for r in rebuilt} == {
+        "data": "skipped",
+        "reference": "skipped",
+        "score": "skipped",
+        "pretrain_slm": "complete",
+        "pretrain_clm": "complete",
+        "eval_reference": "skipped",
+        "eval_slm": "complete",
+        "eval_clm": "complete",
+    }
+    said = " ".join(capsys.readouterr().err.split())  # the console (stderr) wraps long lines
+    assert "pretrain_slm: score finished after it; running it again" in said
+    assert [r["status"] for r in run_pipeline(None, sets)] == ["skipped"] * 8
 
 
 def test_pipeline_errors_name_the_stage_and_key(tmp_path):

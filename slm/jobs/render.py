@@ -21,7 +21,6 @@ stage before it. `slm jobs submit` turns these into `--dependency=afterok:...`.
 
 from __future__ import annotations
 
-import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from slm.config import dump_config
 from slm.errors import SlmError
 from slm.jobs.resources import SlurmResources, stage_resources
 from slm.pipeline import load_pipeline
+from slm.pipeline.reads import absolute, stage_reads
 from slm.stages.registry import get_stage
 
 FROZEN_PIPELINE = "pipeline.yaml"
@@ -77,32 +77,10 @@ def array_spec(tasks: list[int], concurrency: int | None = None) -> str:
     return spec + (f"%{concurrency}" if concurrency else "")
 
 
-def _abs(path: str, cwd: Path) -> str:
-    return os.path.normpath(os.path.join(cwd, os.path.expanduser(path)))
-
-
-def _strings(obj) -> list[str]:
-    if isinstance(obj, str):
-        return [obj]
-    if isinstance(obj, dict):
-        return [s for v in obj.values() for s in _strings(v)]
-    if isinstance(obj, (list, tuple)):
-        return [s for v in obj for s in _strings(v)]
-    return []
-
-
 def data_dependencies(stages: list[tuple[str, dict, str]], cwd: Path) -> dict[str, list[str]]:
-    """stage -> the earlier stages it reads from. `stages` holds (name, config dump, out_dir)."""
-    deps: dict[str, list[str]] = {}
-    for i, (name, cfg, out) in enumerate(stages):
-        paths = [_abs(s, cwd) for s in _strings(cfg) if s and _abs(s, cwd) != _abs(out, cwd)]
-        reads = []
-        for other, _, other_out in stages[:i]:
-            o = _abs(other_out, cwd)
-            if any(p == o or p.startswith(o + os.sep) for p in paths):
-                reads.append(other)
-        deps[name] = reads or ([stages[i - 1][0]] if i else [])
-    return deps
+    """stage -> the earlier stages it reads from (`stage_reads`); one that reads none waits for the stage before it."""
+    reads = stage_reads(stages, cwd)
+    return {name: reads[name] or ([stages[i - 1][0]] if i else []) for i, (name, _, _) in enumerate(stages)}
 
 
 def plan_jobs(
@@ -128,7 +106,7 @@ def plan_jobs(
                 kind=s.kind,
                 cfg=cfg,
                 resources=res,
-                out_dir=Path(_abs(s.cfg.out_dir, cwd)),
+                out_dir=Path(absolute(s.cfg.out_dir, cwd)),
                 script=out_dir / f"{s.name}.sbatch",
                 config=out_dir / "configs" / f"{s.name}.yaml",
                 log_dir=out_dir / "logs",
