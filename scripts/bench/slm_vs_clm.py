@@ -52,7 +52,8 @@ Targets (from the issue; checked at ratio 0.6, reported met or not):
     python scripts/bench/slm_vs_clm.py --work-dir runs/bench_v2 ... --mode self_loss   # reference-free (ESLM);
         # the prepared demo and the CLM runs are reused, only the SLM arms train
     python scripts/bench/slm_vs_clm.py --work-dir runs/bench_v2 ... --references 2 --combine mean
-        # a second reference (seed 1, the recipe's 900 steps) and the shards scored with both; every run redone
+        # a second reference (seed 1, the recipe's 900 steps) and the shards scored with both; the SLM arms train on
+        # them, the CLM runs (which read no reference loss; the shards hold the same rows, checked) are reused
 
 Cost on the shared 2-core CPU machine: preparing the demo ~6 min; at the recipe's 200 steps a run takes ~3-4 min of
 training plus ~0.5 min of evaluation (3 x (1 + 3 ratios): ~32 min); at --steps 600 ~7-9 min plus ~1 min (three
@@ -175,21 +176,37 @@ def prepare(args) -> dict:
         run_when_free(stage_runner("score"), score_cfg, "score_references")
         timings["score_references"] = round(time.time() - t, 1)
         log(f"prepare: score with {args.references} references, {args.combine} ({timings['score_references']} s)")
-        slm_cfg, clm_cfg = (c.model_copy(update={"shards": score_cfg.out_dir}) for c in (slm_cfg, clm_cfg))
+        # only SLM reads ref_loss: CLM stays on the single-reference shards (the same rows, `check_same_rows`)
+        check_same_rows(clm_cfg.shards, score_cfg.out_dir)
+        slm_cfg = slm_cfg.model_copy(update={"shards": score_cfg.out_dir})
     a, b = slm_cfg.model_dump(mode="json"), clm_cfg.model_dump(mode="json")
     for d in (a, b):
-        d.pop("out_dir"), d.pop("selection")
+        d.pop("out_dir"), d.pop("selection"), d.pop("shards") if args.references > 1 else None
     if a != b:  # "same model and training config" is the recipe's promise; check it instead of assuming it
         raise SystemExit(f"{recipe}: pretrain_slm and pretrain_clm differ beyond out_dir and selection: {a} vs {b}")
     return {
         "recipe": str(recipe),
         "name": pipeline.name,
         "pretrain": slm_cfg,
+        "pretrain_clm": clm_cfg,
         "eval": by_name["eval_reference"].cfg,
         "reference": by_name["reference"].cfg,
         "score": score_cfg,
         "stage_seconds": timings,
     }
+
+
+def check_same_rows(shards_a: str, shards_b: str) -> None:
+    """Two scorings of one corpus hold the same token rows in the same order (they differ only in ref_loss)."""
+    from slm.shards import ShardSet
+    from slm.shards.reader import open_shard
+
+    a, b = ShardSet(shards_a), ShardSet(shards_b)
+    if a.names != b.names or any(
+        open_shard(a.directory / n).column("input_ids") != open_shard(b.directory / n).column("input_ids")
+        for n in a.names
+    ):
+        raise SystemExit(f"{shards_a} and {shards_b} hold different token rows: not scorings of one corpus")
 
 
 def run_config(base, out_dir: Path, seed: int, ratio: float | None, args):
@@ -991,7 +1008,8 @@ def main() -> None:
         type=int,
         default=1,
         help="score with this many references (the recipe's and more of its kind with train.seed 1, 2, ...), "
-        "ref_loss their --combine; every run trains on those shards (runs under runs/<tag>-<N>refs-<combine>)",
+        "ref_loss their --combine; the SLM runs train on those shards (under runs/<tag>-<N>refs-<combine>), the CLM "
+        "runs, which read no ref_loss, are the single-reference ones (the same rows, checked)",
     )
     p.add_argument("--combine", choices=["max", "mean"], default="mean", help="with --references > 1")
     p.add_argument("--threads", type=int, default=1, help="torch threads (fixed)")
@@ -1076,13 +1094,18 @@ def main() -> None:
     tag = f"steps{args.steps}-eval{args.eval_every}-ckpt{args.checkpoint_every}"
     tag += f"-{args.references}refs-{args.combine}" if args.references > 1 else ""
     runs_dir = work / ("quick" if args.quick else "runs") / tag
+    # CLM reads no reference loss: with --references it is the single-reference run (the same rows), reused
+    clm_runs_dir = runs_dir.with_name(f"steps{args.steps}-eval{args.eval_every}-ckpt{args.checkpoint_every}")
     results, run_seconds, total = {}, [], len(args.seeds) * len(methods)
     for seed in args.seeds:
         untrained = ev.untrained(base, seed)
         for ratio in methods:
             slm = "slm" if args.mode in (None, "batch") else args.mode
             name = f"{'clm' if ratio is None else f'{slm}{ratio:g}'}-seed{seed}"
-            cfg = run_config(base, runs_dir / name, seed, ratio, args)
+            if ratio is None:
+                cfg = run_config(prep["pretrain_clm"], clm_runs_dir / name, seed, ratio, args)
+            else:
+                cfg = run_config(base, runs_dir / name, seed, ratio, args)
             t = time.time()
             record = pretrain.run(cfg, force=args.force)
             trained = time.time() - t
