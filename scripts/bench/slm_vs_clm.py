@@ -69,6 +69,7 @@ step about ten times slower than one (other jobs hold the cores; OpenMP threads 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -193,6 +194,12 @@ def prepare(args) -> dict:
         "reference": by_name["reference"].cfg,
         "score": score_cfg,
         "stage_seconds": timings,
+        # what the data stages built (real_text_data's corpus depends on the machine's installed files)
+        "data_manifests": {
+            s.name: json.loads(m.read_text())
+            for s in stages[:first_pretrain]
+            if s.kind.endswith("_data") and (m := Path(s.cfg.out_dir) / "manifest.json").is_file()
+        },
     }
 
 
@@ -1188,6 +1195,7 @@ def main() -> None:
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
         },
         "prepare_stage_seconds": prep["stage_seconds"],
+        "data_manifests": prep["data_manifests"],
         "reference": reference,
         "summary": summary,
         "targets": goals,
