@@ -182,7 +182,8 @@ def prepare(args) -> dict:
         slm_cfg = slm_cfg.model_copy(update={"shards": score_cfg.out_dir})
     a, b = slm_cfg.model_dump(mode="json"), clm_cfg.model_dump(mode="json")
     for d in (a, b):
-        d.pop("out_dir"), d.pop("selection"), d.pop("shards") if args.references > 1 else None
+        for key in ("out_dir", "selection", *(["shards"] if args.references > 1 else [])):
+            d.pop(key)
     if a != b:  # "same model and training config" is the recipe's promise; check it instead of assuming it
         raise SystemExit(f"{recipe}: pretrain_slm and pretrain_clm differ beyond out_dir and selection: {a} vs {b}")
     return {
@@ -206,13 +207,9 @@ def prepare(args) -> dict:
 def check_same_rows(shards_a: str, shards_b: str) -> None:
     """Two scorings of one corpus hold the same token rows in the same order (they differ only in ref_loss)."""
     from slm.shards import ShardSet
-    from slm.shards.reader import open_shard
 
-    a, b = ShardSet(shards_a), ShardSet(shards_b)
-    if a.names != b.names or any(
-        open_shard(a.directory / n).column("input_ids") != open_shard(b.directory / n).column("input_ids")
-        for n in a.names
-    ):
+    a, b = ShardSet(shards_a, verify="size"), ShardSet(shards_b, verify="size")  # each sha256 checked on load
+    if a.names != b.names or any(a.table(n).column("input_ids") != b.table(n).column("input_ids") for n in a.names):
         raise SystemExit(f"{shards_a} and {shards_b} hold different token rows: not scorings of one corpus")
 
 
@@ -1098,11 +1095,11 @@ def main() -> None:
     from slm.stages import pretrain
 
     methods: list[float | None] = [None, *ratios]
-    tag = f"steps{args.steps}-eval{args.eval_every}-ckpt{args.checkpoint_every}"
-    tag += f"-{args.references}refs-{args.combine}" if args.references > 1 else ""
+    single_reference_tag = f"steps{args.steps}-eval{args.eval_every}-ckpt{args.checkpoint_every}"
+    tag = single_reference_tag + (f"-{args.references}refs-{args.combine}" if args.references > 1 else "")
     runs_dir = work / ("quick" if args.quick else "runs") / tag
     # CLM reads no reference loss: with --references it is the single-reference run (the same rows), reused
-    clm_runs_dir = runs_dir.with_name(f"steps{args.steps}-eval{args.eval_every}-ckpt{args.checkpoint_every}")
+    clm_runs_dir = runs_dir.with_name(single_reference_tag)
     results, run_seconds, total = {}, [], len(args.seeds) * len(methods)
     for seed in args.seeds:
         untrained = ev.untrained(base, seed)
