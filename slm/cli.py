@@ -434,8 +434,12 @@ def jobs_submit(
     result = submit_pipeline(pipeline, out, set_)
     for stage, job in result["submitted"].items():
         after = f" after {', '.join(f'{s} ({i})' for s, i in job['depends_on'].items())}" if job["depends_on"] else ""
+        redone = f"; its finished output was cleared: {result['redone'][stage]}" if stage in result["redone"] else ""
         typer.echo(
-            f"{stage:<16} submitted job {job['job_id']}" + (f" --array={job['array']}" if job["array"] else "") + after
+            f"{stage:<16} submitted job {job['job_id']}"
+            + (f" --array={job['array']}" if job["array"] else "")
+            + after
+            + redone
         )
     for stage, job_id in result["reused"].items():
         typer.echo(f"{stage:<16} still queued as job {job_id}")

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from slm import cli
 from slm.errors import SlmError
 from slm.jobs import pipeline_status, render_pipeline, submit_pipeline
 from slm.jobs.progress import unfinished_parts
@@ -494,6 +495,57 @@ def test_resubmit_submits_only_unfinished_array_tasks(tmp_path):
         sacct=sacct,
     )
     assert again["submitted"]["score"]["array"] == "0%2"
+
+
+def test_resubmit_redoes_finished_stages_whose_input_was_rebuilt(tmp_path, monkeypatch, capsys):
+    w = tmp_path / "w"
+    path = write_pipeline(tmp_path / "p.yaml", tiny_pipeline(w))
+    # every earlier job has left the queue (squeue no longer knows them)
+    squeue = fake_command(tmp_path, "squeue", 'echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1')
+    sacct = fake_command(tmp_path, "sacct", 'echo "Slurm accounting storage is disabled" >&2; exit 1')
+
+    def submit() -> dict:
+        return submit_pipeline(path, tmp_path / "jobs", sbatch=fake_sbatch(tmp_path), squeue=squeue, sacct=sacct)
+
+    mark_complete(path, "data", "reference", "score", "pretrain", "eval")
+    (w / "pretrain" / "weights.bin").write_text("the old model")
+    assert submit()["submitted"] == {}
+
+    # the shards rebuilt on their own (`slm score --force`): pretrain and eval, which read them, are cleared and
+    # submitted again (eval after pretrain); data, reference and the shards themselves stay
+    mark_complete(path, "score")
+    result = submit()
+    assert set(result["skipped"]) == {"data", "reference", "score"}
+    assert list(result["submitted"]) == ["pretrain", "eval"] and result["submitted"]["pretrain"]["depends_on"] == {}
+    assert result["submitted"]["eval"]["depends_on"] == {"pretrain": result["submitted"]["pretrain"]["job_id"]}
+    assert result["redone"]["pretrain"] == f"{w / 'shards'} was rebuilt"
+    assert not (w / "pretrain" / "weights.bin").exists() and not (w / "pretrain" / "stage.json").exists()
+
+    # the reference's output cleared (a crashed --force): every finished stage after it waits for its new run;
+    # `slm jobs submit` says why each one runs again
+    mark_complete(path, "pretrain", "eval")
+    (w / "reference" / "stage.json").unlink()
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    assert cli.run_cli(["jobs", "submit", str(path), "--out", str(tmp_path / "jobs")]) == 0
+    said = capsys.readouterr().out
+    result = json.loads((tmp_path / "jobs" / "jobs.json").read_text())["submissions"][-1]
+    pretrain_line = next(line for line in said.splitlines() if line.startswith("pretrain "))
+    assert pretrain_line.endswith(
+        f"after score ({result['jobs']['score']['job_id']}); its finished output was cleared: score runs again"
+    )
+    assert [line.split()[0] for line in said.splitlines() if " submitted job " in line] == [
+        "reference",
+        "score",
+        "pretrain",
+        "eval",
+    ]
+    assert result["redone"] == {
+        "score": "reference runs again",
+        "pretrain": "score runs again",
+        "eval": "score runs again; pretrain runs again",
+    }
+    assert result["jobs"]["score"]["tasks"] == [0, 1]  # every part: its shards were cleared
+    assert not (w / "shards" / "stage.json").exists()
 
 
 def test_status_without_accounting(tmp_path):

@@ -306,25 +306,26 @@ def test_init_pipeline_runs_end_to_end_on_a_corpus_that_is_not_the_demo(own_corp
 
     again = run_pipeline(out, sets)  # a rerun (what `slm run` calls): every stage skipped
     assert [s["status"] for s in again] == ["skipped"] * 10
-    made = json.loads((w / "compare" / "stage.json").read_text())["fingerprints"]["inputs"]
+    made = json.loads((w / "compare" / "stage.json").read_text())["fingerprints"]["upstream"]
     record = json.loads((w / "pretrain_clm" / "stage.json").read_text())
     (w / "pretrain_clm" / "stage.json").write_text(json.dumps({**record, "seconds": 0.5}))  # as if it was redone
     redone = {s["stage"]: s["status"] for s in run_pipeline(out, sets)}
     said = " ".join(capsys.readouterr().err.split())
-    assert "eval_clm: pretrain_clm finished after it; running it again" in said  # `slm run`'s rule
+    assert f"eval: {w / 'pretrain_clm'} finished again since {w / 'eval_clm'} was written; running it again" in said
     assert [n for n, s in redone.items() if s == "complete"] == ["eval_clm", "compare", "report"]
-    remade = json.loads((w / "compare" / "stage.json").read_text())["fingerprints"]["inputs"]
+    remade = json.loads((w / "compare" / "stage.json").read_text())["fingerprints"]["upstream"]
     assert remade[str(w / "pretrain_clm")] != made[str(w / "pretrain_clm")]
     assert remade[str(w / "pretrain_slm")] == made[str(w / "pretrain_slm")]
 
-    # the compare stage on its own (`slm compare`) applies its own rule: an input run's record changed
+    # a stage's own command (`slm compare`) applies the same rule: an input run's record changed
     from slm.pipeline import load_pipeline
     from slm.stages import compare
 
     record = json.loads((w / "pretrain_clm" / "stage.json").read_text())
     (w / "pretrain_clm" / "stage.json").write_text(json.dumps({**record, "seconds": 0.25}))
     compare.run(next(st.cfg for st in load_pipeline(out, sets)[1] if st.name == "compare"))
-    assert "an input run changed since" in capsys.readouterr().err
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"compare: {w / 'pretrain_clm'} finished again since {w / 'compare'} was written" in said
 
 
 def test_tokens_to_reach_and_compare_refusals(tmp_path):

@@ -1,8 +1,10 @@
-"""`slm run`: the built-in demo recipe, shrunk with --set, runs, skips on rerun, redoes with --from."""
+"""`slm run`: the built-in demo recipe, shrunk with --set, runs, skips on rerun, redoes with --from and when a stage it
+read was rebuilt; the rebuilt-input rule itself (`slm.stages.reads`)."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -84,8 +86,34 @@ def test_run_skip_redo_from_and_rebuilt_inputs(tmp_path, capsys):
         "eval_clm": "complete",
     }
     said = " ".join(capsys.readouterr().err.split())  # the console (stderr) wraps long lines
-    assert "pretrain_slm: score finished after it; running it again" in said
+    shards, slm_out = stages["score"].cfg.out_dir, stages["pretrain_slm"].cfg.out_dir
+    assert f"pretrain: {os.path.abspath(shards)} finished again since {slm_out} was written; running it again" in said
     assert [r["status"] for r in run_pipeline(None, sets)] == ["skipped"] * 8
+
+
+def test_rebuilt_input_by_hash_and_for_older_records_by_time(tmp_path):
+    from slm.stages.reads import rebuilt_upstream, upstream_stages
+
+    up, down = tmp_path / "up", tmp_path / "down"
+    up.mkdir(), down.mkdir()
+    (up / "stage.json").write_text('{"run_id": "a"}')
+    (up / "train.jsonl").write_text("")
+    cfg = {"out_dir": str(down), "corpus": {"path": str(up / "train.jsonl")}, "model": "llama", "own": str(down / "x")}
+    now = upstream_stages(cfg, down, tmp_path)
+    assert list(now) == [str(up)]  # "llama" names no file; the stage's own out_dir is not an input
+    record = {"fingerprints": {"upstream": now}}
+    (down / "stage.json").write_text(json.dumps(record))
+    assert rebuilt_upstream(record, down / "stage.json", upstream_stages(cfg, down, tmp_path)) == []
+    (up / "stage.json").write_text('{"run_id": "b"}')  # rebuilt
+    assert rebuilt_upstream(record, down / "stage.json", upstream_stages(cfg, down, tmp_path)) == [str(up)]
+
+    # a record from before the hashes: compared by the stage.json files' times
+    old = {"fingerprints": {}}
+    os.utime(up / "stage.json", ns=(1, 10**18))
+    os.utime(down / "stage.json", ns=(1, 2 * 10**18))
+    assert rebuilt_upstream(old, down / "stage.json", upstream_stages(cfg, down, tmp_path)) == []
+    os.utime(up / "stage.json", ns=(1, 3 * 10**18))
+    assert rebuilt_upstream(old, down / "stage.json", upstream_stages(cfg, down, tmp_path)) == [str(up)]
 
 
 def test_pipeline_errors_name_the_stage_and_key(tmp_path):

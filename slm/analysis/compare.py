@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from slm.errors import SlmError
-from slm.utils.io import read_json, sha256_file
+from slm.utils.io import read_json
 
 
 def tokens_to_reach(curve: list[tuple[float, float]], target: float, lower_is_better: bool) -> float | None:
@@ -76,12 +76,6 @@ def eval_summary(eval_dir: str | Path, label: str) -> dict:
     m = finished_record(eval_dir, "eval", f"evals.{label}").get("metrics", {})
     keys = ("heldout_loss", "heldout_rows", "heldout_tokens", "domain_accuracy")
     return {"run": str(eval_dir), **{k: m[k] for k in keys if m.get(k) is not None}}
-
-
-def inputs_fingerprint(dirs: list[str | Path]) -> dict:
-    """sha256 of each input run's stage.json (None where there is none): a comparison is redone when any input run
-    was redone."""
-    return {str(d): sha256_file(f) if (f := Path(d) / "stage.json").is_file() else None for d in dirs}
 
 
 def compare_runs(slm_dir: str | Path, clm_dir: str | Path, evals: dict[str, str] | None = None) -> dict:

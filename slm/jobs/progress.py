@@ -18,13 +18,15 @@ def stage_cfg_for_fingerprint(kind: str, cfg: BaseModel) -> BaseModel:
     return whole_run_config(cfg) if kind == "score" else cfg
 
 
-def stage_complete(stage: str, kind: str, cfg: BaseModel, out_dir: Path) -> bool:
-    """True when `out_dir/stage.json` records a finished run of this config; a finished run of
-    another config is an error, as it is for the stage itself."""
+def finished_run(stage: str, kind: str, cfg: BaseModel, out_dir: Path) -> tuple[StageRun, dict] | None:
+    """(the stage, its stage.json) when `out_dir/stage.json` records a finished run of this config, else None;
+    a finished run of another config is an error, as it is for the stage itself."""
+    run = StageRun(kind, stage_cfg_for_fingerprint(kind, cfg), Path(out_dir))
     try:
-        return StageRun(kind, stage_cfg_for_fingerprint(kind, cfg), Path(out_dir)).finished() is not None
+        done = run.finished()
     except SlmError as e:
         raise SlmError(f"stage {stage!r}: {e}") from None
+    return (run, done) if done is not None else None
 
 
 def stage_file_complete(out_dir: Path) -> bool:

@@ -32,7 +32,7 @@ from slm.config import dump_config
 from slm.errors import SlmError
 from slm.jobs.resources import SlurmResources, stage_resources
 from slm.pipeline import load_pipeline
-from slm.pipeline.reads import absolute, stage_reads
+from slm.stages.reads import absolute, stage_reads
 from slm.stages.registry import get_stage
 
 FROZEN_PIPELINE = "pipeline.yaml"
@@ -50,7 +50,8 @@ class RenderedJob:
     log_dir: Path
     job_name: str
     chdir: Path  # relative paths in the pipeline are resolved from here, as `slm run` would
-    depends_on: list[str] = field(default_factory=list)
+    depends_on: list[str] = field(default_factory=list)  # what it reads, else the stage before it
+    reads: list[str] = field(default_factory=list)  # the earlier stages whose output it reads
     parts: int | None = None  # scoring: array tasks in all
     tasks: list[int] | None = None  # scoring: the array tasks this script runs
 
@@ -77,10 +78,10 @@ def array_spec(tasks: list[int], concurrency: int | None = None) -> str:
     return spec + (f"%{concurrency}" if concurrency else "")
 
 
-def data_dependencies(stages: list[tuple[str, dict, str]], cwd: Path) -> dict[str, list[str]]:
+def data_dependencies(reads: dict[str, list[str]]) -> dict[str, list[str]]:
     """stage -> the earlier stages it reads from (`stage_reads`); one that reads none waits for the stage before it."""
-    reads = stage_reads(stages, cwd)
-    return {name: reads[name] or ([stages[i - 1][0]] if i else []) for i, (name, _, _) in enumerate(stages)}
+    names = list(reads)
+    return {name: reads[name] or ([names[i - 1]] if i else []) for i, name in enumerate(names)}
 
 
 def plan_jobs(
@@ -91,7 +92,8 @@ def plan_jobs(
     pipeline, stages, path = load_pipeline(pipeline_path, overrides)
     out_dir, cwd = Path(out_dir).resolve(), Path.cwd().resolve()
     dumps = [(s.name, dump_config(s.cfg), s.cfg.out_dir) for s in stages]
-    deps = data_dependencies(dumps, cwd)
+    reads = stage_reads(dumps, cwd)
+    deps = data_dependencies(reads)
     jobs = []
     for s in stages:
         res = stage_resources(s.slurm, s.name, str(path))
@@ -113,6 +115,7 @@ def plan_jobs(
                 job_name=f"slm-{pipeline.name}-{s.name}",
                 chdir=cwd,
                 depends_on=deps[s.name],
+                reads=reads[s.name],
                 parts=parts,
                 tasks=list(range(parts)) if parts else None,
             )

@@ -2,7 +2,10 @@
 `--dependency=afterok:...`; job ids go to `OUT/jobs.json`.
 
 A resubmit (same command after a failure, a cancel or a time limit) submits only the work left:
-- a stage whose stage.json records a finished run of this config is skipped;
+- a stage whose stage.json records a finished run of this config is skipped, unless a stage it reads was rebuilt
+  since or is submitted (or still queued) now: then its stale output is cleared here, under the stage's lock, and
+  it is submitted to run again after that stage (make's rule, as `slm run` applies it: `slm.stages.reads`; clearing
+  at submit time, not in the script, keeps a requeued job resuming its own checkpoints);
 - a stage whose job from an earlier submit is still pending or running is not submitted again;
   later stages wait for that job;
 - a scoring array submits only the tasks whose shards are not all whole (`--array=1,3%C`); when
@@ -18,10 +21,11 @@ import time
 from pathlib import Path
 
 from slm.errors import SlmError
-from slm.jobs.progress import stage_complete, unfinished_parts
+from slm.jobs.progress import finished_run, unfinished_parts
 from slm.jobs.record import JOBS_FILE, latest_jobs, load_jobs_file
 from slm.jobs.render import RenderedJob, plan_jobs, write_frozen, write_job
 from slm.jobs.status import query_jobs
+from slm.locks import clear_directory, locked_dir
 from slm.utils.io import atomic_write_json
 
 ACTIVE = ("PENDING", "RUNNING")
@@ -49,10 +53,15 @@ def sbatch_submit(script: Path, dependencies: list[str], sbatch: str = "sbatch")
     return job_id
 
 
-def _todo(job: RenderedJob, previous: dict | None, states: dict[str, dict]) -> tuple[str, object]:
-    """('skip', reason) | ('reuse', job_id) | ('submit', array tasks or None)."""
-    if stage_complete(job.stage, job.kind, job.cfg, job.out_dir):
-        return "skip", "complete"
+def _todo(job: RenderedJob, previous: dict | None, states: dict[str, dict], rebuilding: set[str]) -> tuple[str, object]:
+    """('skip', reason) | ('redo', why) | ('reuse', job_id) | ('submit', array tasks or None).
+    `rebuilding`: the earlier stages that are submitted or still queued in this submission."""
+    run = finished_run(job.stage, job.kind, job.cfg, job.out_dir)
+    if run is not None:
+        stage, done = run
+        why = [f"{d} was rebuilt" for d in stage.rebuilt_inputs(done, job.chdir)]
+        why += [f"{d} runs again" for d in job.reads if d in rebuilding]
+        return ("redo", "; ".join(why)) if why else ("skip", "complete")
     if (
         previous
         and states.get(previous["job_id"], {}).get("state") in ACTIVE
@@ -64,6 +73,12 @@ def _todo(job: RenderedJob, previous: dict | None, states: dict[str, dict]) -> t
     return "submit", None
 
 
+def _clear_stale(job: RenderedJob) -> None:
+    """Clear a finished stage's output before it is submitted again, as its own --force would (under its lock)."""
+    with locked_dir(job.out_dir, what="slm jobs submit (clearing a stale output)"):
+        clear_directory(job.out_dir)
+
+
 def submit_pipeline(
     pipeline_path: str | Path | None,
     out_dir: str | Path,
@@ -72,13 +87,17 @@ def submit_pipeline(
     squeue: str = "squeue",
     sacct: str = "sacct",
 ) -> dict:
-    """Render and submit the unfinished stages; returns {'submitted', 'reused', 'skipped', 'jobs_file'}."""
+    """Render and submit the unfinished stages; returns {'submitted', 'reused', 'skipped', 'redone', 'jobs_file'}
+    ('redone': the finished stages cleared and submitted again, with why)."""
     out_dir = Path(out_dir).resolve()
     frozen, source, jobs = plan_jobs(pipeline_path, out_dir, overrides)
     record = load_jobs_file(out_dir)
     previous = latest_jobs(record)
     states = query_jobs([p["job_id"] for p in previous.values()], squeue=squeue, sacct=sacct) if previous else {}
-    plan = {job.stage: _todo(job, previous.get(job.stage), states) for job in jobs}
+    plan: dict[str, tuple[str, object]] = {}
+    for job in jobs:  # in pipeline order: a stage is redone when what it reads runs again
+        rebuilding = {name for name, (action, _) in plan.items() if action != "skip"}
+        plan[job.stage] = _todo(job, previous.get(job.stage), states, rebuilding)
 
     write_frozen(frozen, source, out_dir)
     record.update(
@@ -98,7 +117,7 @@ def submit_pipeline(
             for j in jobs
         ],
     )
-    submission = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "jobs": {}, "reused": {}, "skipped": {}}
+    submission = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "jobs": {}, "reused": {}, "skipped": {}, "redone": {}}
     record.setdefault("submissions", []).append(submission)
     ids: dict[str, str] = {}
     for job in jobs:
@@ -109,6 +128,10 @@ def submit_pipeline(
         if action == "reuse":
             ids[job.stage] = submission["reused"][job.stage] = value
             continue
+        if action == "redo":
+            _clear_stale(job)
+            submission["redone"][job.stage] = value
+            value = list(range(job.parts)) if job.kind == "score" else None
         write_job(job, source, tasks=value)
         deps = [ids[d] for d in job.depends_on if d in ids]
         job_id = sbatch_submit(job.script, deps, sbatch)
@@ -125,5 +148,6 @@ def submit_pipeline(
         "submitted": submission["jobs"],
         "reused": submission["reused"],
         "skipped": submission["skipped"],
+        "redone": submission["redone"],
         "jobs_file": str(out_dir / JOBS_FILE),
     }

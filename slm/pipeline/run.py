@@ -1,6 +1,6 @@
 """`slm run`: the stages of a pipeline YAML in order, each skipped when its output is whole, its config
-unchanged and nothing it reads finished after it (`slm.pipeline.reads`), continued when it crashed, redone
-with --force or --from; then a summary table and every key figure in full."""
+unchanged and no stage it read was rebuilt since (each stage checks that itself: `slm.stages.reads`), continued
+when it crashed, redone with --force or --from; then a summary table and every key figure in full."""
 
 from __future__ import annotations
 
@@ -10,10 +10,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from slm.config import dump_config
 from slm.errors import SlmError
 from slm.pipeline.load import load_pipeline
-from slm.pipeline.reads import rebuilt_inputs, stage_reads
 from slm.stages.common import STAGE_FILE, console
 from slm.stages.registry import STAGES, stage_runner
 
@@ -30,19 +28,13 @@ def run_pipeline(
         raise SlmError(f"--from {from_stage!r}: no such stage in {path}; stages are {names}")
     redo_from = names.index(from_stage) if from_stage else (0 if force else len(names))
     console.print(f"[bold]slm run[/] {pipeline.name}: {len(stages)} stages, work_dir={pipeline.work_dir}")
-    reads = stage_reads([(s.name, dump_config(s.cfg), s.cfg.out_dir) for s in stages], Path.cwd())
-    out_dirs = {s.name: s.cfg.out_dir for s in stages}
     summary = []
     for i, stage in enumerate(stages):
         out_dir = Path(stage.cfg.out_dir)
         before = _file_version(out_dir / STAGE_FILE)
         console.rule(f"[bold]{stage.name}[/] ({stage.kind})")
-        force = i >= redo_from
-        if not force and (rebuilt := rebuilt_inputs(out_dir, {n: out_dirs[n] for n in reads[stage.name]})):
-            console.print(f"{stage.name}: {', '.join(rebuilt)} finished after it; running it again")
-            force = True
         started = time.time()
-        record = stage_runner(stage.kind)(stage.cfg, force=force)
+        record = stage_runner(stage.kind)(stage.cfg, force=i >= redo_from)
         status = record.get("status", "complete")
         summary.append(
             {

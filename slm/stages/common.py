@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import time
+import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -15,10 +16,11 @@ import slm
 from slm.config import dump_config, fingerprint_view
 from slm.errors import SlmError
 from slm.locks import clear_directory, locked_dir
+from slm.stages.reads import STAGE_FILE, rebuilt_upstream, upstream_stages
 from slm.training.distributed import rank
 from slm.utils.io import atomic_write_json, read_json, sha256_json
 
-STAGE_FILE = "stage.json"
+__all__ = ["STAGE_FILE", "StageRun", "config_fingerprint", "console", "locked_stage", "say", "timed"]
 console = Console(stderr=True)
 
 
@@ -37,6 +39,7 @@ class StageRun:
     kind: str
     cfg: BaseModel
     out_dir: Path
+    upstream: dict[str, str] | None = field(default=None, repr=False)  # what it read (`slm.stages.reads`)
 
     @property
     def stage_file(self) -> Path:
@@ -74,24 +77,35 @@ class StageRun:
             )
         return record
 
+    def read_stages(self, cwd: Path | None = None) -> dict[str, str]:
+        """{stage dir: sha256 of its stage.json} of the finished stages whose output the config names."""
+        return upstream_stages(dump_config(self.cfg), self.out_dir, cwd or Path.cwd())
+
+    def rebuilt_inputs(self, done: dict, cwd: Path | None = None) -> list[str]:
+        """The stages this finished run (`done`, its stage.json) read that were rebuilt since."""
+        return rebuilt_upstream(done, self.stage_file, self.read_stages(cwd))
+
     def prepare(self, force: bool, inputs: str | None = None) -> dict | None:
         """Clear the output on --force; return the finished record to skip, else None.
 
-        `inputs`: a fingerprint of what the stage reads besides its config (a model's files, other runs' records),
-        kept in stage.json as `fingerprints.inputs` (pass it to `complete`). A finished run of this config whose
-        inputs differ is redone as with --force: its output no longer describes what its config names."""
-        if not force and inputs is not None:
-            done = self.finished()
-            if done is not None and done.get("fingerprints", {}).get("inputs") != inputs:
-                say(f"{self.kind}: an input changed since {self.out_dir} was written; running it again")
-                force = True
+        A finished run of this config is redone as with --force when a stage it read was rebuilt since
+        (`slm.stages.reads`), or when `inputs` differs: a fingerprint of what the stage reads besides its config and
+        other stages' records (a model's files, other runs' records), kept in stage.json as `fingerprints.inputs`
+        (pass it to `complete`). Either way its output no longer describes what its config names."""
+        self.upstream = self.read_stages()
+        done = None if force else self.finished()
+        if done is not None and (rebuilt := rebuilt_upstream(done, self.stage_file, self.upstream)):
+            say(f"{self.kind}: {', '.join(rebuilt)} finished again since {self.out_dir} was written; running it again")
+            force, done = True, None
+        if done is not None and inputs is not None and done.get("fingerprints", {}).get("inputs") != inputs:
+            say(f"{self.kind}: an input changed since {self.out_dir} was written; running it again")
+            force, done = True, None
         if force and self.out_dir.exists() and rank() == 0:
             clear_directory(self.out_dir)  # all but the run lock, which this stage holds (`locked_stage`)
         if force:
             from slm.training.distributed import barrier
 
             barrier()
-        done = None if force else self.finished()
         if done is None and rank() == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         return done
@@ -99,12 +113,15 @@ class StageRun:
     def complete(
         self, fingerprints: dict, metrics: dict, started: float, outputs: dict, inputs: str | None = None
     ) -> dict:
-        """Write stage.json: the run is finished (`inputs`: the fingerprint `prepare` compares on a rerun)."""
+        """Write stage.json: the run is finished (`inputs`: the fingerprint `prepare` compares on a rerun; the
+        stages it read, as `prepare` found them, go in as `fingerprints.upstream`)."""
+        fingerprints = {**fingerprints, "upstream": self.upstream if self.upstream is not None else self.read_stages()}
         if inputs is not None:
-            fingerprints = {**fingerprints, "inputs": inputs}
+            fingerprints["inputs"] = inputs
         record = {
             "kind": self.kind,
             "status": "complete",
+            "run_id": uuid.uuid4().hex,  # every finished run differs: a rebuild changes the stage.json hash
             "slm_version": slm.__version__,
             "config": dump_config(self.cfg),
             "config_fingerprint": config_fingerprint(self.cfg),

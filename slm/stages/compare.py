@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from slm.analysis.compare import compare_runs, comparison_markdown, inputs_fingerprint
+from slm.analysis.compare import compare_runs, comparison_markdown
 from slm.config import CompareConfig
 from slm.stages.common import StageRun, config_fingerprint, console, locked_stage, say
 from slm.utils.io import atomic_write_json, atomic_write_text
@@ -18,14 +18,9 @@ KEY_FIGURES = ("equal_budget", "target_loss", "slm_tokens_to_clm_final", "slm_to
 def run(cfg: CompareConfig, force: bool = False) -> dict:
     out = Path(cfg.out_dir)
     stage = StageRun("compare", cfg, out)
-    inputs = inputs_fingerprint([cfg.slm, cfg.clm, *cfg.evals.values()])
-    done = stage.prepare(force)
-    if done is not None and done.get("fingerprints", {}).get("inputs") == inputs:
+    if (done := stage.prepare(force)) is not None:  # redone when an input run was redone since (`prepare`)
         say(f"[green]compare[/]: {out} is complete for these runs; skipping (use --force to redo)")
         return done
-    if done is not None:  # an input run was redone since: compare again (cheap)
-        say(f"compare: an input run changed since {out} was written; comparing again")
-        stage.prepare(True)
     started = time.time()
     comparison = compare_runs(cfg.slm, cfg.clm, cfg.evals)
     if not comparison["equal_budget"]:
@@ -45,6 +40,6 @@ def run(cfg: CompareConfig, force: bool = False) -> dict:
     metrics = {k: comparison[k] for k in KEY_FIGURES}
     metrics["slm_final_heldout_loss"] = comparison["slm"]["final_heldout_loss"]
     metrics["clm_final_heldout_loss"] = comparison["clm"]["final_heldout_loss"]
-    fingerprints = {"config": config_fingerprint(cfg), "inputs": inputs}
+    fingerprints = {"config": config_fingerprint(cfg)}
     outputs = {n: str(out / n) for n in ("comparison.json", "comparison.md", "learning_curves.png")}
     return stage.complete(fingerprints, metrics, started, outputs)
