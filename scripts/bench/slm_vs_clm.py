@@ -102,19 +102,20 @@ def log(msg: str) -> None:
 LOCK_WAIT_S = 3600
 
 
-def run_when_free(runner, cfg, name: str) -> dict:
+def run_when_free(runner, cfg, name: str, **kwargs) -> dict:
     """The stage, waiting while another process holds its directory (the per-seed processes started together all
-    check the same prepared stages; each check takes the stage's lock for a moment, or for the whole run)."""
+    check the same prepared stages; each check takes the stage's lock for a moment, or for the whole run; and
+    a mode's process may reach a seed's CLM run while another process still trains it)."""
     from slm.locks import DirectoryLocked
 
     started = time.time()
     while True:
         try:
-            return runner(cfg)
+            return runner(cfg, **kwargs)
         except DirectoryLocked:
             if time.time() - started > LOCK_WAIT_S:
                 raise
-            log(f"prepare: {name} is in use by another process; waiting")
+            log(f"{name} is in use by another process; waiting")
             time.sleep(10)
 
 
@@ -137,7 +138,7 @@ def prepare(args) -> dict:
         existed = (Path(by_name[name].cfg.out_dir) / STAGE_FILE).is_file()
         t = time.time()
         try:
-            record = run_when_free(stage_runner(by_name[name].kind), by_name[name].cfg, name)
+            record = run_when_free(stage_runner(by_name[name].kind), by_name[name].cfg, f"prepare: {name}")
         except SlmError as e:
             if "another config" not in str(e):
                 raise
@@ -162,7 +163,7 @@ def prepare(args) -> dict:
                 }
             )
             t = time.time()
-            run_when_free(stage_runner("reference"), cfg, f"reference_seed{seed}")
+            run_when_free(stage_runner("reference"), cfg, f"prepare: reference_seed{seed}")
             timings[f"reference_seed{seed}"] = round(time.time() - t, 1)
             log(f"prepare: reference_seed{seed} ({timings[f'reference_seed{seed}']} s)")
             paths.append(str(Path(cfg.out_dir) / "model"))
@@ -174,7 +175,7 @@ def prepare(args) -> dict:
             }
         )
         t = time.time()
-        run_when_free(stage_runner("score"), score_cfg, "score_references")
+        run_when_free(stage_runner("score"), score_cfg, "prepare: score_references")
         timings["score_references"] = round(time.time() - t, 1)
         log(f"prepare: score with {args.references} references, {args.combine} ({timings['score_references']} s)")
         # only SLM reads ref_loss: CLM stays on the single-reference shards (the same rows, `check_same_rows`)
@@ -1111,7 +1112,7 @@ def main() -> None:
             else:
                 cfg = run_config(base, runs_dir / name, seed, ratio, args)
             t = time.time()
-            record = pretrain.run(cfg, force=args.force)
+            record = run_when_free(pretrain.run, cfg, name, force=args.force)
             trained = time.time() - t
             evals = ev.run_checkpoints(Path(cfg.out_dir), ratio)
             r = analyse_run(read_metrics(Path(cfg.out_dir) / "metrics.jsonl"), cfg, untrained, evals, record)
