@@ -14,9 +14,10 @@ A stage reads another when a path in its config is that stage's `out_dir` or lie
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
+
+from slm.utils.io import sha256_file
 
 STAGE_FILE = "stage.json"
 
@@ -60,11 +61,11 @@ def upstream_stages(cfg_dump: dict, out_dir: str | Path, cwd: Path) -> dict[str,
     the stage's own `out_dir` (and anything inside it) left out."""
     own = Path(absolute(str(out_dir), cwd))
     found: dict[str, str] = {}
-    for s in _strings(cfg_dump):
-        d = _stage_dir_of(Path(absolute(s, cwd))) if s else None
-        if d is None or d == own or own in d.parents or str(d) in found:
+    for path in (Path(absolute(s, cwd)) for s in _strings(cfg_dump) if s):
+        if path == own or own in path.parents:
             continue
-        found[str(d)] = hashlib.sha256((d / STAGE_FILE).read_bytes()).hexdigest()
+        if (d := _stage_dir_of(path)) is not None and str(d) not in found:
+            found[str(d)] = sha256_file(d / STAGE_FILE)
     return found
 
 
